@@ -1,0 +1,63 @@
+//! The one place where errors become gRPC status codes. Internal causes are logged here and
+//! never sent to callers.
+
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+use crate::{job::JobState, request::InvalidRequest, store::StoreError};
+
+/// Everything an RPC can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("invalid request: {0}")]
+    Invalid(#[from] InvalidRequest),
+    #[error("no such job")]
+    NotFound,
+    #[error("the idempotency key was already used with different contents")]
+    KeyConflict,
+    #[error("the queue is full ({pending} jobs pending)")]
+    QueueFull { pending: u64 },
+    #[error("the job is {}; only queued or waiting jobs can be cancelled", .0.as_str())]
+    NotCancellable(JobState),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How long a caller refused for a full queue should wait before trying again.
+const QUEUE_FULL_RETRY: Duration = Duration::from_secs(1);
+
+impl From<ApiError> for Status {
+    fn from(error: ApiError) -> Status {
+        match error {
+            ApiError::Invalid(invalid) => Status::with_error_details(
+                Code::InvalidArgument,
+                invalid.to_string(),
+                ErrorDetails::with_bad_request(
+                    invalid
+                        .0
+                        .iter()
+                        .map(|v| FieldViolation::new(v.field, v.description.clone()))
+                        .collect::<Vec<_>>(),
+                ),
+            ),
+            ApiError::NotFound => Status::not_found("no such job"),
+            ApiError::KeyConflict => Status::already_exists(error.to_string()),
+            ApiError::QueueFull { .. } => Status::with_error_details(
+                Code::ResourceExhausted,
+                error.to_string(),
+                ErrorDetails::with_retry_info(Some(QUEUE_FULL_RETRY)),
+            ),
+            ApiError::NotCancellable(_) => Status::failed_precondition(error.to_string()),
+            ApiError::Store(StoreError::Corrupt(detail)) => {
+                tracing::error!(%detail, "stored data is unreadable");
+                Status::internal("stored data is unreadable; the daemon logged the cause")
+            }
+            ApiError::Store(cause) => {
+                tracing::error!(error = %cause, "storage failure");
+                Status::unavailable("storage is unavailable; retry later")
+            }
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! The gRPC API: the only module that sees protobuf types. Requests become domain values at
+//! the edge ([`crate::request`]); domain errors become `tonic::Status` in one place
+//! ([`error`]).
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    feed::{FeedEvent, JobFeed},
+    job::{Job, JobId, UnixMillis},
+    request::{ExchangeRequest, RawExchange, parse_job_id},
+    store::{CancelOutcome, Store, SubmitOutcome},
+};
+
+mod convert;
+mod deadline;
+mod error;
+
+pub use error::ApiError;
+
+/// Generated protobuf and gRPC types for `tokenbroker.v1`.
+pub mod proto {
+    #![allow(clippy::all)]
+    tonic::include_proto!("tokenbroker.v1");
+
+    /// The descriptor set served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("tokenbroker_descriptor");
+}
+
+use proto::token_broker_server::TokenBroker;
+
+/// The tenant of every job while tenants are not configured.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// The `TokenBroker` service.
+#[derive(Debug, Clone)]
+pub struct TokenBrokerApi {
+    store: Store,
+    feed: Arc<JobFeed>,
+    /// Tells the worker that new work is due.
+    wake: Arc<Notify>,
+    /// Cancelled at shutdown: long waits return the job as it stands.
+    stop: CancellationToken,
+    /// Each job's time to live.
+    job_ttl: Duration,
+    /// The queue's bound.
+    max_pending: u64,
+}
+
+impl TokenBrokerApi {
+    pub fn new(
+        store: Store,
+        feed: Arc<JobFeed>,
+        wake: Arc<Notify>,
+        stop: CancellationToken,
+        job_ttl: Duration,
+        max_pending: u64,
+    ) -> Self {
+        Self {
+            store,
+            feed,
+            wake,
+            stop,
+            job_ttl,
+            max_pending,
+        }
+    }
+
+    async fn submit(&self, request: &proto::SubmitExchangeRequest) -> Result<Job, ApiError> {
+        let request = ExchangeRequest::parse(RawExchange {
+            client_id: &request.client_id,
+            code: &request.code,
+            code_verifier: &request.code_verifier,
+            state: &request.state,
+            idempotency_key: &request.idempotency_key,
+        })?;
+        let outcome = self
+            .store
+            .submit(
+                DEFAULT_TENANT,
+                &request,
+                self.job_ttl,
+                self.max_pending,
+                UnixMillis::now(),
+            )
+            .await?;
+        match outcome {
+            SubmitOutcome::Created(job) => {
+                tracing::info!(job_id = %job.id, client_id = %job.client_id, "job submitted");
+                self.wake.notify_one();
+                Ok(job)
+            }
+            SubmitOutcome::Existing(job) => {
+                tracing::info!(job_id = %job.id, client_id = %job.client_id, "idempotent resubmission");
+                Ok(job)
+            }
+            SubmitOutcome::KeyConflict => Err(ApiError::KeyConflict),
+            SubmitOutcome::QueueFull { pending } => Err(ApiError::QueueFull { pending }),
+        }
+    }
+
+    async fn load(&self, id: JobId) -> Result<Job, ApiError> {
+        self.store.get(id).await?.ok_or(ApiError::NotFound)
+    }
+
+    /// Waits until the job is terminal, `deadline` passes, or the daemon stops; returns the job
+    /// as it then stands.
+    async fn wait_terminal(&self, job: Job, deadline: Option<Instant>) -> Result<Job, ApiError> {
+        if job.state.is_terminal() {
+            return Ok(job);
+        }
+        // Subscribe first, then re-read, so no change falls in between.
+        let mut changes = self.feed.subscribe(job.id);
+        let mut current = self.load(job.id).await?;
+        let deadline = deadline.map(tokio::time::Instant::from_std);
+        loop {
+            if current.state.is_terminal() {
+                return Ok(current);
+            }
+            tokio::select! {
+                event = changes.next() => match event {
+                    FeedEvent::Changed(job) if job.version > current.version => current = *job,
+                    FeedEvent::Changed(_) => {}
+                    FeedEvent::Lagged => current = self.load(job.id).await?,
+                },
+                _ = sleep_until(deadline) => return Ok(current),
+                _ = self.stop.cancelled() => return Ok(current),
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+type JobStream = Pin<Box<dyn Stream<Item = Result<proto::Job, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl TokenBroker for TokenBrokerApi {
+    async fn submit_exchange(
+        &self,
+        request: Request<proto::SubmitExchangeRequest>,
+    ) -> Result<Response<proto::Job>, Status> {
+        let job = self.submit(request.get_ref()).await?;
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn exchange(
+        &self,
+        request: Request<proto::SubmitExchangeRequest>,
+    ) -> Result<Response<proto::Job>, Status> {
+        let deadline = deadline::answer_by(request.metadata(), Instant::now());
+        let job = self.submit(request.get_ref()).await?;
+        let job = self.wait_terminal(job, deadline).await?;
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<proto::GetJobRequest>,
+    ) -> Result<Response<proto::Job>, Status> {
+        let id = parse_job_id(&request.get_ref().job_id).map_err(ApiError::from)?;
+        let job = self.load(id).await?;
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    type WatchJobStream = JobStream;
+
+    async fn watch_job(
+        &self,
+        request: Request<proto::GetJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = parse_job_id(&request.get_ref().job_id).map_err(ApiError::from)?;
+        let mut changes = self.feed.subscribe(id);
+        let mut current = self.load(id).await?;
+        let (tx, rx) = mpsc::channel(8);
+        let api = self.clone();
+        tokio::spawn(async move {
+            if tx.send(Ok(convert::job(&current))).await.is_err() {
+                return;
+            }
+            while !current.state.is_terminal() {
+                let next = tokio::select! {
+                    event = changes.next() => match event {
+                        FeedEvent::Changed(job) => *job,
+                        FeedEvent::Lagged => match api.load(id).await {
+                            Ok(job) => job,
+                            Err(error) => {
+                                let _ = tx.send(Err(error.into())).await;
+                                return;
+                            }
+                        },
+                    },
+                    // The caller went away.
+                    _ = tx.closed() => return,
+                    _ = api.stop.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("the daemon is shutting down; watch again"))).await;
+                        return;
+                    }
+                };
+                if next.version <= current.version {
+                    continue;
+                }
+                current = next;
+                if tx.send(Ok(convert::job(&current))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<proto::GetJobRequest>,
+    ) -> Result<Response<proto::Job>, Status> {
+        let id = parse_job_id(&request.get_ref().job_id).map_err(ApiError::from)?;
+        match self
+            .store
+            .cancel(id, UnixMillis::now())
+            .await
+            .map_err(ApiError::from)?
+        {
+            CancelOutcome::Cancelled(job) => {
+                tracing::info!(job_id = %job.id, client_id = %job.client_id, "job cancelled");
+                Ok(Response::new(convert::job(&job)))
+            }
+            CancelOutcome::NotCancellable(job) if job.state == crate::job::JobState::Cancelled => {
+                Ok(Response::new(convert::job(&job)))
+            }
+            CancelOutcome::NotCancellable(job) => Err(ApiError::NotCancellable(job.state).into()),
+            CancelOutcome::NotFound => Err(ApiError::NotFound.into()),
+        }
+    }
+}

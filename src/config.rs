@@ -1,0 +1,443 @@
+//! Configuration: embedded defaults, then an optional TOML file, then `TOKEN_BROKER_*`
+//! environment variables (`__` separates sections: `TOKEN_BROKER_SERVER__LISTEN`).
+//!
+//! [`Config::load`] checks the whole configuration before anything binds and reports every
+//! problem at once; components then build from a valid `Config` without failing.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+/// Truecaller's documented token endpoint.
+pub const DEFAULT_TOKEN_URL: &str = "https://oauth-account-noneu.truecaller.com/v1/token";
+
+/// The environment variable prefix.
+pub const ENV_PREFIX: &str = "TOKEN_BROKER_";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub upstream: UpstreamConfig,
+    pub limits: LimitsConfig,
+    pub retry: RetryConfig,
+    pub queue: QueueConfig,
+    pub worker: WorkerConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// The gRPC listener.
+    pub listen: String,
+    /// The HTTP listener for `/healthz` and `/readyz`; empty disables it.
+    pub metrics_listen: String,
+    /// How long running attempts may take to finish after SIGINT or SIGTERM.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50051".to_string(),
+            metrics_listen: "127.0.0.1:9464".to_string(),
+            shutdown_grace_ms: 15_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// The SQLite database file; relative paths are relative to the working directory.
+    pub path: PathBuf,
+    /// `full` (an acknowledged job survives power loss), `normal` (survives a process crash) or
+    /// `extra`.
+    pub synchronous: Synchronous,
+    /// How long a statement waits for a lock held by another connection.
+    pub busy_timeout_ms: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("token-broker.db"),
+            synchronous: Synchronous::Full,
+            busy_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    Normal,
+    Full,
+    Extra,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Truecaller's token endpoint.
+    pub token_url: String,
+    /// Bound on one attempt, from connecting to the last byte of the answer.
+    pub timeout_ms: u64,
+    /// Bound on establishing the connection (a failure here means nothing was sent).
+    pub connect_timeout_ms: u64,
+    /// Answers larger than this are not read; the attempt counts as a protocol failure.
+    pub max_response_bytes: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            token_url: DEFAULT_TOKEN_URL.to_string(),
+            timeout_ms: 10_000,
+            connect_timeout_ms: 3_000,
+            max_response_bytes: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Requests per second to upstream across all clients; 0 turns the global limit off.
+    pub global_rps: u32,
+    /// Requests the global limit lets through at once after a quiet period.
+    pub global_burst: u32,
+    /// Requests per second for each client id without its own entry; 0 means unlimited.
+    pub default_client_rps: u32,
+    /// Burst for each client id without its own entry; 0 means equal to the rate.
+    pub default_client_burst: u32,
+    /// Per-client overrides.
+    pub client: Vec<ClientLimit>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            global_rps: 100,
+            global_burst: 20,
+            default_client_rps: 20,
+            default_client_burst: 0,
+            client: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientLimit {
+    pub client_id: String,
+    pub rps: u32,
+    /// 0 or absent means equal to the rate.
+    #[serde(default)]
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Upstream attempts per job, the first included.
+    pub max_attempts: u32,
+    /// Delay before the first retry (doubled per retry, with jitter of up to the same again).
+    pub initial_delay_ms: u64,
+    /// Cap on any one retry delay, `Retry-After` included.
+    pub max_delay_ms: u64,
+    /// A job that has not succeeded this long after submission fails `EXPIRED`.
+    pub job_ttl_secs: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            initial_delay_ms: 250,
+            max_delay_ms: 30_000,
+            job_ttl_secs: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Jobs not yet terminal beyond which submissions answer `RESOURCE_EXHAUSTED`.
+    pub max_pending: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            max_pending: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Upstream attempts in flight at once.
+    pub concurrency: u32,
+    /// Safety-net poll interval; submissions and retries wake the worker directly.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 64,
+            poll_interval_ms: 1_000,
+        }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problems):", self.0.len())?;
+        for error in &self.0 {
+            writeln!(f, "  - {error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Loads the embedded defaults, then `file` (which must exist when given), then the
+    /// environment, and checks the result.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigErrors> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigErrors(vec![format!(
+                    "configuration file {} does not exist or is not a file",
+                    path.display()
+                )]));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .split("__")
+                // Read by the command line, not configuration.
+                .ignore(&["config", "log_format"]),
+        );
+        let config: Config = figment
+            .extract()
+            .map_err(|errors| ConfigErrors(errors.into_iter().map(|e| e.to_string()).collect()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value and reports all problems together.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            errors.push(format!(
+                "server.listen: {:?} is not an IP address and port",
+                self.server.listen
+            ));
+        }
+        if !self.server.metrics_listen.is_empty()
+            && self.server.metrics_listen.parse::<SocketAddr>().is_err()
+        {
+            errors.push(format!(
+                "server.metrics_listen: {:?} is not an IP address and port (empty disables it)",
+                self.server.metrics_listen
+            ));
+        }
+        if self.storage.path.as_os_str().is_empty() {
+            errors.push("storage.path: must not be empty".to_string());
+        }
+        match Url::parse(&self.upstream.token_url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {}
+            _ => errors.push(format!(
+                "upstream.token_url: {:?} is not an http(s) URL",
+                self.upstream.token_url
+            )),
+        }
+        if self.upstream.timeout_ms == 0 {
+            errors.push("upstream.timeout_ms: must be greater than 0".to_string());
+        }
+        if self.upstream.connect_timeout_ms == 0 {
+            errors.push("upstream.connect_timeout_ms: must be greater than 0".to_string());
+        }
+        if self.upstream.max_response_bytes < 1024 {
+            errors.push("upstream.max_response_bytes: must be at least 1024".to_string());
+        }
+        if self.limits.global_rps > 0 && self.limits.global_burst == 0 {
+            errors.push(
+                "limits.global_burst: must be at least 1 when limits.global_rps is set".to_string(),
+            );
+        }
+        let mut seen = HashSet::new();
+        for (i, client) in self.limits.client.iter().enumerate() {
+            if client.client_id.is_empty() {
+                errors.push(format!("limits.client[{i}].client_id: must not be empty"));
+            } else if !seen.insert(client.client_id.as_str()) {
+                errors.push(format!(
+                    "limits.client[{i}].client_id: {:?} appears more than once",
+                    client.client_id
+                ));
+            }
+            if client.rps == 0 {
+                errors.push(format!("limits.client[{i}].rps: must be greater than 0"));
+            }
+        }
+        if self.retry.max_attempts == 0 {
+            errors.push("retry.max_attempts: must be at least 1".to_string());
+        }
+        if self.retry.initial_delay_ms == 0 {
+            errors.push("retry.initial_delay_ms: must be greater than 0".to_string());
+        }
+        if self.retry.max_delay_ms < self.retry.initial_delay_ms {
+            errors.push(format!(
+                "retry.max_delay_ms: must be at least retry.initial_delay_ms ({})",
+                self.retry.initial_delay_ms
+            ));
+        }
+        if self.retry.job_ttl_secs == 0 {
+            errors.push("retry.job_ttl_secs: must be greater than 0".to_string());
+        }
+        if self.queue.max_pending == 0 {
+            errors.push("queue.max_pending: must be greater than 0".to_string());
+        }
+        if self.worker.concurrency == 0 {
+            errors.push("worker.concurrency: must be greater than 0".to_string());
+        }
+        if self.worker.poll_interval_ms == 0 {
+            errors.push("worker.poll_interval_ms: must be greater than 0".to_string());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// The gRPC listen address. Valid after [`Config::validate`].
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.server
+            .listen
+            .parse()
+            .expect("validated listen address")
+    }
+
+    /// The metrics listen address, if enabled. Valid after [`Config::validate`].
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        (!self.server.metrics_listen.is_empty()).then(|| {
+            self.server
+                .metrics_listen
+                .parse()
+                .expect("validated metrics address")
+        })
+    }
+
+    /// How long a claimed attempt may run before another worker may presume it dead: the
+    /// upstream timeout bounds an attempt, and the margin covers the database writes around it.
+    pub fn lease_duration(&self) -> Duration {
+        Duration::from_millis(self.upstream.timeout_ms) + Duration::from_secs(10)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_defaults_are_valid() {
+        Config::default().validate().unwrap();
+        assert_eq!(Config::default().upstream.token_url, DEFAULT_TOKEN_URL);
+        assert_eq!(
+            Config::default().storage.synchronous,
+            Synchronous::Full,
+            "an acknowledged job must survive power loss by default"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let mut config = Config::default();
+        config.server.listen = "nowhere".into();
+        config.upstream.token_url = "ftp://example".into();
+        config.retry.max_attempts = 0;
+        config.limits.client = vec![
+            ClientLimit {
+                client_id: "a".into(),
+                rps: 0,
+                burst: 0,
+            },
+            ClientLimit {
+                client_id: "a".into(),
+                rps: 1,
+                burst: 0,
+            },
+        ];
+        let errors = config.validate().unwrap_err().0;
+        assert_eq!(errors.len(), 5, "{errors:#?}");
+        assert!(errors[0].starts_with("server.listen"));
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own error type.
+    fn a_file_then_the_environment_override_the_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(
+            &path,
+            r#"
+            [server]
+            listen = "127.0.0.1:7000"
+            [retry]
+            max_attempts = 9
+            [[limits.client]]
+            client_id = "app-one"
+            rps = 3
+            "#,
+        )
+        .unwrap();
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TOKEN_BROKER_RETRY__MAX_ATTEMPTS", "2");
+            let config = Config::load(Some(&path)).unwrap();
+            assert_eq!(config.server.listen, "127.0.0.1:7000");
+            assert_eq!(config.retry.max_attempts, 2);
+            assert_eq!(config.limits.client[0].rps, 3);
+            assert_eq!(config.queue, QueueConfig::default());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(
+            &path,
+            "[server]\nlisten_typo = 1\n[retry]\nmax_attempts = \"x\"\n",
+        )
+        .unwrap();
+        let errors = Config::load(Some(&path)).unwrap_err().0;
+        assert!(!errors.is_empty());
+        assert!(Config::load(Some(&dir.path().join("missing.toml"))).is_err());
+    }
+}

@@ -1,0 +1,100 @@
+//! The change feed: every committed job change is published here, so `Exchange` and `WatchJob`
+//! wait on events instead of polling the database.
+//!
+//! Only jobs someone is watching have a channel; publishing for an unwatched job is one map
+//! lookup.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use tokio::sync::broadcast;
+
+use crate::job::{Job, JobId};
+
+/// Per-job channel capacity. A job changes a handful of times; a watcher that still falls
+/// behind is told so and re-reads the job.
+const CHANNEL_CAPACITY: usize = 16;
+
+#[derive(Debug, Default)]
+pub struct JobFeed {
+    /// One sender per watched job, removed when its last watcher leaves.
+    watched: Mutex<HashMap<JobId, broadcast::Sender<Job>>>,
+}
+
+/// What a watcher gets next.
+#[derive(Debug)]
+pub enum FeedEvent {
+    /// The job as committed by a change.
+    Changed(Box<Job>),
+    /// Changes were missed; re-read the job from the store.
+    Lagged,
+}
+
+impl JobFeed {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Starts receiving the changes of `id` committed from now on. Subscribe before reading
+    /// the job's current state, so that no change falls between the read and the subscription.
+    pub fn subscribe(self: &Arc<Self>, id: JobId) -> JobSubscription {
+        let mut watched = self.watched.lock().expect("feed lock poisoned");
+        let receiver = watched
+            .entry(id)
+            .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
+            .subscribe();
+        JobSubscription {
+            feed: Arc::clone(self),
+            id,
+            receiver,
+        }
+    }
+
+    /// Publishes a committed change. Called by the store after each commit.
+    pub fn publish(&self, job: &Job) {
+        let watched = self.watched.lock().expect("feed lock poisoned");
+        if let Some(sender) = watched.get(&job.id) {
+            // An error only means every receiver is gone; the entry is removed on their drop.
+            let _ = sender.send(job.clone());
+        }
+    }
+
+    /// Jobs with at least one watcher.
+    pub fn watched_jobs(&self) -> usize {
+        self.watched.lock().expect("feed lock poisoned").len()
+    }
+}
+
+/// A watcher's handle on one job's changes.
+#[derive(Debug)]
+pub struct JobSubscription {
+    feed: Arc<JobFeed>,
+    id: JobId,
+    receiver: broadcast::Receiver<Job>,
+}
+
+impl JobSubscription {
+    pub async fn next(&mut self) -> FeedEvent {
+        match self.receiver.recv().await {
+            Ok(job) => FeedEvent::Changed(Box::new(job)),
+            Err(broadcast::error::RecvError::Lagged(_)) => FeedEvent::Lagged,
+            // The sender lives in the map while this receiver exists, so it cannot close.
+            Err(broadcast::error::RecvError::Closed) => FeedEvent::Lagged,
+        }
+    }
+}
+
+impl Drop for JobSubscription {
+    fn drop(&mut self) {
+        let mut watched = self.feed.watched.lock().expect("feed lock poisoned");
+        // This receiver still counts while it is being dropped.
+        if watched
+            .get(&self.id)
+            .is_some_and(|sender| sender.receiver_count() <= 1)
+        {
+            watched.remove(&self.id);
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! token-broker: a daemon that exchanges Truecaller OAuth authorization codes for access tokens
+//! on behalf of backend services, durably and within upstream's limits.
+//!
+//! A tour, in the order a request travels (ARCHITECTURE.md has the full map and invariants):
+//!
+//! - [`server`]: the single entry point, [`server::run`], used by `main` and the tests alike.
+//! - [`api`]: the gRPC service; the only module that sees protobuf types, and the one place
+//!   where errors become status codes.
+//! - [`request`]: turns a submission into a checked [`request::ExchangeRequest`].
+//! - [`store`]: the SQLite queue and its audit trail; the only module that runs SQL.
+//! - [`feed`]: publishes committed job changes to waiting callers.
+//! - [`worker`]: claims due jobs within the rate limits and runs attempts.
+//! - [`limits`]: global and per-client rate limiters.
+//! - [`upstream`]: the HTTP call to Truecaller's token endpoint.
+//! - [`retry`]: the pure retry decision: classification and delays.
+//! - [`job`], [`secret`]: domain types.
+//! - [`config`]: layered configuration, checked as a whole.
+//! - [`fake_upstream`]: a fake Truecaller for development and tests.
+//! - [`ops_http`]: `/healthz` and `/readyz`.
+//! - [`cli`], [`telemetry`]: the command line and logging set-up.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod fake_upstream;
+pub mod feed;
+pub mod job;
+pub mod limits;
+pub mod ops_http;
+pub mod request;
+pub mod retry;
+pub mod secret;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod upstream;
+pub mod worker;
+
+pub use server::{Listeners, run};

@@ -1,0 +1,126 @@
+//! `token-broker`: parses the command line and wires the pieces; the work happens in the
+//! library.
+
+use std::{process::ExitCode, time::Duration};
+
+use clap::Parser;
+use token_broker::{
+    Listeners,
+    cli::{Cli, Command, ConfigCommand, FakeUpstreamArgs},
+    config::Config,
+    fake_upstream::{FakeOptions, FakeUpstream, Faults},
+    telemetry,
+};
+
+/// Exit status for a configuration that does not check (sysexits' EX_CONFIG).
+const EXIT_BAD_CONFIG: u8 = 78;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Serve { config } => {
+            let config = match Config::load(config.as_deref()) {
+                Ok(config) => config,
+                Err(errors) => {
+                    eprint!("{errors}");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            report(runtime.block_on(serve(config)))
+        }
+        Command::Config(ConfigCommand::Check { file }) => match Config::load(Some(&file)) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprint!("{}: {errors}", file.display());
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+        Command::Config(ConfigCommand::Show { config }) => match Config::load(config.as_deref()) {
+            Ok(config) => {
+                print!(
+                    "{}",
+                    toml_string(&config).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprint!("{errors}");
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+        Command::FakeUpstream(args) => report(runtime.block_on(fake_upstream(args))),
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("token-broker: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listeners = Listeners::bind(&config).await?;
+    token_broker::run(config, listeners, shutdown_signal()).await
+}
+
+async fn fake_upstream(args: FakeUpstreamArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let fake = FakeUpstream::start(
+        listener,
+        FakeOptions {
+            code_ttl: Duration::from_secs(args.code_ttl_secs),
+            faults: Faults {
+                rate_429: args.rate_429,
+                rate_500: args.rate_500,
+                rate_503: args.rate_503,
+                drop_rate: args.drop_rate,
+                latency_ms: args.latency_ms,
+                retry_after_secs: args.retry_after_secs,
+            },
+            ..FakeOptions::default()
+        },
+    )?;
+    tracing::info!(token_url = %fake.token_url(), "fake upstream serving");
+    shutdown_signal().await;
+    fake.stop();
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("cannot install the SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
+
+fn toml_string(config: &Config) -> Result<String, toml::ser::Error> {
+    toml::to_string_pretty(config)
+}

@@ -1,0 +1,183 @@
+//! The daemon's single entry point, [`run`]: `main` and the integration tests both call it with
+//! listeners they bound and a shutdown future.
+
+use std::{fs::File, future::Future, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tokio::{net::TcpListener, sync::Notify};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    api::{TokenBrokerApi, proto},
+    config::Config,
+    feed::JobFeed,
+    ops_http::{self, Readiness},
+    store::Store,
+    upstream::UpstreamClient,
+    worker::Worker,
+};
+
+/// The listeners the daemon serves on, bound by the caller (port 0 in tests).
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    /// For `/healthz` and `/readyz`; `None` when `server.metrics_listen` is empty.
+    pub ops: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the addresses in `config`.
+    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        let grpc = TcpListener::bind(config.listen_addr())
+            .await
+            .with_context(|| format!("cannot listen on server.listen {}", config.listen_addr()))?;
+        let ops = match config.metrics_addr() {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on server.metrics_listen {addr}"))?,
+            ),
+            None => None,
+        };
+        Ok(Listeners { grpc, ops })
+    }
+}
+
+/// Runs the daemon until `shutdown` completes, then drains: stops claiming, answers waiting
+/// calls with the job as it stands, and gives running attempts `server.shutdown_grace_ms` to
+/// finish. Attempts still running then are abandoned; the next start recovers them.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let _lock = lock_database(&config.storage.path)?;
+    let feed = JobFeed::new();
+    let store = Store::open(&config.storage, Arc::clone(&feed))
+        .await
+        .with_context(|| format!("cannot open storage.path {}", config.storage.path.display()))?;
+    let upstream = UpstreamClient::new(&config.upstream).context("cannot set up upstream")?;
+    let wake = Arc::new(Notify::new());
+    let worker = Arc::new(Worker::new(
+        &config,
+        store.clone(),
+        upstream,
+        Arc::clone(&wake),
+    ));
+    worker
+        .recover()
+        .await
+        .context("cannot recover unfinished attempts")?;
+
+    let stop = CancellationToken::new();
+    let attempts = TaskTracker::new();
+    let worker_task = tokio::spawn(Arc::clone(&worker).run(stop.clone(), attempts.clone()));
+
+    let readiness = Readiness::default();
+    let ops_task = listeners
+        .ops
+        .map(|listener| tokio::spawn(ops_http::serve(listener, readiness.clone(), stop.clone())));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<proto::token_broker_server::TokenBrokerServer<TokenBrokerApi>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build reflection v1")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("cannot build reflection v1alpha")?;
+    let api = TokenBrokerApi::new(
+        store.clone(),
+        feed,
+        wake,
+        stop.clone(),
+        Duration::from_secs(config.retry.job_ttl_secs),
+        config.queue.max_pending,
+    );
+
+    let grpc_addr = listeners.grpc.local_addr()?;
+    readiness.set(true);
+    tracing::info!(
+        listen = %grpc_addr,
+        database = %config.storage.path.display(),
+        upstream = %config.upstream.token_url,
+        "token-broker serving"
+    );
+
+    let drain = {
+        let stop = stop.clone();
+        let readiness = readiness.clone();
+        let health_reporter = health_reporter.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutdown requested; draining");
+            readiness.set(false);
+            health_reporter
+                .set_not_serving::<proto::token_broker_server::TokenBrokerServer<TokenBrokerApi>>()
+                .await;
+            stop.cancel();
+        }
+    };
+    let served = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(proto::token_broker_server::TokenBrokerServer::new(api))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), drain)
+        .await;
+    // Whatever ended serving, stop everything else too.
+    stop.cancel();
+    readiness.set(false);
+    if let Err(error) = worker_task.await {
+        tracing::error!(%error, "the worker task failed");
+    }
+    attempts.close();
+    let grace = Duration::from_millis(config.server.shutdown_grace_ms);
+    if tokio::time::timeout(grace, attempts.wait()).await.is_ok() {
+        tracing::info!("all running attempts finished");
+    } else {
+        tracing::warn!(
+            abandoned = attempts.len(),
+            "grace period over; abandoned attempts will be recovered as outcome unknown at the next start"
+        );
+    }
+    if let Some(task) = ops_task {
+        let _ = task.await;
+    }
+    store.close().await;
+    served.context("gRPC server failed")?;
+    tracing::info!("token-broker stopped");
+    Ok(())
+}
+
+/// Takes an exclusive lock beside the database, so two daemons never share one: every lease
+/// found at start-up is then known to be dead.
+fn lock_database(path: &std::path::Path) -> anyhow::Result<File> {
+    let mut lock_path = PathBuf::from(path.as_os_str());
+    lock_path.as_mut_os_string().push(".lock");
+    if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the directory {}", dir.display()))?;
+    }
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open the lock file {}", lock_path.display()))?;
+    file.try_lock().map_err(|_| {
+        anyhow::anyhow!(
+            "another token-broker is using {} (lock file {} is held)",
+            path.display(),
+            lock_path.display()
+        )
+    })?;
+    Ok(file)
+}

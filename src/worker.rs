@@ -1,0 +1,348 @@
+//! The worker: a dispatcher that claims due jobs within the rate limits, and one task per
+//! attempt that calls upstream and records the outcome.
+//!
+//! The dispatcher never blocks on one client's limiter: a client whose limit is exhausted is
+//! left out of the next claims until its limiter has a permit, while other clients' due jobs go
+//! ahead. Waiting for a permit happens before the claim, so it is not an attempt and costs the
+//! job nothing.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use backon::{ExponentialBuilder, Retryable};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+use crate::{
+    config::Config,
+    job::{JobState, UnixMillis},
+    limits::{Permit, RateLimits},
+    retry::{self, Decision, JobHistory, RetryPolicy},
+    store::{AttemptRecord, Claim, Store, StoreError},
+    upstream::{AttemptOutcome, UpstreamClient},
+};
+
+/// How often expired jobs and dead leases are swept.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the dispatcher pauses after a database error.
+const ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+/// Everything the dispatcher and its attempts share.
+#[derive(Debug)]
+pub struct Worker {
+    store: Store,
+    upstream: UpstreamClient,
+    limits: RateLimits,
+    policy: RetryPolicy,
+    /// Identifies this process's claims; unique per start, so a restarted daemon's old leases
+    /// are recognisably someone else's.
+    owner: Arc<str>,
+    /// How long a claim stays ours without an outcome.
+    lease: Duration,
+    /// Attempts in flight at once.
+    concurrency: usize,
+    /// Safety-net poll interval.
+    poll_interval: Duration,
+    /// Woken by submissions and recorded retries, so new work starts without polling.
+    wake: Arc<Notify>,
+}
+
+/// What one dispatch pass did, so the loop knows whether to go again at once.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Pass {
+    /// Attempts started.
+    started: usize,
+    /// The candidate query returned a full batch: more may be due.
+    full_batch: bool,
+    /// The global limit is exhausted for this long.
+    global_wait: Option<Duration>,
+}
+
+impl Worker {
+    pub fn new(config: &Config, store: Store, upstream: UpstreamClient, wake: Arc<Notify>) -> Self {
+        Self {
+            store,
+            upstream,
+            limits: RateLimits::new(&config.limits),
+            policy: RetryPolicy::from(&config.retry),
+            owner: format!("worker-{}", uuid::Uuid::now_v7()).into(),
+            lease: config.lease_duration(),
+            concurrency: config.worker.concurrency as usize,
+            poll_interval: Duration::from_millis(config.worker.poll_interval_ms),
+            wake,
+        }
+    }
+
+    /// Takes back the attempts a previous run of the daemon left unfinished. Only one daemon
+    /// uses a database (the start-up lock ensures it), so every lease found is dead.
+    pub async fn recover(&self) -> Result<usize, StoreError> {
+        let now = UnixMillis::now();
+        let mut recovered = 0;
+        loop {
+            let jobs = self
+                .store
+                .rescue_leases(UnixMillis(i64::MAX), self.policy.max_attempts, now)
+                .await?;
+            if jobs.is_empty() {
+                break;
+            }
+            recovered += jobs.len();
+        }
+        if recovered > 0 {
+            tracing::warn!(
+                jobs = recovered,
+                "recovered attempts interrupted by the previous run; their outcome is unknown"
+            );
+        }
+        Ok(recovered)
+    }
+
+    /// Dispatches until `stop` is cancelled. Attempts run on `attempts`, which the caller
+    /// waits for during shutdown.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken, attempts: TaskTracker) {
+        let slots = Arc::new(Semaphore::new(self.concurrency));
+        // Clients whose limiter is exhausted, until when.
+        let mut throttled: HashMap<String, Instant> = HashMap::new();
+        let mut last_sweep: Option<Instant> = None;
+        tracing::info!(owner = %self.owner, concurrency = self.concurrency, "worker started");
+        while !stop.is_cancelled() {
+            if last_sweep.is_none_or(|at| at.elapsed() >= SWEEP_INTERVAL) {
+                if let Err(error) = self.sweep().await {
+                    tracing::error!(%error, "sweep failed");
+                }
+                last_sweep = Some(Instant::now());
+            }
+            if slots.available_permits() == 0 {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    permit = Arc::clone(&slots).acquire_owned() => drop(permit),
+                }
+                continue;
+            }
+            let pass = match self.dispatch(&slots, &mut throttled, &attempts).await {
+                Ok(pass) => pass,
+                Err(error) => {
+                    tracing::error!(%error, "dispatch failed; pausing");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(ERROR_PAUSE) => {}
+                    }
+                    continue;
+                }
+            };
+            if pass.global_wait.is_none() && pass.full_batch {
+                continue;
+            }
+            let pause = match pass.global_wait {
+                Some(wait) => wait,
+                None => self.idle_pause(&throttled).await,
+            };
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+        tracing::info!("worker stopped claiming");
+    }
+
+    /// Expires overdue jobs and rescues attempts whose lease ran out.
+    async fn sweep(&self) -> Result<(), StoreError> {
+        let now = UnixMillis::now();
+        for job in self.store.expire_overdue(now).await? {
+            tracing::warn!(job_id = %job.id, client_id = %job.client_id, "job expired before it could succeed");
+        }
+        for job in self
+            .store
+            .rescue_leases(now, self.policy.max_attempts, now)
+            .await?
+        {
+            tracing::warn!(job_id = %job.id, client_id = %job.client_id, attempt = job.attempts,
+                "attempt lease expired; outcome unknown");
+        }
+        Ok(())
+    }
+
+    /// One pass: choose due jobs whose limiters have permits, claim them, start their attempts.
+    async fn dispatch(
+        self: &Arc<Self>,
+        slots: &Arc<Semaphore>,
+        throttled: &mut HashMap<String, Instant>,
+        attempts: &TaskTracker,
+    ) -> Result<Pass, StoreError> {
+        let free = slots.available_permits();
+        let now = Instant::now();
+        throttled.retain(|_, until| *until > now);
+        let skip: Vec<&str> = throttled.keys().map(String::as_str).collect();
+        let candidates = self
+            .store
+            .due_candidates(UnixMillis::now(), &skip, free)
+            .await?;
+        let mut pass = Pass {
+            full_batch: candidates.len() == free,
+            ..Pass::default()
+        };
+        let mut chosen = Vec::with_capacity(candidates.len());
+        for candidate in candidates {
+            if throttled.contains_key(&candidate.client_id) {
+                continue;
+            }
+            match self.limits.try_acquire(&candidate.client_id) {
+                Permit::Granted => chosen.push(candidate.row_id),
+                Permit::ClientBusy(wait) => {
+                    throttled.insert(candidate.client_id, Instant::now() + wait);
+                }
+                Permit::GlobalBusy(wait) => {
+                    pass.global_wait = Some(wait);
+                    break;
+                }
+            }
+        }
+        let now = UnixMillis::now();
+        let claims = self
+            .store
+            .claim(&chosen, &self.owner, now.saturating_add(self.lease), now)
+            .await?;
+        pass.started = claims.len();
+        for claim in claims {
+            let permit = Arc::clone(slots)
+                .try_acquire_owned()
+                .expect("no more claims than free slots");
+            attempts.spawn(Arc::clone(self).attempt(claim, permit));
+        }
+        Ok(pass)
+    }
+
+    /// How long to wait when nothing more is due for a client with permits: until a throttled
+    /// client's limiter refills, the next job falls due, or the poll interval passes.
+    async fn idle_pause(&self, throttled: &HashMap<String, Instant>) -> Duration {
+        let now = Instant::now();
+        let mut pause = self.poll_interval;
+        if let Some(until) = throttled.values().min() {
+            pause = pause.min(until.saturating_duration_since(now));
+        }
+        match self.store.next_due().await {
+            Ok(Some(due)) => {
+                let until_due = UnixMillis::now().until(due);
+                if !until_due.is_zero() {
+                    pause = pause.min(until_due);
+                }
+            }
+            Ok(None) => {}
+            Err(error) => tracing::error!(%error, "cannot read the next due time"),
+        }
+        pause.max(Duration::from_millis(1))
+    }
+
+    /// Runs one attempt: present the code, decide, record. Holds a worker slot throughout.
+    async fn attempt(self: Arc<Self>, claim: Claim, _slot: OwnedSemaphorePermit) {
+        let span = tracing::info_span!(
+            "attempt",
+            job_id = %claim.job.id,
+            tenant = %claim.job.tenant,
+            client_id = %claim.job.client_id,
+            attempt = claim.lease.attempt,
+        );
+        async move {
+            let outcome = self
+                .upstream
+                .exchange(&claim.job.client_id, &claim.code, &claim.code_verifier)
+                .await;
+            let now = UnixMillis::now();
+            let history = JobHistory {
+                attempt: claim.lease.attempt,
+                outcome_unknown: claim.job.outcome_unknown,
+                expires_at: claim.job.expires_at,
+            };
+            let decision = retry::decide(&self.policy, &history, &outcome, now, rand::random());
+            let record = attempt_record(decision, &outcome, claim.job.outcome_unknown);
+            // The outcome may hold the only copy of a token: retry the write through brief
+            // database trouble rather than leave the job to be rescued as "unknown".
+            let written = (|| self.store.record_attempt(&claim.lease, &record, now))
+                .retry(
+                    ExponentialBuilder::new()
+                        .with_min_delay(Duration::from_millis(50))
+                        .with_max_delay(Duration::from_secs(2))
+                        .with_max_times(6),
+                )
+                .notify(|error, delay| {
+                    tracing::warn!(%error, ?delay, "recording the attempt failed; retrying");
+                })
+                .await;
+            match written {
+                Ok(Some(job)) => {
+                    match job.state {
+                        JobState::Succeeded => tracing::info!("exchange succeeded"),
+                        JobState::RetryWait => tracing::warn!(
+                            detail = job.failure_detail.as_deref().unwrap_or_default(),
+                            retry_in_ms = job.next_attempt_at.map(|at| at.0 - now.0),
+                            "attempt failed; retry scheduled"
+                        ),
+                        _ => tracing::warn!(
+                            reason = job.failure_reason.map(|r| r.as_str()),
+                            detail = job.failure_detail.as_deref().unwrap_or_default(),
+                            "exchange failed"
+                        ),
+                    }
+                    // A retry may now be due before the dispatcher's next wake-up.
+                    self.wake.notify_one();
+                }
+                Ok(None) => tracing::warn!(
+                    "lease lost before the outcome was recorded; the newer attempt's outcome stands"
+                ),
+                Err(error) => tracing::error!(
+                    %error,
+                    "could not record the attempt; it will be rescued as outcome unknown"
+                ),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Turns the decision into what the store records.
+fn attempt_record(
+    decision: Decision,
+    outcome: &AttemptOutcome,
+    earlier_unknown: bool,
+) -> AttemptRecord {
+    let http_status = match outcome {
+        AttemptOutcome::Answered(answer) => Some(answer.status),
+        AttemptOutcome::NotSent | AttemptOutcome::AnswerLost => None,
+    };
+    let answer_lost = matches!(outcome, AttemptOutcome::AnswerLost);
+    match decision {
+        Decision::Succeed { grant } => AttemptRecord::Succeeded {
+            grant,
+            http_status: http_status.unwrap_or(200),
+            outcome_unknown: earlier_unknown,
+        },
+        Decision::RetryAt {
+            at,
+            detail,
+            outcome_unknown,
+        } => AttemptRecord::RetryAt {
+            at,
+            http_status,
+            detail,
+            answer_lost,
+            outcome_unknown,
+        },
+        Decision::Fail {
+            reason,
+            detail,
+            outcome_unknown,
+        } => AttemptRecord::Failed {
+            reason,
+            http_status,
+            detail,
+            answer_lost,
+            outcome_unknown,
+        },
+    }
+}
