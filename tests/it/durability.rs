@@ -1,0 +1,202 @@
+//! What survives a stop: queued jobs, and attempts whose worker died.
+
+use std::sync::Arc;
+
+use token_broker::{
+    api::proto::{FailureReason, JobState},
+    feed::JobFeed,
+    job::UnixMillis,
+    request::{ExchangeRequest, RawExchange},
+    store::{AttemptRecord, Store},
+};
+
+use crate::helpers::{TestApp, audit_kinds, new_request, start_fake, test_config};
+
+#[tokio::test]
+async fn a_restart_completes_the_jobs_left_queued() {
+    // One request per second: most jobs are still queued when the daemon stops.
+    let mut app = TestApp::spawn_with(|config| {
+        config.limits.global_rps = 1;
+        config.limits.global_burst = 1;
+    })
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(app.submit(app.new_request("client-a")).await.job_id);
+    }
+    let (mut config, fake, dir) = app.stop().await;
+    let before = fake.stats().token_requests;
+    assert!(
+        before < 4,
+        "some jobs were still queued at the stop ({before} sent)"
+    );
+
+    config.limits.global_rps = 0;
+    let mut app = TestApp::start(config, fake, dir).await;
+    for id in &ids {
+        let job = app.wait_terminal(id).await;
+        assert_eq!(job.state(), JobState::Succeeded, "{job:?}");
+        assert_eq!(job.attempts, 1);
+    }
+    let stats = app.fake.stats();
+    assert_eq!(stats.token_requests, 4, "each job was sent exactly once");
+    assert_eq!(stats.redeemed, 4);
+}
+
+fn request_for(fake: &token_broker::fake_upstream::FakeUpstream) -> ExchangeRequest {
+    let raw = new_request(fake, "client-a");
+    ExchangeRequest::parse(RawExchange {
+        client_id: &raw.client_id,
+        code: &raw.code,
+        code_verifier: &raw.code_verifier,
+        state: &raw.state,
+        idempotency_key: &raw.idempotency_key,
+    })
+    .expect("valid request")
+}
+
+#[tokio::test]
+async fn an_attempt_whose_lease_expired_is_picked_up_again() {
+    let fake = start_fake().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let config = test_config(&dir, &fake);
+
+    // A previous daemon claimed the job and died mid-attempt: its lease has run out.
+    let store = Store::open(&config.storage, JobFeed::new()).await.unwrap();
+    let now = UnixMillis::now();
+    let submitted = store
+        .submit(
+            "default",
+            &request_for(&fake),
+            std::time::Duration::from_secs(60),
+            100,
+            now,
+        )
+        .await
+        .unwrap();
+    let token_broker::store::SubmitOutcome::Created(job) = submitted else {
+        panic!("job created");
+    };
+    let ghost: Arc<str> = "worker-that-died".into();
+    let claims = store
+        .claim(&row_ids(&store).await, &ghost, UnixMillis(now.0 - 1), now)
+        .await
+        .unwrap();
+    assert_eq!(claims.len(), 1);
+    store.close().await;
+
+    let mut app = TestApp::start(config, fake, dir).await;
+    let done = app.wait_terminal(&job.id.to_string()).await;
+    assert_eq!(done.state(), JobState::Succeeded, "{done:?}");
+    assert_eq!(done.attempts, 2, "the lost attempt counts");
+    assert!(
+        done.outcome_unknown,
+        "the lost attempt is reported honestly"
+    );
+    assert_eq!(
+        audit_kinds(&app.db_path(), &done.job_id).await,
+        [
+            "job.submitted",
+            "attempt.started",
+            "attempt.unknown",
+            "job.retry_scheduled",
+            "attempt.started",
+            "attempt.finished",
+            "job.succeeded"
+        ]
+    );
+}
+
+/// The row ids of due jobs, as the dispatcher would choose them.
+async fn row_ids(store: &Store) -> Vec<i64> {
+    store
+        .due_candidates(UnixMillis::now(), &[], 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|candidate| candidate.row_id)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_stale_worker_cannot_overwrite_a_newer_outcome() {
+    let fake = start_fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(&dir, &fake);
+    let store = Store::open(&config.storage, JobFeed::new()).await.unwrap();
+    let now = UnixMillis::now();
+    store
+        .submit(
+            "default",
+            &request_for(&fake),
+            std::time::Duration::from_secs(60),
+            100,
+            now,
+        )
+        .await
+        .unwrap();
+
+    // Worker A claims with a lease that is already over; the sweep rescues the job.
+    let a: Arc<str> = "worker-a".into();
+    let claim_a = store
+        .claim(&row_ids(&store).await, &a, UnixMillis(now.0 - 1), now)
+        .await
+        .unwrap()
+        .remove(0);
+    let not_yet = store
+        .rescue_leases(UnixMillis(now.0 - 10), 5, now)
+        .await
+        .unwrap();
+    assert!(
+        not_yet.is_empty(),
+        "a lease is only rescued once it has ended"
+    );
+    let rescued = store.rescue_leases(now, 5, now).await.unwrap();
+    assert_eq!(rescued.len(), 1);
+    assert!(rescued[0].outcome_unknown);
+
+    // Worker B claims the second attempt and records a failure.
+    let b: Arc<str> = "worker-b".into();
+    let claim_b = store
+        .claim(&row_ids(&store).await, &b, UnixMillis(now.0 + 60_000), now)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(claim_b.lease.attempt, 2);
+    let failed = AttemptRecord::Failed {
+        reason: token_broker::job::FailureReason::Forbidden,
+        http_status: Some(403),
+        detail: "upstream answered 403".into(),
+        answer_lost: false,
+        outcome_unknown: true,
+    };
+    let recorded = store
+        .record_attempt(&claim_b.lease, &failed, now)
+        .await
+        .unwrap()
+        .expect("the current lease holder's write lands");
+
+    // Worker A wakes up late with a success: it must change nothing.
+    let late = AttemptRecord::Succeeded {
+        grant: token_broker::upstream::TokenGrant {
+            access_token: token_broker::secret::Secret::new("stale".into()),
+            token_type: "Bearer".into(),
+            expires_in: 3600,
+        },
+        http_status: 200,
+        outcome_unknown: false,
+    };
+    assert!(
+        store
+            .record_attempt(&claim_a.lease, &late, now)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let job = store.get(recorded.id).await.unwrap().unwrap();
+    assert_eq!(job.state, token_broker::job::JobState::Failed);
+    assert_eq!(job.version, recorded.version);
+    assert!(job.token.is_none());
+    let _ = FailureReason::Forbidden;
+    store.close().await;
+}

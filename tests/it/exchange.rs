@@ -1,0 +1,292 @@
+//! The exchange itself: success, fail-fast statuses, retries, exhaustion, expiry, idempotency.
+
+use token_broker::{
+    api::proto::{FailureReason, JobState},
+    fake_upstream::Scripted,
+};
+use tonic::Code;
+
+use crate::helpers::{TestApp, audit_kinds};
+
+#[tokio::test]
+async fn a_successful_exchange_returns_the_token() {
+    let mut app = TestApp::spawn().await;
+    let request = app.new_request("client-a");
+    let state = request.state.clone();
+
+    let job = app
+        .client
+        .exchange(request)
+        .await
+        .expect("exchange answered")
+        .into_inner();
+
+    assert_eq!(job.state(), JobState::Succeeded);
+    assert_eq!(job.attempts, 1);
+    assert_eq!(job.last_http_status, 200);
+    assert_eq!(job.state_param, state);
+    assert_eq!(job.client_id, "client-a");
+    let token = job.token.expect("a succeeded job carries its token");
+    assert!(!token.access_token.is_empty());
+    assert_eq!(token.token_type, "Bearer");
+    assert_eq!(token.expires_in, 3600);
+    let expires_at = token.expires_at.expect("absolute expiry").seconds;
+    let created = job.created_at.expect("created_at").seconds;
+    assert!((created + 3599..=created + 3700).contains(&expires_at));
+
+    let stats = app.fake.stats();
+    assert_eq!(stats.token_requests, 1);
+    assert_eq!(stats.redeemed, 1);
+    assert_eq!(
+        audit_kinds(&app.db_path(), &job.job_id).await,
+        [
+            "job.submitted",
+            "attempt.started",
+            "attempt.finished",
+            "job.succeeded"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_403_fails_at_once_after_one_request() {
+    let mut app = TestApp::spawn().await;
+    let mut request = app.new_request("client-a");
+    // A well-formed verifier that does not match the code's challenge.
+    request.code_verifier = "x".repeat(64);
+
+    let job = app.client.exchange(request).await.unwrap().into_inner();
+
+    assert_eq!(job.state(), JobState::Failed);
+    assert_eq!(job.failure_reason(), FailureReason::Forbidden);
+    assert_eq!(job.attempts, 1);
+    assert_eq!(job.last_http_status, 403);
+    assert_eq!(
+        job.failure_detail,
+        "upstream answered 403 (invalid or expired code verifier)"
+    );
+    assert!(job.token.is_none());
+    assert_eq!(app.fake.stats().token_requests, 1);
+}
+
+#[tokio::test]
+async fn a_400_fails_at_once_after_one_request() {
+    let mut app = TestApp::spawn().await;
+    app.fake.script([Scripted::Status(400)]);
+
+    let job = app
+        .client
+        .exchange(app.new_request("client-a"))
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert_eq!(job.state(), JobState::Failed);
+    assert_eq!(job.failure_reason(), FailureReason::InvalidRequest);
+    assert_eq!(job.attempts, 1);
+    assert_eq!(job.last_http_status, 400);
+    assert_eq!(app.fake.stats().token_requests, 1);
+}
+
+#[tokio::test]
+async fn a_500_and_a_503_are_retried_and_then_succeed() {
+    let mut app = TestApp::spawn().await;
+    app.fake
+        .script([Scripted::Status(500), Scripted::Status(503)]);
+
+    let job = app
+        .client
+        .exchange(app.new_request("client-a"))
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert_eq!(job.state(), JobState::Succeeded, "{job:?}");
+    assert_eq!(job.attempts, 3);
+    assert!(job.token.is_some());
+    let stats = app.fake.stats();
+    assert_eq!(stats.token_requests, 3);
+    assert_eq!(stats.by_status.get(&500), Some(&1));
+    assert_eq!(stats.by_status.get(&503), Some(&1));
+    assert_eq!(stats.by_status.get(&200), Some(&1));
+    assert_eq!(
+        audit_kinds(&app.db_path(), &job.job_id).await,
+        [
+            "job.submitted",
+            "attempt.started",
+            "attempt.finished",
+            "job.retry_scheduled",
+            "attempt.started",
+            "attempt.finished",
+            "job.retry_scheduled",
+            "attempt.started",
+            "attempt.finished",
+            "job.succeeded"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_connection_is_retried_as_an_unknown_outcome() {
+    let mut app = TestApp::spawn().await;
+    app.fake.script([Scripted::Drop]);
+
+    let job = app
+        .client
+        .exchange(app.new_request("client-a"))
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert_eq!(job.state(), JobState::Succeeded, "{job:?}");
+    assert_eq!(job.attempts, 2);
+    assert!(job.outcome_unknown);
+    assert!(
+        audit_kinds(&app.db_path(), &job.job_id)
+            .await
+            .contains(&"attempt.unknown".to_string())
+    );
+}
+
+#[tokio::test]
+async fn a_403_after_a_lost_answer_is_reported_as_outcome_unknown() {
+    let mut app = TestApp::spawn().await;
+    // The first attempt redeems the code but its answer is lost; the retry is refused.
+    app.fake.script([Scripted::DropAfter]);
+
+    let job = app
+        .client
+        .exchange(app.new_request("client-a"))
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert_eq!(job.state(), JobState::Failed, "{job:?}");
+    assert_eq!(job.failure_reason(), FailureReason::OutcomeUnknown);
+    assert_eq!(job.attempts, 2);
+    assert_eq!(job.last_http_status, 403);
+    assert_eq!(app.fake.stats().redeemed, 1);
+}
+
+#[tokio::test]
+async fn retries_exhausted_fail_with_that_reason() {
+    let mut app = TestApp::spawn_with(|config| config.retry.max_attempts = 3).await;
+    app.fake.script([Scripted::Status(503); 3]);
+
+    let job = app
+        .client
+        .exchange(app.new_request("client-a"))
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert_eq!(job.state(), JobState::Failed);
+    assert_eq!(job.failure_reason(), FailureReason::RetriesExhausted);
+    assert_eq!(job.attempts, 3);
+    assert_eq!(job.last_http_status, 503);
+    assert_eq!(app.fake.stats().token_requests, 3);
+}
+
+#[tokio::test]
+async fn a_job_that_cannot_finish_within_its_ttl_expires() {
+    // Upstream asks for a 5 s pause; the job has 1 s to live.
+    let mut app = TestApp::spawn_with(|config| config.retry.job_ttl_secs = 1).await;
+    app.fake.set_faults(token_broker::fake_upstream::Faults {
+        retry_after_secs: 5,
+        ..Default::default()
+    });
+    app.fake.script([Scripted::Status(429)]);
+
+    let job = app
+        .client
+        .exchange(app.new_request("client-a"))
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert_eq!(job.state(), JobState::Failed);
+    assert_eq!(job.failure_reason(), FailureReason::Expired);
+    assert_eq!(job.attempts, 1, "no request is spent on a job past its TTL");
+    assert_eq!(app.fake.stats().token_requests, 1);
+}
+
+#[tokio::test]
+async fn a_queued_job_past_its_ttl_expires_without_an_upstream_request() {
+    // One permit per second for this client: the second job waits, and its TTL runs out first.
+    let mut app = TestApp::spawn_with(|config| {
+        config.retry.job_ttl_secs = 1;
+        config.limits.default_client_rps = 1;
+        config.limits.default_client_burst = 1;
+    })
+    .await;
+    app.fake.set_faults(token_broker::fake_upstream::Faults {
+        latency_ms: 0,
+        ..Default::default()
+    });
+    let first = app.submit(app.new_request("client-a")).await;
+    let second = app.submit(app.new_request("client-a")).await;
+    let third = app.submit(app.new_request("client-a")).await;
+
+    let first = app.wait_terminal(&first.job_id).await;
+    let second = app.wait_terminal(&second.job_id).await;
+    let third = app.wait_terminal(&third.job_id).await;
+
+    assert_eq!(first.state(), JobState::Succeeded);
+    // With one permit per second and one second to live, at most one of the others can start
+    // before its TTL ends; the other expires untried.
+    let expired: Vec<_> = [&second, &third]
+        .into_iter()
+        .filter(|job| job.failure_reason() == FailureReason::Expired)
+        .collect();
+    assert!(!expired.is_empty(), "{second:?} {third:?}");
+    for job in &expired {
+        assert_eq!(job.attempts, 0, "an expired queued job was never attempted");
+    }
+    assert_eq!(
+        app.fake.stats().token_requests,
+        3 - expired.len() as u64,
+        "expired jobs cost no upstream request"
+    );
+}
+
+#[tokio::test]
+async fn resubmitting_returns_the_same_job_without_a_second_request() {
+    let mut app = TestApp::spawn().await;
+    let request = app.new_request("client-a");
+
+    let first = app.submit(request.clone()).await;
+    let again = app.submit(request.clone()).await;
+    assert_eq!(first.job_id, again.job_id);
+    let done = app.wait_terminal(&first.job_id).await;
+    assert_eq!(done.state(), JobState::Succeeded);
+
+    let after = app
+        .client
+        .exchange(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.job_id, first.job_id);
+    assert_eq!(after.state(), JobState::Succeeded);
+    assert_eq!(after.token, done.token);
+    assert_eq!(app.fake.stats().token_requests, 1);
+    assert_eq!(app.count_rows("jobs").await, 1);
+
+    // The same (default) key with different contents is refused.
+    let mut conflicting = request.clone();
+    conflicting.state = "another-state".into();
+    let status = app.client.submit_exchange(conflicting).await.unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+
+    // An explicit key works the same way.
+    let mut keyed = app.new_request("client-a");
+    keyed.idempotency_key = "order-42".into();
+    let one = app.submit(keyed.clone()).await;
+    let two = app.submit(keyed.clone()).await;
+    assert_eq!(one.job_id, two.job_id);
+    assert_eq!(one.idempotency_key, "order-42");
+    let mut other_code = app.new_request("client-a");
+    other_code.idempotency_key = "order-42".into();
+    let status = app.client.submit_exchange(other_code).await.unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+}

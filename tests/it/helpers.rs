@@ -1,0 +1,264 @@
+//! `TestApp`: starts the daemon through the same `run` that `main` uses.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Once},
+    time::Duration,
+};
+
+use token_broker::{
+    Listeners,
+    api::proto::{
+        GetJobRequest, Job, JobState, SubmitExchangeRequest, token_broker_client::TokenBrokerClient,
+    },
+    config::{Config, Synchronous},
+    fake_upstream::{FakeOptions, FakeUpstream, new_verifier, s256_challenge},
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+
+/// Bounds every wait in the tests, so a bug fails a test instead of hanging it.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+pub struct TestApp {
+    pub client: TokenBrokerClient<Channel>,
+    pub grpc_addr: std::net::SocketAddr,
+    pub ops_addr: std::net::SocketAddr,
+    pub fake: FakeUpstream,
+    pub dir: Arc<tempfile::TempDir>,
+    pub config: Config,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+fn init_logs() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .init();
+        }
+    });
+}
+
+/// A configuration for tests: fast retries, no rate limits, a database in `dir`.
+pub fn test_config(dir: &tempfile::TempDir, fake: &FakeUpstream) -> Config {
+    let mut config = Config::default();
+    config.storage.path = dir.path().join("broker.db");
+    config.storage.synchronous = Synchronous::Full;
+    config.upstream.token_url = fake.token_url();
+    config.upstream.timeout_ms = 2_000;
+    config.limits.global_rps = 0;
+    config.limits.default_client_rps = 0;
+    config.retry.initial_delay_ms = 10;
+    config.retry.max_delay_ms = 50;
+    config.retry.max_attempts = 5;
+    config.retry.job_ttl_secs = 60;
+    config.server.shutdown_grace_ms = 5_000;
+    config
+}
+
+impl TestApp {
+    /// A daemon with the test configuration and a fresh fake upstream.
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// A daemon whose test configuration `adjust` changes first.
+    pub async fn spawn_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+        let fake = start_fake().await;
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let mut config = test_config(&dir, &fake);
+        adjust(&mut config);
+        Self::start(config, fake, dir).await
+    }
+
+    /// Starts a daemon on `config`, sharing `fake` and `dir` (so a restart sees the same
+    /// database and the same upstream).
+    pub async fn start(config: Config, fake: FakeUpstream, dir: Arc<tempfile::TempDir>) -> TestApp {
+        init_logs();
+        config.validate().expect("test configuration is valid");
+        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+        let ops = TcpListener::bind("127.0.0.1:0").await.expect("bind ops");
+        let grpc_addr = grpc.local_addr().unwrap();
+        let ops_addr = ops.local_addr().unwrap();
+        let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(token_broker::run(
+            config.clone(),
+            Listeners {
+                grpc,
+                ops: Some(ops),
+            },
+            async move {
+                let _ = shutdown_rx.await;
+            },
+        ));
+        let client = TokenBrokerClient::connect(format!("http://{grpc_addr}"))
+            .await
+            .expect("connect to the daemon");
+        TestApp {
+            client,
+            grpc_addr,
+            ops_addr,
+            fake,
+            dir,
+            config,
+            shutdown: Some(shutdown_tx),
+            server: Some(server),
+        }
+    }
+
+    /// Shuts the daemon down gracefully and waits for it.
+    pub async fn stop(mut self) -> (Config, FakeUpstream, Arc<tempfile::TempDir>) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        let server = self.server.take().expect("server running");
+        tokio::time::timeout(PATIENCE, server)
+            .await
+            .expect("the daemon stops within the patience bound")
+            .expect("the server task does not panic")
+            .expect("the daemon exits cleanly");
+        (
+            self.config.clone(),
+            self.fake.clone(),
+            Arc::clone(&self.dir),
+        )
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.config.storage.path.clone()
+    }
+
+    /// A valid submission for `client_id` with a fresh code issued by the fake upstream.
+    pub fn new_request(&self, client_id: &str) -> SubmitExchangeRequest {
+        new_request(&self.fake, client_id)
+    }
+
+    pub async fn submit(&mut self, request: SubmitExchangeRequest) -> Job {
+        self.client
+            .submit_exchange(request)
+            .await
+            .expect("submission accepted")
+            .into_inner()
+    }
+
+    pub async fn get(&mut self, job_id: &str) -> Job {
+        self.client
+            .get_job(GetJobRequest {
+                job_id: job_id.to_string(),
+            })
+            .await
+            .expect("job exists")
+            .into_inner()
+    }
+
+    /// Follows the job with WatchJob until it is terminal.
+    pub async fn wait_terminal(&mut self, job_id: &str) -> Job {
+        let mut stream = self
+            .client
+            .watch_job(GetJobRequest {
+                job_id: job_id.to_string(),
+            })
+            .await
+            .expect("watch accepted")
+            .into_inner();
+        let wait = async {
+            let mut last = None;
+            while let Some(job) = stream.message().await.expect("watch stream healthy") {
+                last = Some(job);
+            }
+            last.expect("the stream sent the job at least once")
+        };
+        let job = tokio::time::timeout(PATIENCE, wait)
+            .await
+            .expect("the job becomes terminal within the patience bound");
+        assert!(
+            is_terminal(&job),
+            "the stream ended on a terminal job: {job:?}"
+        );
+        job
+    }
+
+    /// Rows in a table of the daemon's database, read from the file itself.
+    pub async fn count_rows(&self, table: &str) -> i64 {
+        count_rows(&self.db_path(), table).await
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+pub async fn start_fake() -> FakeUpstream {
+    start_fake_with(FakeOptions::default()).await
+}
+
+pub async fn start_fake_with(options: FakeOptions) -> FakeUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake");
+    FakeUpstream::start(listener, options).expect("fake upstream starts")
+}
+
+pub fn new_request(fake: &FakeUpstream, client_id: &str) -> SubmitExchangeRequest {
+    let verifier = new_verifier();
+    let code = fake.issue_code(client_id, &s256_challenge(&verifier));
+    SubmitExchangeRequest {
+        client_id: client_id.to_string(),
+        code,
+        code_verifier: verifier,
+        state: format!("state-{}", rand::random::<u32>()),
+        idempotency_key: String::new(),
+    }
+}
+
+pub fn is_terminal(job: &Job) -> bool {
+    matches!(
+        job.state(),
+        JobState::Succeeded | JobState::Failed | JobState::Cancelled
+    )
+}
+
+/// Rows in `table`, read through a separate read-only connection to the file.
+pub async fn count_rows(path: &std::path::Path, table: &str) -> i64 {
+    use sqlx::{Connection, sqlite::SqliteConnectOptions};
+    let mut conn = sqlx::SqliteConnection::connect_with(
+        &SqliteConnectOptions::new().filename(path).read_only(true),
+    )
+    .await
+    .expect("open the database read-only");
+    let sql = match table {
+        "jobs" => "SELECT COUNT(*) FROM jobs",
+        "audit_events" => "SELECT COUNT(*) FROM audit_events",
+        other => panic!("unknown table {other}"),
+    };
+    let count: i64 = sqlx::query_scalar(sql)
+        .fetch_one(&mut conn)
+        .await
+        .expect("count rows");
+    conn.close().await.ok();
+    count
+}
+
+/// The audit event kinds of one job, in order.
+pub async fn audit_kinds(path: &std::path::Path, job_id: &str) -> Vec<String> {
+    use sqlx::{Connection, sqlite::SqliteConnectOptions};
+    let mut conn = sqlx::SqliteConnection::connect_with(
+        &SqliteConnectOptions::new().filename(path).read_only(true),
+    )
+    .await
+    .expect("open the database read-only");
+    let kinds: Vec<String> =
+        sqlx::query_scalar("SELECT kind FROM audit_events WHERE job_id = ?1 ORDER BY seq")
+            .bind(job_id)
+            .fetch_all(&mut conn)
+            .await
+            .expect("read audit events");
+    conn.close().await.ok();
+    kinds
+}

@@ -1,0 +1,9 @@
+//! Integration tests: the real gRPC server on port 0, a real SQLite file in a temporary
+//! directory, and the fake Truecaller upstream over HTTP. One binary, one module per area.
+
+mod durability;
+mod exchange;
+mod helpers;
+mod operations;
+mod validation;
+mod watching;

@@ -1,0 +1,170 @@
+//! Requests that cannot be right are refused at the edge: nothing stored, nothing sent.
+
+use token_broker::api::proto::{GetJobRequest, SubmitExchangeRequest};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::helpers::TestApp;
+
+#[tokio::test]
+async fn invalid_requests_reach_neither_the_database_nor_upstream() {
+    let mut app = TestApp::spawn().await;
+    let valid = app.new_request("client-a");
+    let cases: Vec<(&str, SubmitExchangeRequest)> = vec![
+        (
+            "client_id",
+            SubmitExchangeRequest {
+                client_id: String::new(),
+                ..valid.clone()
+            },
+        ),
+        (
+            "code",
+            SubmitExchangeRequest {
+                code: String::new(),
+                ..valid.clone()
+            },
+        ),
+        (
+            "code",
+            SubmitExchangeRequest {
+                code: "c".repeat(2049),
+                ..valid.clone()
+            },
+        ),
+        (
+            "code_verifier",
+            SubmitExchangeRequest {
+                code_verifier: "too-short".into(),
+                ..valid.clone()
+            },
+        ),
+        (
+            "code_verifier",
+            SubmitExchangeRequest {
+                code_verifier: "v".repeat(129),
+                ..valid.clone()
+            },
+        ),
+        (
+            "code_verifier",
+            SubmitExchangeRequest {
+                code_verifier: format!("{}/", "v".repeat(50)),
+                ..valid.clone()
+            },
+        ),
+        (
+            "state",
+            SubmitExchangeRequest {
+                state: "s".repeat(1025),
+                ..valid.clone()
+            },
+        ),
+        (
+            "idempotency_key",
+            SubmitExchangeRequest {
+                idempotency_key: "key with spaces".into(),
+                ..valid.clone()
+            },
+        ),
+        (
+            "client_id",
+            SubmitExchangeRequest {
+                client_id: "client\u{0}id".into(),
+                ..valid.clone()
+            },
+        ),
+    ];
+
+    for (field, request) in cases {
+        for exchange in [false, true] {
+            let status = if exchange {
+                app.client.exchange(request.clone()).await.unwrap_err()
+            } else {
+                app.client
+                    .submit_exchange(request.clone())
+                    .await
+                    .unwrap_err()
+            };
+            assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+            assert!(
+                status.message().contains(field),
+                "{field}: {}",
+                status.message()
+            );
+            assert!(
+                !status.message().contains(&valid.code),
+                "the code never appears in an error"
+            );
+            let details = status.get_error_details();
+            let bad_request = details.bad_request().expect("BadRequest details");
+            assert_eq!(bad_request.field_violations[0].field, field);
+        }
+    }
+
+    assert_eq!(app.count_rows("jobs").await, 0);
+    assert_eq!(app.count_rows("audit_events").await, 0);
+    assert_eq!(app.fake.stats().token_requests, 0);
+
+    // The valid request still works afterwards.
+    let job = app.client.exchange(valid).await.unwrap().into_inner();
+    assert!(job.token.is_some());
+}
+
+#[tokio::test]
+async fn job_ids_are_checked_and_unknown_ones_are_not_found() {
+    let mut app = TestApp::spawn().await;
+    let malformed = GetJobRequest {
+        job_id: "not-a-job".into(),
+    };
+    let status = app.client.get_job(malformed.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = app.client.watch_job(malformed.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = app.client.cancel_job(malformed).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    let unknown = GetJobRequest {
+        job_id: uuid::Uuid::now_v7().to_string(),
+    };
+    for status in [
+        app.client.get_job(unknown.clone()).await.unwrap_err(),
+        app.client.watch_job(unknown.clone()).await.unwrap_err(),
+        app.client.cancel_job(unknown).await.unwrap_err(),
+    ] {
+        assert_eq!(status.code(), Code::NotFound);
+    }
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_with_a_retry_hint_and_keeps_what_it_accepted() {
+    let mut app = TestApp::spawn_with(|config| {
+        config.queue.max_pending = 2;
+        // Nothing completes while the test fills the queue.
+        config.upstream.timeout_ms = 5_000;
+    })
+    .await;
+    app.fake.set_faults(token_broker::fake_upstream::Faults {
+        latency_ms: 1_000,
+        ..Default::default()
+    });
+    let first = app.submit(app.new_request("client-a")).await;
+    let second = app.submit(app.new_request("client-a")).await;
+
+    let status = app
+        .client
+        .submit_exchange(app.new_request("client-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    let details = status.get_error_details();
+    assert!(details.retry_info().is_some(), "a retry hint is attached");
+    assert_eq!(app.count_rows("jobs").await, 2);
+
+    for id in [&first.job_id, &second.job_id] {
+        let job = app.wait_terminal(id).await;
+        assert!(job.token.is_some(), "accepted jobs are unaffected");
+    }
+    // Room again once they are done.
+    app.submit(app.new_request("client-a")).await;
+}
