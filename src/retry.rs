@@ -440,4 +440,48 @@ mod tests {
             }
         ));
     }
+
+    /// Drives a job through repeated 503s on tokio's paused clock, sleeping until each decided
+    /// retry time as the worker does, and checks the schedule: each gap is the backoff for that
+    /// retry, the last allowed attempt fails, and nothing waits longer than the cap.
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_schedule_under_paused_time_follows_the_policy() {
+        let start = tokio::time::Instant::now();
+        let clock =
+            |instant: tokio::time::Instant| NOW.saturating_add(instant.duration_since(start));
+        let mut history = history(1);
+        history.expires_at = UnixMillis(NOW.0 + 3_600_000);
+        let mut gaps = Vec::new();
+        loop {
+            let now = clock(tokio::time::Instant::now());
+            match decide(
+                &POLICY,
+                &history,
+                &answered(503),
+                now,
+                u64::from(history.attempt),
+            ) {
+                Decision::RetryAt { at, .. } => {
+                    let before = tokio::time::Instant::now();
+                    tokio::time::sleep(now.until(at)).await;
+                    gaps.push(before.elapsed());
+                    history.attempt += 1;
+                }
+                Decision::Fail { reason, .. } => {
+                    assert_eq!(reason, FailureReason::RetriesExhausted);
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(gaps.len() as u32, POLICY.max_attempts - 1);
+        for (i, gap) in gaps.iter().enumerate() {
+            let retry = i as u32 + 1;
+            // Stored times have millisecond resolution.
+            let backoff = backoff_delay(&POLICY, retry, u64::from(retry));
+            assert_eq!(gap.as_millis(), backoff.as_millis(), "retry {retry}");
+            assert!(*gap <= POLICY.max_delay);
+        }
+        assert_eq!(start.elapsed(), gaps.iter().sum::<Duration>());
+    }
 }

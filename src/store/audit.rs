@@ -39,7 +39,8 @@ impl AuditKind {
     }
 }
 
-/// One audit record about to be written.
+/// One audit record about to be written. After its transaction commits, the store calls
+/// [`AuditEvent::emit`], so the log never shows an event that was rolled back.
 #[derive(Debug)]
 pub(super) struct AuditEvent<'a> {
     job: &'a Job,
@@ -77,7 +78,7 @@ impl<'a> AuditEvent<'a> {
         self
     }
 
-    pub(super) async fn insert(self, tx: &mut Transaction<'static, Sqlite>) -> sqlx::Result<()> {
+    pub(super) async fn insert(&self, tx: &mut Transaction<'static, Sqlite>) -> sqlx::Result<()> {
         sqlx::query(include_str!("sql/insert_audit.sql"))
             .bind(self.at.0)
             .bind(self.job.id.to_string())
@@ -86,9 +87,14 @@ impl<'a> AuditEvent<'a> {
             .bind(self.kind.as_str())
             .bind(self.attempt)
             .bind(self.http_status)
-            .bind(self.detail)
+            .bind(self.detail.as_deref())
             .execute(&mut **tx)
             .await?;
+        Ok(())
+    }
+
+    /// Emits the committed event as a `tracing` event with target `audit`.
+    pub(super) fn emit(&self) {
         tracing::info!(
             target: "audit",
             kind = self.kind.as_str(),
@@ -97,9 +103,9 @@ impl<'a> AuditEvent<'a> {
             client_id = %self.job.client_id,
             attempt = self.attempt,
             http_status = self.http_status,
+            detail = self.detail.as_deref(),
             "audit event"
         );
-        Ok(())
     }
 }
 

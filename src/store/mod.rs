@@ -226,10 +226,10 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?;
         let job = job_from_row(&row)?;
-        AuditEvent::new(&job, AuditKind::JobSubmitted, now)
-            .insert(&mut tx)
-            .await?;
+        let event = AuditEvent::new(&job, AuditKind::JobSubmitted, now);
+        event.insert(&mut tx).await?;
         tx.commit().await?;
+        event.emit();
         self.feed.publish(&job);
         Ok(SubmitOutcome::Created(job))
     }
@@ -263,10 +263,10 @@ impl Store {
             };
         };
         let job = job_from_row(&row)?;
-        AuditEvent::new(&job, AuditKind::JobCancelled, now)
-            .insert(&mut tx)
-            .await?;
+        let event = AuditEvent::new(&job, AuditKind::JobCancelled, now);
+        event.insert(&mut tx).await?;
         tx.commit().await?;
+        event.emit();
         self.feed.publish(&job);
         Ok(CancelOutcome::Cancelled(job))
     }
@@ -335,10 +335,6 @@ impl Store {
                     job.id
                 )));
             };
-            AuditEvent::new(&job, AuditKind::AttemptStarted, now)
-                .attempt(job.attempts)
-                .insert(&mut tx)
-                .await?;
             claims.push(Claim {
                 lease: Lease {
                     row_id: row.try_get("id")?,
@@ -350,7 +346,18 @@ impl Store {
                 code_verifier: Secret::new(code_verifier),
             });
         }
+        let events: Vec<_> = claims
+            .iter()
+            .map(|claim| {
+                AuditEvent::new(&claim.job, AuditKind::AttemptStarted, now)
+                    .attempt(claim.lease.attempt)
+            })
+            .collect();
+        for event in &events {
+            event.insert(&mut tx).await?;
+        }
         tx.commit().await?;
+        events.iter().for_each(AuditEvent::emit);
         for claim in &claims {
             self.feed.publish(&claim.job);
         }
@@ -433,10 +440,12 @@ impl Store {
             return Ok(None);
         };
         let job = job_from_row(&row)?;
-        for event in audit::attempt_events(&job, lease.attempt, record, now) {
+        let events = audit::attempt_events(&job, lease.attempt, record, now);
+        for event in &events {
             event.insert(&mut tx).await?;
         }
         tx.commit().await?;
+        events.iter().for_each(AuditEvent::emit);
         self.feed.publish(&job);
         Ok(Some(job))
     }

@@ -14,25 +14,25 @@ async fn a_successful_exchange_returns_the_token() {
     let request = app.new_request("client-a");
     let state = request.state.clone();
 
-    let job = app
-        .client
-        .exchange(request)
-        .await
-        .expect("exchange answered")
-        .into_inner();
+    let job = app.exchange(request).await;
 
     assert_eq!(job.state(), JobState::Succeeded);
     assert_eq!(job.attempts, 1);
     assert_eq!(job.last_http_status, 200);
     assert_eq!(job.state_param, state);
     assert_eq!(job.client_id, "client-a");
-    let token = job.token.expect("a succeeded job carries its token");
+    let token = job
+        .token
+        .clone()
+        .expect("a succeeded job carries its token");
     assert!(!token.access_token.is_empty());
     assert_eq!(token.token_type, "Bearer");
     assert_eq!(token.expires_in, 3600);
     let expires_at = token.expires_at.expect("absolute expiry").seconds;
     let created = job.created_at.expect("created_at").seconds;
     assert!((created + 3599..=created + 3700).contains(&expires_at));
+
+    assert_eq!(app.get(&job.job_id).await, job, "GetJob shows the same job");
 
     let stats = app.fake.stats();
     assert_eq!(stats.token_requests, 1);
@@ -55,7 +55,7 @@ async fn a_403_fails_at_once_after_one_request() {
     // A well-formed verifier that does not match the code's challenge.
     request.code_verifier = "x".repeat(64);
 
-    let job = app.client.exchange(request).await.unwrap().into_inner();
+    let job = app.exchange(request).await;
 
     assert_eq!(job.state(), JobState::Failed);
     assert_eq!(job.failure_reason(), FailureReason::Forbidden);
@@ -74,12 +74,7 @@ async fn a_400_fails_at_once_after_one_request() {
     let mut app = TestApp::spawn().await;
     app.fake.script([Scripted::Status(400)]);
 
-    let job = app
-        .client
-        .exchange(app.new_request("client-a"))
-        .await
-        .unwrap()
-        .into_inner();
+    let job = app.exchange(app.new_request("client-a")).await;
 
     assert_eq!(job.state(), JobState::Failed);
     assert_eq!(job.failure_reason(), FailureReason::InvalidRequest);
@@ -94,12 +89,7 @@ async fn a_500_and_a_503_are_retried_and_then_succeed() {
     app.fake
         .script([Scripted::Status(500), Scripted::Status(503)]);
 
-    let job = app
-        .client
-        .exchange(app.new_request("client-a"))
-        .await
-        .unwrap()
-        .into_inner();
+    let job = app.exchange(app.new_request("client-a")).await;
 
     assert_eq!(job.state(), JobState::Succeeded, "{job:?}");
     assert_eq!(job.attempts, 3);
@@ -131,12 +121,7 @@ async fn a_dropped_connection_is_retried_as_an_unknown_outcome() {
     let mut app = TestApp::spawn().await;
     app.fake.script([Scripted::Drop]);
 
-    let job = app
-        .client
-        .exchange(app.new_request("client-a"))
-        .await
-        .unwrap()
-        .into_inner();
+    let job = app.exchange(app.new_request("client-a")).await;
 
     assert_eq!(job.state(), JobState::Succeeded, "{job:?}");
     assert_eq!(job.attempts, 2);
@@ -154,12 +139,7 @@ async fn a_403_after_a_lost_answer_is_reported_as_outcome_unknown() {
     // The first attempt redeems the code but its answer is lost; the retry is refused.
     app.fake.script([Scripted::DropAfter]);
 
-    let job = app
-        .client
-        .exchange(app.new_request("client-a"))
-        .await
-        .unwrap()
-        .into_inner();
+    let job = app.exchange(app.new_request("client-a")).await;
 
     assert_eq!(job.state(), JobState::Failed, "{job:?}");
     assert_eq!(job.failure_reason(), FailureReason::OutcomeUnknown);
@@ -173,12 +153,7 @@ async fn retries_exhausted_fail_with_that_reason() {
     let mut app = TestApp::spawn_with(|config| config.retry.max_attempts = 3).await;
     app.fake.script([Scripted::Status(503); 3]);
 
-    let job = app
-        .client
-        .exchange(app.new_request("client-a"))
-        .await
-        .unwrap()
-        .into_inner();
+    let job = app.exchange(app.new_request("client-a")).await;
 
     assert_eq!(job.state(), JobState::Failed);
     assert_eq!(job.failure_reason(), FailureReason::RetriesExhausted);
@@ -197,12 +172,7 @@ async fn a_job_that_cannot_finish_within_its_ttl_expires() {
     });
     app.fake.script([Scripted::Status(429)]);
 
-    let job = app
-        .client
-        .exchange(app.new_request("client-a"))
-        .await
-        .unwrap()
-        .into_inner();
+    let job = app.exchange(app.new_request("client-a")).await;
 
     assert_eq!(job.state(), JobState::Failed);
     assert_eq!(job.failure_reason(), FailureReason::Expired);
@@ -260,12 +230,7 @@ async fn resubmitting_returns_the_same_job_without_a_second_request() {
     let done = app.wait_terminal(&first.job_id).await;
     assert_eq!(done.state(), JobState::Succeeded);
 
-    let after = app
-        .client
-        .exchange(request.clone())
-        .await
-        .unwrap()
-        .into_inner();
+    let after = app.exchange(request.clone()).await;
     assert_eq!(after.job_id, first.job_id);
     assert_eq!(after.state(), JobState::Succeeded);
     assert_eq!(after.token, done.token);

@@ -145,6 +145,24 @@ impl TestApp {
             .into_inner()
     }
 
+    /// Exchanges and waits, expecting an OK answer.
+    pub async fn exchange(&mut self, request: SubmitExchangeRequest) -> Job {
+        self.client
+            .exchange(request)
+            .await
+            .expect("exchange answered")
+            .into_inner()
+    }
+
+    pub async fn cancel(&mut self, job_id: &str) -> Result<Job, tonic::Status> {
+        self.client
+            .cancel_job(GetJobRequest {
+                job_id: job_id.to_string(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
     pub async fn get(&mut self, job_id: &str) -> Job {
         self.client
             .get_job(GetJobRequest {
@@ -153,6 +171,29 @@ impl TestApp {
             .await
             .expect("job exists")
             .into_inner()
+    }
+
+    /// Follows the job with WatchJob until it reaches `state`.
+    pub async fn wait_for_state(&mut self, job_id: &str, state: JobState) -> Job {
+        let mut stream = self
+            .client
+            .watch_job(GetJobRequest {
+                job_id: job_id.to_string(),
+            })
+            .await
+            .expect("watch accepted")
+            .into_inner();
+        let wait = async {
+            while let Some(job) = stream.message().await.expect("watch stream healthy") {
+                if job.state() == state {
+                    return job;
+                }
+            }
+            panic!("the job became terminal without reaching {state:?}");
+        };
+        tokio::time::timeout(PATIENCE, wait)
+            .await
+            .expect("the job reaches the state within the patience bound")
     }
 
     /// Follows the job with WatchJob until it is terminal.

@@ -130,3 +130,45 @@ async fn channel(addr: std::net::SocketAddr) -> tonic::transport::Channel {
         .await
         .unwrap()
 }
+
+#[test]
+fn a_bad_configuration_is_reported_whole_before_anything_binds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"not an address\"\n[retry]\nmax_attempts = 0\n[upstream]\ntoken_url = \"ftp://x\"\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_token-broker"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run the binary");
+    assert_eq!(output.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for key in ["server.listen", "retry.max_attempts", "upstream.token_url"] {
+        assert!(stderr.contains(key), "{key} reported: {stderr}");
+    }
+    assert!(
+        !dir.path().join("token-broker.db").exists(),
+        "nothing was created"
+    );
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_token-broker"))
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .expect("run the binary");
+    assert_eq!(output.status.code(), Some(78));
+
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[limits]\nglobal_rps = 5\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_token-broker"))
+        .args(["config", "check"])
+        .arg(&good)
+        .output()
+        .expect("run the binary");
+    assert!(output.status.success(), "{output:?}");
+}

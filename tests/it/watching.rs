@@ -85,34 +85,14 @@ async fn cancel_stops_a_waiting_job_but_not_a_running_attempt() {
     .await;
     app.fake.script([Scripted::Status(503)]);
     let waiting = app.submit(app.new_request("client-a")).await;
-    // Wait until its first attempt failed and it waits a minute for the next.
-    tokio::time::timeout(PATIENCE, async {
-        while app.get(&waiting.job_id).await.state() != JobState::RetryWait {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the job reaches retry_wait");
+    // Its first attempt fails and it waits a minute for the next.
+    app.wait_for_state(&waiting.job_id, JobState::RetryWait)
+        .await;
 
-    let cancelled = app
-        .client
-        .cancel_job(GetJobRequest {
-            job_id: waiting.job_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let cancelled = app.cancel(&waiting.job_id).await.unwrap();
     assert_eq!(cancelled.state(), JobState::Cancelled);
-    // Cancelling again is harmless.
-    let again = app
-        .client
-        .cancel_job(GetJobRequest {
-            job_id: waiting.job_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(again.state(), JobState::Cancelled);
+    let again = app.cancel(&waiting.job_id).await.unwrap();
+    assert_eq!(again, cancelled, "cancelling again is harmless");
 
     // A running attempt is not interrupted.
     app.fake.set_faults(Faults {
@@ -120,20 +100,8 @@ async fn cancel_stops_a_waiting_job_but_not_a_running_attempt() {
         ..Default::default()
     });
     let running = app.submit(app.new_request("client-a")).await;
-    tokio::time::timeout(PATIENCE, async {
-        while app.get(&running.job_id).await.state() != JobState::Running {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the job starts running");
-    let status = app
-        .client
-        .cancel_job(GetJobRequest {
-            job_id: running.job_id.clone(),
-        })
-        .await
-        .unwrap_err();
+    app.wait_for_state(&running.job_id, JobState::Running).await;
+    let status = app.cancel(&running.job_id).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     let done = app.wait_terminal(&running.job_id).await;
     assert_eq!(done.state(), JobState::Succeeded);
