@@ -42,7 +42,7 @@ pub struct Faults {
     pub rate_503: f64,
     /// Close the connection after reading the request, before processing it.
     pub drop_rate: f64,
-    /// Delay before every token answer.
+    /// Delay before every token answer, after the request was processed.
     pub latency_ms: u64,
     /// `Retry-After` seconds on injected 429 and 503 answers.
     pub retry_after_secs: u64,
@@ -350,9 +350,6 @@ async fn handle(
 async fn token(state: &State, body: &[u8]) -> Result<HttpResponse, DropConnection> {
     state.stats.lock().expect("fake lock").token_requests += 1;
     let (fault, latency, retry_after) = state.next_fault();
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
-    }
     let form: HashMap<String, String> = serde_urlencoded::from_bytes(body).unwrap_or_default();
     let response = match fault {
         Some(Scripted::Drop) => {
@@ -377,6 +374,11 @@ async fn token(state: &State, body: &[u8]) -> Result<HttpResponse, DropConnectio
         }
         None => state.redeem(&form),
     };
+    // Latency models a slow answer: the request has been processed (the code redeemed) before
+    // the wait, as on a real server, so a client that gives up meanwhile has spent the code.
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
     state.count(Some(response.status()));
     Ok(response)
 }

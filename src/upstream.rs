@@ -65,9 +65,7 @@ pub enum UpstreamSetupError {
 
 impl UpstreamClient {
     pub fn new(config: &UpstreamConfig) -> Result<Self, UpstreamSetupError> {
-        // reqwest is built without a bundled crypto provider so that rustls uses ring; the
-        // process-wide default is set once (a second call finds it set, which is fine).
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        install_crypto_provider();
         let http = reqwest::Client::builder()
             .tls_backend_rustls()
             .timeout(Duration::from_millis(config.timeout_ms))
@@ -151,6 +149,14 @@ impl UpstreamClient {
             hint,
         })
     }
+}
+
+/// Makes ring the process's rustls crypto provider. reqwest is built without a bundled
+/// provider (which would pull in aws-lc), so one must be installed before any `reqwest::Client`
+/// is built. Idempotent.
+pub fn install_crypto_provider() {
+    // An error only means a provider is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 enum BodyError {

@@ -242,6 +242,8 @@ pub async fn start_fake() -> FakeUpstream {
 }
 
 pub async fn start_fake_with(options: FakeOptions) -> FakeUpstream {
+    // The tests' own HTTP clients need it as much as the daemon's.
+    token_broker::upstream::install_crypto_provider();
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake");
     FakeUpstream::start(listener, options).expect("fake upstream starts")
 }

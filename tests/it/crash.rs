@@ -1,0 +1,160 @@
+//! The real binary, killed with SIGKILL mid-work: every acknowledged job survives and reaches
+//! exactly one terminal state, and no code is redeemed twice.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+};
+
+use token_broker::{
+    api::proto::{FailureReason, GetJobRequest, JobState, token_broker_client::TokenBrokerClient},
+    fake_upstream::{FakeOptions, Faults},
+};
+
+use crate::helpers::{PATIENCE, is_terminal, new_request, start_fake_with};
+
+/// A daemon process and the gRPC address it reported.
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Daemon {
+    fn start(db: &Path, token_url: &str) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_token-broker"))
+            .args(["--log-format", "json", "serve"])
+            .env("RUST_LOG", "info")
+            .env("TOKEN_BROKER_SERVER__LISTEN", "127.0.0.1:0")
+            .env("TOKEN_BROKER_SERVER__METRICS_LISTEN", "127.0.0.1:0")
+            .env("TOKEN_BROKER_STORAGE__PATH", db)
+            .env("TOKEN_BROKER_UPSTREAM__TOKEN_URL", token_url)
+            .env("TOKEN_BROKER_LIMITS__GLOBAL_RPS", "0")
+            .env("TOKEN_BROKER_LIMITS__DEFAULT_CLIENT_RPS", "0")
+            .env("TOKEN_BROKER_RETRY__INITIAL_DELAY_MS", "10")
+            .env("TOKEN_BROKER_RETRY__MAX_DELAY_MS", "50")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the daemon");
+        // Read the log until the daemon says where it listens; keep draining it afterwards so
+        // the daemon never blocks on a full pipe.
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if event["message"] == "token-broker serving"
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(event["listen"].as_str().unwrap_or_default().to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(PATIENCE)
+            .expect("the daemon reports its address")
+            .parse()
+            .expect("a socket address");
+        Daemon { child, addr }
+    }
+
+    async fn client(&self) -> TokenBrokerClient<tonic::transport::Channel> {
+        TokenBrokerClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect")
+    }
+
+    fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn sigkill_loses_no_acknowledged_job_and_redeems_no_code_twice() {
+    // Slow answers, so attempts are in flight when the process dies.
+    let fake = start_fake_with(FakeOptions {
+        faults: Faults {
+            latency_ms: 300,
+            ..Faults::default()
+        },
+        ..FakeOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker.db");
+
+    let daemon = Daemon::start(&db, &fake.token_url());
+    let mut client = daemon.client().await;
+    let mut acknowledged = Vec::new();
+    for _ in 0..20 {
+        let job = client
+            .submit_exchange(new_request(&fake, "client-a"))
+            .await
+            .expect("acknowledged")
+            .into_inner();
+        acknowledged.push(job.job_id);
+    }
+    daemon.kill();
+
+    let daemon = Daemon::start(&db, &fake.token_url());
+    let mut client = daemon.client().await;
+    let mut succeeded = 0;
+    let mut unknown = 0;
+    for id in &acknowledged {
+        let job = tokio::time::timeout(PATIENCE, async {
+            loop {
+                let job = client
+                    .get_job(GetJobRequest { job_id: id.clone() })
+                    .await
+                    .expect("an acknowledged job survives SIGKILL")
+                    .into_inner();
+                if is_terminal(&job) {
+                    return job;
+                }
+                let mut watch = client
+                    .watch_job(GetJobRequest { job_id: id.clone() })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                while watch.message().await.unwrap().is_some() {}
+            }
+        })
+        .await
+        .expect("every job reaches a terminal state");
+        match (job.state(), job.failure_reason()) {
+            (JobState::Succeeded, _) => {
+                assert!(!job.outcome_unknown || job.attempts > 1, "{job:?}");
+                succeeded += 1;
+            }
+            // Killed mid-attempt after upstream redeemed the code: reported honestly.
+            (JobState::Failed, FailureReason::OutcomeUnknown) => {
+                assert!(job.outcome_unknown);
+                unknown += 1;
+            }
+            other => panic!("unexpected outcome {other:?}: {job:?}"),
+        }
+    }
+    eprintln!("after SIGKILL: {succeeded} succeeded, {unknown} outcome unknown");
+    assert_eq!(succeeded + unknown, 20);
+    let stats = fake.stats();
+    assert_eq!(
+        stats.redeemed, 20,
+        "every code redeemed exactly once (succeeded {succeeded}, unknown {unknown})"
+    );
+    daemon.kill();
+}
