@@ -158,3 +158,70 @@ async fn sigkill_loses_no_acknowledged_job_and_redeems_no_code_twice() {
     );
     daemon.kill();
 }
+
+#[tokio::test]
+async fn sigterm_lets_running_attempts_finish_and_leaves_the_rest_queued() {
+    let fake = start_fake_with(FakeOptions {
+        faults: Faults {
+            latency_ms: 500,
+            ..Faults::default()
+        },
+        ..FakeOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker.db");
+
+    let mut daemon = Daemon::start(&db, &fake.token_url());
+    let mut client = daemon.client().await;
+    let running = client
+        .submit_exchange(new_request(&fake, "client-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    // Wait until its attempt is in flight.
+    let mut watch = client
+        .watch_job(GetJobRequest {
+            job_id: running.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(job) = watch.message().await.unwrap() {
+        if job.state() == JobState::Running {
+            break;
+        }
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &daemon.child.id().to_string()])
+        .status()
+        .expect("send SIGTERM");
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || {
+        let status = daemon.child.wait().expect("the daemon exits");
+        (daemon, status)
+    })
+    .await
+    .unwrap();
+    let (daemon, exit_status) = exit;
+    assert!(
+        exit_status.success(),
+        "a drained daemon exits 0: {exit_status:?}"
+    );
+    drop(daemon);
+
+    // The attempt finished during the drain: no outcome is unknown after the restart.
+    let daemon = Daemon::start(&db, &fake.token_url());
+    let mut client = daemon.client().await;
+    let job = client
+        .get_job(GetJobRequest {
+            job_id: running.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.state(), JobState::Succeeded, "{job:?}");
+    assert_eq!(job.attempts, 1);
+    assert!(!job.outcome_unknown);
+    assert_eq!(fake.stats().redeemed, 1);
+}
