@@ -76,6 +76,9 @@ pub struct FakeUpstreamArgs {
     /// Retry-After seconds on injected 429 and 503 answers.
     #[arg(long, default_value_t = 1)]
     pub retry_after_secs: u64,
+    /// Answer 429 beyond this many token requests per second (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub rate_limit_rps: u32,
     /// How long issued codes stay valid, in seconds.
     #[arg(long, default_value_t = 600)]
     pub code_ttl_secs: u64,

@@ -35,6 +35,7 @@ pub struct Config {
     pub retry: RetryConfig,
     pub queue: QueueConfig,
     pub worker: WorkerConfig,
+    pub breaker: BreakerSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -125,6 +126,14 @@ pub struct LimitsConfig {
     pub default_client_burst: u32,
     /// Per-client overrides.
     pub client: Vec<ClientLimit>,
+    /// Adapt a client's rate to upstream's 429s (AIMD).
+    pub adaptive: bool,
+    /// On a 429, the client's effective rate is multiplied by this.
+    pub decrease_factor: f64,
+    /// Seconds without a 429 before a lowered rate starts to recover.
+    pub recovery_quiet_secs: u64,
+    /// Fraction of the configured rate regained per second of recovery.
+    pub recovery_step: f64,
 }
 
 impl Default for LimitsConfig {
@@ -135,6 +144,10 @@ impl Default for LimitsConfig {
             default_client_rps: 20,
             default_client_burst: 0,
             client: Vec::new(),
+            adaptive: true,
+            decrease_factor: 0.5,
+            recovery_quiet_secs: 5,
+            recovery_step: 0.05,
         }
     }
 }
@@ -202,6 +215,25 @@ impl Default for WorkerConfig {
         Self {
             concurrency: 64,
             poll_interval_ms: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerSettings {
+    /// Consecutive upstream 5xx answers or transport failures that open the circuit breaker;
+    /// 0 disables it.
+    pub failure_threshold: u32,
+    /// How long the breaker stays open before one probe is sent.
+    pub cool_down_ms: u64,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 10,
+            cool_down_ms: 5_000,
         }
     }
 }
@@ -304,6 +336,12 @@ impl Config {
                 errors.push(format!("limits.client[{i}].rps: must be greater than 0"));
             }
         }
+        if !(self.limits.decrease_factor > 0.0 && self.limits.decrease_factor < 1.0) {
+            errors.push("limits.decrease_factor: must be between 0 and 1 (exclusive)".to_string());
+        }
+        if !(self.limits.recovery_step > 0.0 && self.limits.recovery_step <= 1.0) {
+            errors.push("limits.recovery_step: must be greater than 0 and at most 1".to_string());
+        }
         if self.retry.max_attempts == 0 {
             errors.push("retry.max_attempts: must be at least 1".to_string());
         }
@@ -324,6 +362,9 @@ impl Config {
         }
         if self.worker.concurrency == 0 {
             errors.push("worker.concurrency: must be greater than 0".to_string());
+        }
+        if self.breaker.failure_threshold > 0 && self.breaker.cool_down_ms == 0 {
+            errors.push("breaker.cool_down_ms: must be greater than 0".to_string());
         }
         if self.worker.poll_interval_ms == 0 {
             errors.push("worker.poll_interval_ms: must be greater than 0".to_string());

@@ -13,8 +13,10 @@
 //! - `GET /test/stats` returns the counts in [`Stats`].
 //!
 //! Scripted and random faults: a status (429 and 503 carry `Retry-After`), `drop` (the
-//! connection closes after the request is read, before it is processed) and `drop-after` (the
-//! code is redeemed, then the connection closes: the answer is lost but the code is spent).
+//! connection closes after the request is read, before it is processed), `drop-after` (the
+//! code is redeemed, then the connection closes: the answer is lost but the code is spent) and
+//! `slow:MS` (processed, then answered after MS milliseconds). A rate limit
+//! ([`Faults::rate_limit_rps`]) answers 429 beyond a given rate, as upstream would.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -46,6 +48,11 @@ pub struct Faults {
     pub latency_ms: u64,
     /// `Retry-After` seconds on injected 429 and 503 answers.
     pub retry_after_secs: u64,
+    /// Answer 429 (with `Retry-After`) to token requests beyond this rate; 0 turns it off.
+    /// Enforced as a token bucket (GCRA) over all clients.
+    pub rate_limit_rps: u32,
+    /// The bucket's size; 0 means equal to the rate.
+    pub rate_limit_burst: u32,
 }
 
 /// One queued answer for the next token request.
@@ -57,6 +64,8 @@ pub enum Scripted {
     Drop,
     /// Process the request (redeeming the code), then close the connection unanswered.
     DropAfter,
+    /// Process the request, then wait this many milliseconds before answering.
+    Slow(u64),
 }
 
 impl std::str::FromStr for Scripted {
@@ -66,6 +75,10 @@ impl std::str::FromStr for Scripted {
         match s {
             "drop" => Ok(Scripted::Drop),
             "drop-after" => Ok(Scripted::DropAfter),
+            slow if slow.starts_with("slow:") => slow[5..]
+                .parse()
+                .map(Scripted::Slow)
+                .map_err(|_| format!("{slow:?}: expected slow:MILLISECONDS")),
             status => status
                 .parse()
                 .map(Scripted::Status)
@@ -119,8 +132,12 @@ struct IssuedCode {
 struct State {
     codes: Mutex<HashMap<String, IssuedCode>>,
     faults: Mutex<Faults>,
+    /// Enforces [`Faults::rate_limit_rps`]; rebuilt when the faults change.
+    rate_limit: Mutex<Option<governor::DefaultDirectRateLimiter>>,
     script: Mutex<VecDeque<Scripted>>,
     stats: Mutex<Stats>,
+    /// When each token request arrived.
+    arrivals: Mutex<Vec<Instant>>,
     code_ttl: Duration,
     token_lifetime_secs: i64,
 }
@@ -153,9 +170,11 @@ impl FakeUpstream {
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
             codes: Mutex::new(HashMap::new()),
+            rate_limit: Mutex::new(rate_limiter(&options.faults)),
             faults: Mutex::new(options.faults),
             script: Mutex::new(VecDeque::new()),
             stats: Mutex::new(Stats::default()),
+            arrivals: Mutex::new(Vec::new()),
             code_ttl: options.code_ttl,
             token_lifetime_secs: options.token_lifetime_secs,
         });
@@ -184,11 +203,16 @@ impl FakeUpstream {
     }
 
     pub fn set_faults(&self, faults: Faults) {
-        *self.state.faults.lock().expect("fake lock") = faults;
+        self.state.set_faults(faults);
     }
 
     pub fn stats(&self) -> Stats {
         self.state.stats.lock().expect("fake lock").clone()
+    }
+
+    /// When each token request arrived, in order.
+    pub fn arrivals(&self) -> Vec<Instant> {
+        self.state.arrivals.lock().expect("fake lock").clone()
     }
 
     pub fn stop(&self) {
@@ -206,7 +230,29 @@ pub fn new_verifier() -> String {
     URL_SAFE_NO_PAD.encode(rand::random::<[u8; 64]>())
 }
 
+fn rate_limiter(faults: &Faults) -> Option<governor::DefaultDirectRateLimiter> {
+    let rps = std::num::NonZeroU32::new(faults.rate_limit_rps)?;
+    let burst = std::num::NonZeroU32::new(faults.rate_limit_burst).unwrap_or(rps);
+    Some(governor::RateLimiter::direct(
+        governor::Quota::per_second(rps).allow_burst(burst),
+    ))
+}
+
 impl State {
+    fn set_faults(&self, faults: Faults) {
+        *self.rate_limit.lock().expect("fake lock") = rate_limiter(&faults);
+        *self.faults.lock().expect("fake lock") = faults;
+    }
+
+    /// Whether the rate limit refuses this request.
+    fn over_rate_limit(&self) -> bool {
+        self.rate_limit
+            .lock()
+            .expect("fake lock")
+            .as_ref()
+            .is_some_and(|limiter| limiter.check().is_err())
+    }
+
     fn issue_code(&self, client_id: &str, challenge: &str) -> String {
         let code = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 24]>());
         self.codes.lock().expect("fake lock").insert(
@@ -227,6 +273,13 @@ impl State {
         let latency = Duration::from_millis(faults.latency_ms);
         if let Some(scripted) = self.script.lock().expect("fake lock").pop_front() {
             return (Some(scripted), latency, faults.retry_after_secs.max(1));
+        }
+        if self.over_rate_limit() {
+            return (
+                Some(Scripted::Status(429)),
+                latency,
+                faults.retry_after_secs.max(1),
+            );
         }
         let roll: f64 = rand::random();
         let mut threshold = 0.0;
@@ -334,7 +387,7 @@ async fn handle(
         (&Method::POST, "/test/script") => Ok(script(&state, &body)),
         (&Method::POST, "/test/faults") => Ok(match serde_json::from_slice(&body) {
             Ok(faults) => {
-                *state.faults.lock().expect("fake lock") = faults;
+                state.set_faults(faults);
                 json(StatusCode::OK, &serde_json::json!({}))
             }
             Err(e) => error(StatusCode::BAD_REQUEST, &e.to_string()),
@@ -349,7 +402,12 @@ async fn handle(
 
 async fn token(state: &State, body: &[u8]) -> Result<HttpResponse, DropConnection> {
     state.stats.lock().expect("fake lock").token_requests += 1;
-    let (fault, latency, retry_after) = state.next_fault();
+    state
+        .arrivals
+        .lock()
+        .expect("fake lock")
+        .push(Instant::now());
+    let (fault, mut latency, retry_after) = state.next_fault();
     let form: HashMap<String, String> = serde_urlencoded::from_bytes(body).unwrap_or_default();
     let response = match fault {
         Some(Scripted::Drop) => {
@@ -371,6 +429,10 @@ async fn token(state: &State, body: &[u8]) -> Result<HttpResponse, DropConnectio
                 );
             }
             response
+        }
+        Some(Scripted::Slow(millis)) => {
+            latency = Duration::from_millis(millis);
+            state.redeem(&form)
         }
         None => state.redeem(&form),
     };

@@ -10,7 +10,8 @@
 //! - [`store`]: the SQLite queue and its audit trail; the only module that runs SQL.
 //! - [`feed`]: publishes committed job changes to waiting callers.
 //! - [`worker`]: claims due jobs within the rate limits and runs attempts.
-//! - [`limits`]: global and per-client rate limiters.
+//! - [`limits`]: global and per-client rate limiters, adapting to 429s.
+//! - [`breaker`]: the circuit breaker that pauses attempts while upstream fails.
 //! - [`upstream`]: the HTTP call to Truecaller's token endpoint.
 //! - [`retry`]: the pure retry decision: classification and delays.
 //! - [`job`], [`secret`]: domain types.
@@ -22,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod fake_upstream;

@@ -1,14 +1,21 @@
 //! Client-side rate limits: one global limiter and one per client id, so traffic stays under
-//! upstream's limit instead of discovering it through 429s.
+//! upstream's limit instead of discovering it through 429s; and when a 429 arrives anyway, an
+//! AIMD adaptation of that client's rate.
 //!
-//! Checks never block: a refusal says how long until the limiter has a permit, so the worker can
-//! serve another client meanwhile instead of sitting on a busy one.
+//! Checks never block: a refusal says how long until a permit, so the worker can serve another
+//! client meanwhile instead of sitting on a busy one.
+//!
+//! Adaptation: a 429 pauses the client until `Retry-After` (or [`AdaptiveConfig::default_pause`])
+//! and multiplies its effective rate by [`AdaptiveConfig::decrease_factor`]. After
+//! [`AdaptiveConfig::quiet_period`] without a 429, the rate grows back by
+//! [`AdaptiveConfig::recovery_step`] of the configured rate per second, up to the configured rate.
+//! Every change is logged.
 
 use std::{
     collections::HashMap,
     num::NonZeroU32,
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::Mutex,
+    time::{Duration, Instant},
 };
 
 use governor::{
@@ -22,71 +29,158 @@ use crate::config::LimitsConfig;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Permit {
     Granted,
-    /// This client's limit is exhausted for this long; other clients may proceed.
+    /// This client's limit is exhausted (or it is paused) for this long; others may proceed.
     ClientBusy(Duration),
     /// The global limit is exhausted for this long; no client may proceed.
     GlobalBusy(Duration),
+}
+
+/// How rates adapt to 429s.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveConfig {
+    pub enabled: bool,
+    /// Multiplies the effective rate on each 429 (0 < factor < 1).
+    pub decrease_factor: f64,
+    /// The effective rate never drops below this fraction of the configured rate.
+    pub floor_fraction: f64,
+    /// How long without a 429 before the rate starts to recover.
+    pub quiet_period: Duration,
+    /// Fraction of the configured rate regained per second of recovery.
+    pub recovery_step: f64,
+    /// How long a client pauses after a 429 without `Retry-After`.
+    pub default_pause: Duration,
+}
+
+impl From<&LimitsConfig> for AdaptiveConfig {
+    fn from(config: &LimitsConfig) -> Self {
+        Self {
+            enabled: config.adaptive,
+            decrease_factor: config.decrease_factor,
+            floor_fraction: 0.05,
+            quiet_period: Duration::from_secs(config.recovery_quiet_secs),
+            recovery_step: config.recovery_step,
+            default_pause: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One client's limiter and adaptation state.
+#[derive(Debug)]
+struct ClientLimiter {
+    /// The configured rate and burst; `None` when the client is unlimited.
+    configured: Option<(f64, u32)>,
+    /// The rate in force now (equal to the configured rate unless adapted).
+    effective: f64,
+    /// Built for `effective`; rebuilt when it changes.
+    limiter: Option<DefaultDirectRateLimiter>,
+    /// No attempt for this client before this instant (after a 429).
+    paused_until: Option<Instant>,
+    /// The last 429, which starts the quiet period.
+    last_throttled: Option<Instant>,
+    /// The last recovery step.
+    last_recovery: Option<Instant>,
+}
+
+fn limiter_for(rps: f64, burst: u32) -> Option<DefaultDirectRateLimiter> {
+    let period = Duration::from_secs_f64(1.0 / rps);
+    let burst = NonZeroU32::new(burst.max(1)).expect("at least one");
+    Quota::with_period(period).map(|quota| RateLimiter::direct(quota.allow_burst(burst)))
+}
+
+impl ClientLimiter {
+    fn new(configured: Option<(f64, u32)>) -> Self {
+        let (effective, limiter) = match configured {
+            Some((rps, burst)) => (rps, limiter_for(rps, burst)),
+            None => (f64::INFINITY, None),
+        };
+        Self {
+            configured,
+            effective,
+            limiter,
+            paused_until: None,
+            last_throttled: None,
+            last_recovery: None,
+        }
+    }
+
+    /// Sets the effective rate, rebuilding the limiter. The burst shrinks with the rate so that a
+    /// lowered client does not come back from its pause with a full configured burst.
+    fn set_effective(&mut self, rps: f64) {
+        let Some((_, burst)) = self.configured else {
+            return;
+        };
+        self.effective = rps;
+        let burst = burst.min(rps.floor().max(1.0) as u32);
+        self.limiter = limiter_for(rps, burst);
+    }
 }
 
 #[derive(Debug)]
 pub struct RateLimits {
     /// Shared by all clients; `None` when the global limit is off.
     global: Option<DefaultDirectRateLimiter>,
-    /// Quota for clients without their own entry; `None` means unlimited.
-    default_quota: Option<Quota>,
-    /// Configured per-client quotas.
-    overrides: HashMap<String, Quota>,
-    /// One limiter per client id seen so far, created on first use.
-    clients: Mutex<HashMap<String, Arc<DefaultDirectRateLimiter>>>,
+    /// Rate and burst for clients without their own entry; `None` means unlimited.
+    default_quota: Option<(f64, u32)>,
+    /// Configured per-client rates and bursts.
+    overrides: HashMap<String, (f64, u32)>,
+    adaptive: AdaptiveConfig,
+    /// One entry per client id seen so far, created on first use.
+    clients: Mutex<HashMap<String, ClientLimiter>>,
     clock: DefaultClock,
 }
 
-fn quota(rps: u32, burst: u32) -> Option<Quota> {
-    let rps = NonZeroU32::new(rps)?;
-    let burst = NonZeroU32::new(burst).unwrap_or(rps);
-    Some(Quota::per_second(rps).allow_burst(burst))
+fn rate(rps: u32, burst: u32) -> Option<(f64, u32)> {
+    (rps > 0).then(|| (f64::from(rps), if burst == 0 { rps } else { burst }))
 }
 
 impl RateLimits {
     pub fn new(config: &LimitsConfig) -> Self {
         Self {
-            global: quota(config.global_rps, config.global_burst).map(RateLimiter::direct),
-            default_quota: quota(config.default_client_rps, config.default_client_burst),
+            global: rate(config.global_rps, config.global_burst)
+                .and_then(|(rps, burst)| limiter_for(rps, burst)),
+            default_quota: rate(config.default_client_rps, config.default_client_burst),
             overrides: config
                 .client
                 .iter()
-                .filter_map(|c| Some((c.client_id.clone(), quota(c.rps, c.burst)?)))
+                .filter_map(|c| Some((c.client_id.clone(), rate(c.rps, c.burst)?)))
                 .collect(),
+            adaptive: AdaptiveConfig::from(config),
             clients: Mutex::new(HashMap::new()),
             clock: DefaultClock::default(),
         }
     }
 
-    fn client_limiter(&self, client_id: &str) -> Option<Arc<DefaultDirectRateLimiter>> {
-        let quota = self
-            .overrides
+    fn configured(&self, client_id: &str) -> Option<(f64, u32)> {
+        self.overrides
             .get(client_id)
             .copied()
-            .or(self.default_quota)?;
-        let mut clients = self.clients.lock().expect("limits lock poisoned");
-        if let Some(limiter) = clients.get(client_id) {
-            return Some(Arc::clone(limiter));
-        }
-        let limiter = Arc::new(RateLimiter::direct(quota));
-        clients.insert(client_id.to_string(), Arc::clone(&limiter));
-        Some(limiter)
+            .or(self.default_quota)
     }
 
-    /// Takes a permit for one attempt of `client_id`, if both limits have one.
+    /// Takes a permit for one attempt of `client_id`, if its pause is over and both limits have
+    /// one.
     ///
     /// The client's limiter is asked first: when it refuses, the global permit stays available
     /// for other clients. When the global limiter then refuses, the client's permit is spent
     /// without an attempt, which errs on the side of sending less.
-    pub fn try_acquire(&self, client_id: &str) -> Permit {
-        if let Some(limiter) = self.client_limiter(client_id)
-            && let Err(not_until) = limiter.check()
+    pub fn try_acquire(&self, client_id: &str, now: Instant) -> Permit {
         {
-            return Permit::ClientBusy(not_until.wait_time_from(self.clock.now()));
+            let mut clients = self.clients.lock().expect("limits lock poisoned");
+            let client = clients
+                .entry(client_id.to_string())
+                .or_insert_with(|| ClientLimiter::new(self.configured(client_id)));
+            if let Some(until) = client.paused_until {
+                if until > now {
+                    return Permit::ClientBusy(until - now);
+                }
+                client.paused_until = None;
+            }
+            self.recover(client_id, client, now);
+            if let Some(limiter) = &client.limiter
+                && let Err(not_until) = limiter.check()
+            {
+                return Permit::ClientBusy(not_until.wait_time_from(self.clock.now()));
+            }
         }
         if let Some(global) = &self.global
             && let Err(not_until) = global.check()
@@ -94,6 +188,86 @@ impl RateLimits {
             return Permit::GlobalBusy(not_until.wait_time_from(self.clock.now()));
         }
         Permit::Granted
+    }
+
+    /// Upstream answered 429 for `client_id`: pause the client and lower its rate.
+    pub fn on_rate_limited(&self, client_id: &str, retry_after: Option<Duration>, now: Instant) {
+        if !self.adaptive.enabled {
+            return;
+        }
+        let mut clients = self.clients.lock().expect("limits lock poisoned");
+        let client = clients
+            .entry(client_id.to_string())
+            .or_insert_with(|| ClientLimiter::new(self.configured(client_id)));
+        let pause = retry_after.unwrap_or(self.adaptive.default_pause);
+        let until = now + pause;
+        // 429s that arrive while the client is paused answer requests sent before the pause:
+        // they extend it but do not lower the rate again.
+        let already_paused = client.paused_until.is_some_and(|p| p > now);
+        client.paused_until = Some(client.paused_until.map_or(until, |p| p.max(until)));
+        client.last_throttled = Some(now);
+        if already_paused {
+            return;
+        }
+        if let Some((configured, _)) = client.configured {
+            let floor = (configured * self.adaptive.floor_fraction).max(0.1);
+            let lowered = (client.effective * self.adaptive.decrease_factor).max(floor);
+            if lowered < client.effective {
+                tracing::warn!(
+                    client_id,
+                    from_rps = client.effective,
+                    to_rps = lowered,
+                    pause_ms = pause.as_millis() as u64,
+                    "upstream rate-limited this client; effective rate lowered"
+                );
+                client.set_effective(lowered);
+                return;
+            }
+        }
+        tracing::warn!(
+            client_id,
+            pause_ms = pause.as_millis() as u64,
+            "upstream rate-limited this client; paused"
+        );
+    }
+
+    /// Grows a lowered rate back after a quiet period, one step per second.
+    fn recover(&self, client_id: &str, client: &mut ClientLimiter, now: Instant) {
+        let Some((configured, _)) = client.configured else {
+            return;
+        };
+        if client.effective >= configured {
+            return;
+        }
+        let quiet = client
+            .last_throttled
+            .is_none_or(|at| now.saturating_duration_since(at) >= self.adaptive.quiet_period);
+        let step_due = client
+            .last_recovery
+            .is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1));
+        if !(quiet && step_due) {
+            return;
+        }
+        let raised = (client.effective + configured * self.adaptive.recovery_step).min(configured);
+        tracing::info!(
+            client_id,
+            from_rps = client.effective,
+            to_rps = raised,
+            "effective rate recovering"
+        );
+        client.last_recovery = Some(now);
+        client.set_effective(raised);
+    }
+
+    /// The effective rate of every client seen so far (infinite when unlimited).
+    pub fn effective_rates(&self) -> Vec<(String, f64)> {
+        let clients = self.clients.lock().expect("limits lock poisoned");
+        let mut rates: Vec<_> = clients
+            .iter()
+            .map(|(id, client)| (id.clone(), client.effective))
+            .collect();
+        rates.sort_by(|a, b| a.0.cmp(&b.0));
+        rates
     }
 }
 
@@ -107,49 +281,134 @@ mod tests {
             global_rps,
             global_burst: global_rps,
             default_client_rps,
-            default_client_burst: 0,
             client: vec![ClientLimit {
                 client_id: "vip".into(),
                 rps: 5,
                 burst: 5,
             }],
+            ..LimitsConfig::default()
         }
+    }
+
+    fn rate_of(limits: &RateLimits, client: &str) -> f64 {
+        limits
+            .effective_rates()
+            .into_iter()
+            .find(|(id, _)| id == client)
+            .map(|(_, rate)| rate)
+            .expect("client seen")
     }
 
     #[test]
     fn a_busy_client_does_not_block_another() {
         let limits = RateLimits::new(&config(100, 2));
-        assert_eq!(limits.try_acquire("a"), Permit::Granted);
-        assert_eq!(limits.try_acquire("a"), Permit::Granted);
-        let Permit::ClientBusy(wait) = limits.try_acquire("a") else {
+        let now = Instant::now();
+        assert_eq!(limits.try_acquire("a", now), Permit::Granted);
+        assert_eq!(limits.try_acquire("a", now), Permit::Granted);
+        let Permit::ClientBusy(wait) = limits.try_acquire("a", now) else {
             panic!("client a should be busy");
         };
         assert!(wait > Duration::ZERO && wait <= Duration::from_millis(500));
-        assert_eq!(limits.try_acquire("b"), Permit::Granted);
+        assert_eq!(limits.try_acquire("b", now), Permit::Granted);
     }
 
     #[test]
     fn overrides_and_the_global_limit_apply() {
         let limits = RateLimits::new(&config(6, 1));
+        let now = Instant::now();
         for _ in 0..5 {
-            assert_eq!(limits.try_acquire("vip"), Permit::Granted);
+            assert_eq!(limits.try_acquire("vip", now), Permit::Granted);
         }
-        assert!(matches!(limits.try_acquire("vip"), Permit::ClientBusy(_)));
-        assert_eq!(limits.try_acquire("other"), Permit::Granted);
-        assert!(matches!(limits.try_acquire("third"), Permit::GlobalBusy(_)));
+        assert!(matches!(
+            limits.try_acquire("vip", now),
+            Permit::ClientBusy(_)
+        ));
+        assert_eq!(limits.try_acquire("other", now), Permit::Granted);
+        assert!(matches!(
+            limits.try_acquire("third", now),
+            Permit::GlobalBusy(_)
+        ));
     }
 
     #[test]
     fn zero_turns_a_limit_off() {
         let limits = RateLimits::new(&LimitsConfig {
             global_rps: 0,
-            global_burst: 0,
             default_client_rps: 0,
-            default_client_burst: 0,
-            client: Vec::new(),
+            ..LimitsConfig::default()
         });
+        let now = Instant::now();
         for _ in 0..10_000 {
-            assert_eq!(limits.try_acquire("a"), Permit::Granted);
+            assert_eq!(limits.try_acquire("a", now), Permit::Granted);
         }
+    }
+
+    #[test]
+    fn a_429_pauses_the_client_for_retry_after_and_halves_its_rate() {
+        let limits = RateLimits::new(&config(0, 40));
+        let start = Instant::now();
+        assert_eq!(limits.try_acquire("a", start), Permit::Granted);
+        limits.on_rate_limited("a", Some(Duration::from_secs(2)), start);
+        assert_eq!(rate_of(&limits, "a"), 20.0);
+        // More 429s from the same burst only extend the pause.
+        limits.on_rate_limited("a", Some(Duration::from_secs(2)), start);
+        assert_eq!(rate_of(&limits, "a"), 20.0);
+        assert_eq!(
+            limits.try_acquire("a", start + Duration::from_millis(500)),
+            Permit::ClientBusy(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            limits.try_acquire("b", start),
+            Permit::Granted,
+            "others go on"
+        );
+        assert_eq!(
+            limits.try_acquire("a", start + Duration::from_secs(2)),
+            Permit::Granted,
+            "the pause ends with Retry-After"
+        );
+        limits.on_rate_limited("a", None, start + Duration::from_secs(2));
+        assert_eq!(rate_of(&limits, "a"), 10.0);
+        // The floor: repeated 429s never stop the client altogether.
+        for i in 0..20 {
+            limits.on_rate_limited("a", None, start + Duration::from_secs(4 + 2 * i));
+        }
+        assert_eq!(rate_of(&limits, "a"), 2.0);
+    }
+
+    #[test]
+    fn the_rate_recovers_additively_after_a_quiet_period() {
+        let limits = RateLimits::new(&config(0, 40));
+        let start = Instant::now();
+        limits.on_rate_limited("a", Some(Duration::from_secs(1)), start);
+        assert_eq!(rate_of(&limits, "a"), 20.0);
+        // Within the quiet period (5 s by default) nothing changes.
+        limits.try_acquire("a", start + Duration::from_secs(4));
+        assert_eq!(rate_of(&limits, "a"), 20.0);
+        // Then one step (5 % of 40 rps) per second.
+        let mut expected = 20.0;
+        for second in 5..=10 {
+            limits.try_acquire("a", start + Duration::from_secs(second));
+            expected = f64::min(expected + 2.0, 40.0);
+            assert_eq!(rate_of(&limits, "a"), expected, "after {second} s");
+        }
+        // Capped at the configured rate.
+        for second in 11..30 {
+            limits.try_acquire("a", start + Duration::from_secs(second));
+        }
+        assert_eq!(rate_of(&limits, "a"), 40.0);
+    }
+
+    #[test]
+    fn adaptation_can_be_turned_off() {
+        let limits = RateLimits::new(&LimitsConfig {
+            adaptive: false,
+            ..config(0, 40)
+        });
+        let now = Instant::now();
+        limits.try_acquire("a", now);
+        limits.on_rate_limited("a", Some(Duration::from_secs(5)), now);
+        assert_eq!(rate_of(&limits, "a"), 40.0);
+        assert_eq!(limits.try_acquire("a", now), Permit::Granted);
     }
 }

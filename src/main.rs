@@ -92,6 +92,8 @@ async fn fake_upstream(args: FakeUpstreamArgs) -> anyhow::Result<()> {
                 drop_rate: args.drop_rate,
                 latency_ms: args.latency_ms,
                 retry_after_secs: args.retry_after_secs,
+                rate_limit_rps: args.rate_limit_rps,
+                rate_limit_burst: 0,
             },
             ..FakeOptions::default()
         },

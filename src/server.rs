@@ -5,7 +5,6 @@ use std::{fs::File, future::Future, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use tokio::{net::TcpListener, sync::Notify};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -130,7 +129,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(proto::token_broker_server::TokenBrokerServer::new(api))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listeners.grpc), drain)
+        .serve_with_incoming_shutdown(incoming(listeners.grpc), drain)
         .await;
     // Whatever ended serving, stop everything else too.
     stop.cancel();
@@ -155,6 +154,15 @@ pub async fn run(
     served.context("gRPC server failed")?;
     tracing::info!("token-broker stopped");
     Ok(())
+}
+
+/// Accepted connections with TCP_NODELAY, so that a streamed message and the trailers that
+/// follow it are not held back by Nagle's algorithm (a delayed-ACK stall of about 40 ms per
+/// WatchJob or Exchange answer otherwise), and with keepalive, so dead peers are noticed.
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)))
 }
 
 /// Takes an exclusive lock beside the database, so two daemons never share one: every lease

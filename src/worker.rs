@@ -18,6 +18,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{
+    breaker::{Admission, Breaker, BreakerConfig, Signal},
     config::Config,
     job::{JobState, UnixMillis},
     limits::{Permit, RateLimits},
@@ -37,6 +38,8 @@ pub struct Worker {
     store: Store,
     upstream: UpstreamClient,
     limits: RateLimits,
+    /// Pauses attempts while upstream fails.
+    breaker: Breaker,
     policy: RetryPolicy,
     /// Identifies this process's claims; unique per start, so a restarted daemon's old leases
     /// are recognisably someone else's.
@@ -58,8 +61,8 @@ struct Pass {
     started: usize,
     /// The candidate query returned a full batch: more may be due.
     full_batch: bool,
-    /// The global limit is exhausted for this long.
-    global_wait: Option<Duration>,
+    /// Nothing may start for this long: the global limit is exhausted or the breaker is open.
+    blocked_for: Option<Duration>,
 }
 
 impl Worker {
@@ -68,6 +71,10 @@ impl Worker {
             store,
             upstream,
             limits: RateLimits::new(&config.limits),
+            breaker: Breaker::new(BreakerConfig {
+                failure_threshold: config.breaker.failure_threshold,
+                cool_down: Duration::from_millis(config.breaker.cool_down_ms),
+            }),
             policy: RetryPolicy::from(&config.retry),
             owner: format!("worker-{}", uuid::Uuid::now_v7()).into(),
             lease: config.lease_duration(),
@@ -134,10 +141,10 @@ impl Worker {
                     continue;
                 }
             };
-            if pass.global_wait.is_none() && pass.full_batch {
+            if pass.blocked_for.is_none() && pass.full_batch {
                 continue;
             }
-            let pause = match pass.global_wait {
+            let pause = match pass.blocked_for {
                 Some(wait) => wait,
                 None => self.idle_pause(&throttled).await,
             };
@@ -174,7 +181,17 @@ impl Worker {
         throttled: &mut HashMap<String, Instant>,
         attempts: &TaskTracker,
     ) -> Result<Pass, StoreError> {
-        let free = slots.available_permits();
+        let probe = match self.breaker.admit(Instant::now()) {
+            Admission::Open => false,
+            Admission::Probe => true,
+            Admission::Wait(wait) => {
+                return Ok(Pass {
+                    blocked_for: Some(wait),
+                    ..Pass::default()
+                });
+            }
+        };
+        let free = if probe { 1 } else { slots.available_permits() };
         let now = Instant::now();
         throttled.retain(|_, until| *until > now);
         let skip: Vec<&str> = throttled.keys().map(String::as_str).collect();
@@ -191,13 +208,16 @@ impl Worker {
             if throttled.contains_key(&candidate.client_id) {
                 continue;
             }
-            match self.limits.try_acquire(&candidate.client_id) {
+            match self
+                .limits
+                .try_acquire(&candidate.client_id, Instant::now())
+            {
                 Permit::Granted => chosen.push(candidate.row_id),
                 Permit::ClientBusy(wait) => {
                     throttled.insert(candidate.client_id, Instant::now() + wait);
                 }
                 Permit::GlobalBusy(wait) => {
-                    pass.global_wait = Some(wait);
+                    pass.blocked_for = Some(wait);
                     break;
                 }
             }
@@ -206,7 +226,19 @@ impl Worker {
         let claims = self
             .store
             .claim(&chosen, &self.owner, now.saturating_add(self.lease), now)
-            .await?;
+            .await;
+        let claims = match claims {
+            Ok(claims) => claims,
+            Err(error) => {
+                if probe {
+                    self.breaker.probe_not_sent();
+                }
+                return Err(error);
+            }
+        };
+        if probe && claims.is_empty() {
+            self.breaker.probe_not_sent();
+        }
         pass.started = claims.len();
         for claim in claims {
             let permit = Arc::clone(slots)
@@ -252,6 +284,7 @@ impl Worker {
                 .upstream
                 .exchange(&claim.job.client_id, &claim.code, &claim.code_verifier)
                 .await;
+            self.observe(&claim.job.client_id, &outcome);
             let now = UnixMillis::now();
             let history = JobHistory {
                 attempt: claim.lease.attempt,
@@ -302,6 +335,20 @@ impl Worker {
         }
         .instrument(span)
         .await
+    }
+}
+
+impl Worker {
+    /// Feeds an attempt's outcome to the breaker and, for a 429, to the client's rate limit.
+    fn observe(&self, client_id: &str, outcome: &AttemptOutcome) {
+        let now = Instant::now();
+        self.breaker.record(Signal::of(outcome), now);
+        if let AttemptOutcome::Answered(answer) = outcome
+            && answer.status == 429
+        {
+            self.limits
+                .on_rate_limited(client_id, answer.retry_after, now);
+        }
     }
 }
 

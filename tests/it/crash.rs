@@ -7,6 +7,7 @@ use std::{
     path::Path,
     process::{Child, Command, Stdio},
     sync::mpsc,
+    time::Duration,
 };
 
 use token_broker::{
@@ -14,7 +15,7 @@ use token_broker::{
     fake_upstream::{FakeOptions, Faults},
 };
 
-use crate::helpers::{PATIENCE, is_terminal, new_request, start_fake_with};
+use crate::helpers::{PATIENCE, is_terminal, new_request, read_only, start_fake_with};
 
 /// A daemon process and the gRPC address it reported.
 struct Daemon {
@@ -43,10 +44,22 @@ impl Daemon {
         // the daemon never blocks on a full pipe.
         let stderr = child.stderr.take().expect("piped stderr");
         let (tx, rx) = mpsc::channel();
+        let log_path = std::env::var_os("CRASH_TEST_LOG");
         std::thread::spawn(move || {
+            use std::io::Write;
+            let mut log = log_path.map(|path| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .expect("open the log")
+            });
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                if let Some(log) = &mut log {
+                    let _ = writeln!(log, "{line}");
+                }
                 let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
                     continue;
                 };
@@ -224,4 +237,124 @@ async fn sigterm_lets_running_attempts_finish_and_leaves_the_rest_queued() {
     assert_eq!(job.attempts, 1);
     assert!(!job.outcome_unknown);
     assert_eq!(fake.stats().redeemed, 1);
+}
+
+/// Every job in the database with its state and failure reason, read from the file.
+async fn all_jobs(db: &Path) -> Vec<(String, String, Option<String>)> {
+    use sqlx::Connection;
+    let mut conn = read_only(db).await;
+    let rows: Vec<(String, String, Option<String>)> =
+        sqlx::query_as("SELECT job_id, state, failure_reason FROM jobs")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    conn.close().await.ok();
+    rows
+}
+
+/// Jobs whose success was recorded more than once in the audit trail.
+async fn doubly_succeeded(db: &Path) -> Vec<String> {
+    use sqlx::Connection;
+    let mut conn = read_only(db).await;
+    let rows: Vec<String> = sqlx::query_scalar(
+        "SELECT job_id FROM audit_events WHERE kind = 'job.succeeded' \
+         GROUP BY job_id HAVING COUNT(*) > 1",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.ok();
+    rows
+}
+
+#[tokio::test]
+async fn repeated_sigkills_under_load_lose_nothing_and_complete_nothing_twice() {
+    // A slow upstream that fails now and then, and sometimes loses its answer.
+    let fake = start_fake_with(FakeOptions {
+        faults: Faults {
+            latency_ms: 50,
+            rate_503: 0.05,
+            drop_rate: 0.02,
+            ..Faults::default()
+        },
+        ..FakeOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker.db");
+
+    let mut acknowledged = Vec::new();
+    let mut rounds = 0;
+    while acknowledged.len() < 1_000 {
+        rounds += 1;
+        assert!(rounds <= 20, "load too slow: {} jobs", acknowledged.len());
+        let daemon = Daemon::start(&db, &fake.token_url());
+        let client = daemon.client().await;
+        let mut submitters = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let mut client = client.clone();
+            let fake = fake.clone();
+            submitters.spawn(async move {
+                let mut ids = Vec::new();
+                loop {
+                    match client.submit_exchange(new_request(&fake, "client-a")).await {
+                        Ok(job) => ids.push(job.into_inner().job_id),
+                        // The daemon was killed mid-call: this one was never acknowledged.
+                        Err(_) => return ids,
+                    }
+                }
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        daemon.kill();
+        for ids in submitters.join_all().await {
+            acknowledged.extend(ids);
+        }
+    }
+
+    let daemon = Daemon::start(&db, &fake.token_url());
+    let mut client = daemon.client().await;
+    tokio::time::timeout(Duration::from_secs(120), async {
+        for id in &acknowledged {
+            let mut watch = client
+                .watch_job(GetJobRequest { job_id: id.clone() })
+                .await
+                .expect("every acknowledged job survives")
+                .into_inner();
+            let mut last = None;
+            while let Some(job) = watch.message().await.unwrap() {
+                last = Some(job);
+            }
+            assert!(is_terminal(&last.expect("a snapshot")));
+        }
+    })
+    .await
+    .expect("every acknowledged job reaches a terminal state");
+    daemon.kill();
+
+    let jobs = all_jobs(&db).await;
+    let known: std::collections::HashSet<_> = jobs.iter().map(|(id, _, _)| id.clone()).collect();
+    assert!(acknowledged.iter().all(|id| known.contains(id)));
+    let succeeded = jobs
+        .iter()
+        .filter(|(_, state, _)| state == "succeeded")
+        .count() as u64;
+    let unknown = jobs
+        .iter()
+        .filter(|(_, _, reason)| reason.as_deref() == Some("outcome_unknown"))
+        .count() as u64;
+    let redeemed = fake.stats().redeemed;
+    eprintln!(
+        "{rounds} kills, {} acknowledged, {} stored: {succeeded} succeeded, {unknown} unknown, {redeemed} codes redeemed",
+        acknowledged.len(),
+        jobs.len()
+    );
+    assert!(
+        doubly_succeeded(&db).await.is_empty(),
+        "no success recorded twice"
+    );
+    assert!(
+        redeemed >= succeeded && redeemed <= succeeded + unknown,
+        "redeemed {redeemed}, succeeded {succeeded}, unknown {unknown}"
+    );
 }

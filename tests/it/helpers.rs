@@ -267,14 +267,20 @@ pub fn is_terminal(job: &Job) -> bool {
     )
 }
 
-/// Rows in `table`, read through a separate read-only connection to the file.
-pub async fn count_rows(path: &std::path::Path, table: &str) -> i64 {
+/// A separate read-only connection to a daemon's database file, for inspecting what it stored.
+pub async fn read_only(path: &std::path::Path) -> sqlx::SqliteConnection {
     use sqlx::{Connection, sqlite::SqliteConnectOptions};
-    let mut conn = sqlx::SqliteConnection::connect_with(
+    sqlx::SqliteConnection::connect_with(
         &SqliteConnectOptions::new().filename(path).read_only(true),
     )
     .await
-    .expect("open the database read-only");
+    .expect("open the database read-only")
+}
+
+/// Rows in `table`, read from the file.
+pub async fn count_rows(path: &std::path::Path, table: &str) -> i64 {
+    use sqlx::Connection;
+    let mut conn = read_only(path).await;
     let sql = match table {
         "jobs" => "SELECT COUNT(*) FROM jobs",
         "audit_events" => "SELECT COUNT(*) FROM audit_events",
@@ -290,12 +296,8 @@ pub async fn count_rows(path: &std::path::Path, table: &str) -> i64 {
 
 /// The audit event kinds of one job, in order.
 pub async fn audit_kinds(path: &std::path::Path, job_id: &str) -> Vec<String> {
-    use sqlx::{Connection, sqlite::SqliteConnectOptions};
-    let mut conn = sqlx::SqliteConnection::connect_with(
-        &SqliteConnectOptions::new().filename(path).read_only(true),
-    )
-    .await
-    .expect("open the database read-only");
+    use sqlx::Connection;
+    let mut conn = read_only(path).await;
     let kinds: Vec<String> =
         sqlx::query_scalar("SELECT kind FROM audit_events WHERE job_id = ?1 ORDER BY seq")
             .bind(job_id)

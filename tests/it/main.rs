@@ -7,5 +7,6 @@ mod exchange;
 mod fake;
 mod helpers;
 mod operations;
+mod resilience;
 mod validation;
 mod watching;

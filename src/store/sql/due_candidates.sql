@@ -1,9 +1,9 @@
--- Due jobs in due order, skipping clients whose rate limit is exhausted (?2: a JSON array) and
+-- Due jobs, closest to their TTL first, skipping clients whose rate limit is exhausted (?2: a JSON array) and
 -- jobs past their time to live (the expiry sweep fails those without an upstream request).
 SELECT id, client_id FROM jobs
 WHERE state IN ('queued', 'retry_wait')
   AND next_attempt_at <= ?1
   AND expires_at > ?1
   AND client_id NOT IN (SELECT value FROM json_each(?2))
-ORDER BY next_attempt_at, id
+ORDER BY expires_at, id
 LIMIT ?3
