@@ -4,7 +4,11 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::telemetry::LogFormat;
+use crate::{
+    inspect::{Format, parse_time},
+    job::{JobState, UnixMillis},
+    telemetry::LogFormat,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,6 +44,156 @@ pub enum Command {
     Config(ConfigCommand),
     /// Run a fake Truecaller token endpoint for development and tests.
     FakeUpstream(FakeUpstreamArgs),
+    /// Inspect jobs (reads the database read-only; never shows tokens).
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+    /// Inspect and verify the audit trail (reads the database read-only).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// Which database to read.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// The SQLite file; defaults to storage.path of the configuration.
+    #[arg(long, env = "TOKEN_BROKER_DATABASE")]
+    pub database: Option<PathBuf>,
+    /// The configuration whose storage.path to read.
+    #[arg(long, env = "TOKEN_BROKER_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// Where and how to write rows.
+#[derive(Debug, Clone, Args)]
+pub struct OutputArgs {
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+    /// Write to this file instead of standard output.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+}
+
+/// A job state on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StateArg {
+    Queued,
+    Running,
+    RetryWait,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl From<StateArg> for JobState {
+    fn from(state: StateArg) -> Self {
+        match state {
+            StateArg::Queued => JobState::Queued,
+            StateArg::Running => JobState::Running,
+            StateArg::RetryWait => JobState::RetryWait,
+            StateArg::Succeeded => JobState::Succeeded,
+            StateArg::Failed => JobState::Failed,
+            StateArg::Cancelled => JobState::Cancelled,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// List jobs in creation order.
+    List {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[arg(long)]
+        client_id: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, value_enum)]
+        state: Option<StateArg>,
+        /// Only jobs created at or after this RFC 3339 time.
+        #[arg(long, value_parser = parse_time)]
+        since: Option<UnixMillis>,
+        /// Only jobs created before this RFC 3339 time.
+        #[arg(long, value_parser = parse_time)]
+        until: Option<UnixMillis>,
+        /// Only the job(s) for this code fingerprint (see `audit fingerprint`).
+        #[arg(long)]
+        code_fingerprint: Option<String>,
+        /// At most this many jobs.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Show one job.
+    Get {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+        job_id: String,
+    },
+}
+
+/// Filters for audit events.
+#[derive(Debug, Clone, Args)]
+pub struct EventFilterArgs {
+    #[arg(long)]
+    pub job_id: Option<String>,
+    #[arg(long)]
+    pub client_id: Option<String>,
+    /// Only events at or after this RFC 3339 time.
+    #[arg(long, value_parser = parse_time)]
+    pub since: Option<UnixMillis>,
+    /// Only events before this RFC 3339 time.
+    #[arg(long, value_parser = parse_time)]
+    pub until: Option<UnixMillis>,
+    /// Only events with a greater seq.
+    #[arg(long)]
+    pub after_seq: Option<i64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// List audit events in seq order (100 unless --limit says otherwise).
+    List {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        filter: EventFilterArgs,
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+    },
+    /// Export every matching audit event, streaming (constant memory).
+    Export {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+        #[command(flatten)]
+        filter: EventFilterArgs,
+        /// At most this many events.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Recompute the hash chain; exits 1 and names the first broken seq if it was edited.
+    Verify {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the fingerprint of a code read from standard input, to look it up with
+    /// `jobs list --code-fingerprint`.
+    Fingerprint {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The fingerprint key (default: beside the database, or audit.fingerprint_key_file).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -36,6 +36,7 @@ pub struct Config {
     pub queue: QueueConfig,
     pub worker: WorkerConfig,
     pub breaker: BreakerSettings,
+    pub audit: AuditConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -238,6 +239,16 @@ impl Default for BreakerSettings {
     }
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// The HMAC key for code fingerprints; empty means `<storage.path>.audit-key`. Created on
+    /// first start; must never change.
+    pub fingerprint_key_file: PathBuf,
+    /// Prune audit events older than this many days, leaving a checkpoint; 0 keeps everything.
+    pub retention_days: u64,
+}
+
 /// Every problem found in a configuration.
 #[derive(Debug)]
 pub struct ConfigErrors(pub Vec<String>);
@@ -392,6 +403,17 @@ impl Config {
                 .parse()
                 .expect("validated metrics address")
         })
+    }
+
+    /// The fingerprint key file.
+    pub fn fingerprint_key_path(&self) -> PathBuf {
+        if self.audit.fingerprint_key_file.as_os_str().is_empty() {
+            let mut path = self.storage.path.clone().into_os_string();
+            path.push(".audit-key");
+            PathBuf::from(path)
+        } else {
+            self.audit.fingerprint_key_file.clone()
+        }
     }
 
     /// How long a claimed attempt may run before another worker may presume it dead: the

@@ -203,4 +203,6 @@ pub struct Job {
     pub outcome_unknown: bool,
     /// Incremented by every committed change, so watchers can drop stale or repeated snapshots.
     pub version: i64,
+    /// HMAC-SHA256 of the code under the daemon's fingerprint key (see [`crate::fingerprint`]).
+    pub code_fingerprint: Option<String>,
 }

@@ -9,6 +9,7 @@
 //! - [`request`]: turns a submission into a checked [`request::ExchangeRequest`].
 //! - [`store`]: the SQLite queue and its audit trail; the only module that runs SQL.
 //! - [`feed`]: publishes committed job changes to waiting callers.
+//! - [`audit`]: audit records, their hash chain and its verifier; [`fingerprint`]: code HMACs.
 //! - [`worker`]: claims due jobs within the rate limits and runs attempts.
 //! - [`limits`]: global and per-client rate limiters, adapting to 429s.
 //! - [`breaker`]: the circuit breaker that pauses attempts while upstream fails.
@@ -18,16 +19,20 @@
 //! - [`config`]: layered configuration, checked as a whole.
 //! - [`fake_upstream`]: a fake Truecaller for development and tests.
 //! - [`ops_http`]: `/healthz` and `/readyz`.
+//! - [`inspect`]: the auditors' command line (`jobs`, `audit`), reading the database read-only.
 //! - [`cli`], [`telemetry`]: the command line and logging set-up.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod audit;
 pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod fake_upstream;
 pub mod feed;
+pub mod fingerprint;
+pub mod inspect;
 pub mod job;
 pub mod limits;
 pub mod ops_http;

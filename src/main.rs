@@ -9,7 +9,7 @@ use token_broker::{
     cli::{Cli, Command, ConfigCommand, FakeUpstreamArgs},
     config::Config,
     fake_upstream::{FakeOptions, FakeUpstream, Faults},
-    telemetry,
+    inspect, telemetry,
 };
 
 /// Exit status for a configuration that does not check (sysexits' EX_CONFIG).
@@ -60,6 +60,12 @@ fn main() -> ExitCode {
             }
         },
         Command::FakeUpstream(args) => report(runtime.block_on(fake_upstream(args))),
+        Command::Jobs(command) => report(runtime.block_on(inspect::jobs(command))),
+        Command::Audit(command) => match runtime.block_on(inspect::audit(command)) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(error) => report(Err(error)),
+        },
     }
 }
 

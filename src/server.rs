@@ -8,9 +8,10 @@ use tokio::{net::TcpListener, sync::Notify};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    api::{TokenBrokerApi, proto},
+    api::{ApiContext, AuditLogApi, TokenBrokerApi, proto},
     config::Config,
     feed::JobFeed,
+    fingerprint::Fingerprinter,
     ops_http::{self, Readiness},
     store::Store,
     upstream::UpstreamClient,
@@ -52,6 +53,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let _lock = lock_database(&config.storage.path)?;
+    let key_path = config.fingerprint_key_path();
+    let (fingerprinter, created) = Fingerprinter::load_or_create(&key_path)?;
+    if created {
+        tracing::warn!(
+            path = %key_path.display(),
+            "created a new audit fingerprint key; back it up with the database: fingerprints \
+             computed under another key match nothing"
+        );
+    }
     let feed = JobFeed::new();
     let store = Store::open(&config.storage, Arc::clone(&feed))
         .await
@@ -82,6 +92,16 @@ pub async fn run(
     health_reporter
         .set_serving::<proto::token_broker_server::TokenBrokerServer<TokenBrokerApi>>()
         .await;
+    health_reporter
+        .set_serving::<proto::audit_log_server::AuditLogServer<AuditLogApi>>()
+        .await;
+    let retention_task = (config.audit.retention_days > 0).then(|| {
+        tokio::spawn(retention(
+            store.clone(),
+            Duration::from_secs(config.audit.retention_days * 86_400),
+            stop.clone(),
+        ))
+    });
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -94,11 +114,14 @@ pub async fn run(
         .context("cannot build reflection v1alpha")?;
     let api = TokenBrokerApi::new(
         store.clone(),
-        feed,
-        wake,
-        stop.clone(),
-        Duration::from_secs(config.retry.job_ttl_secs),
-        config.queue.max_pending,
+        ApiContext {
+            feed,
+            wake,
+            stop: stop.clone(),
+            job_ttl: Duration::from_secs(config.retry.job_ttl_secs),
+            max_pending: config.queue.max_pending,
+            fingerprinter: fingerprinter.clone(),
+        },
     );
 
     let grpc_addr = listeners.grpc.local_addr()?;
@@ -129,6 +152,9 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(proto::token_broker_server::TokenBrokerServer::new(api))
+        .add_service(proto::audit_log_server::AuditLogServer::new(
+            AuditLogApi::new(store.clone(), fingerprinter.clone()),
+        ))
         .serve_with_incoming_shutdown(incoming(listeners.grpc), drain)
         .await;
     // Whatever ended serving, stop everything else too.
@@ -147,13 +173,37 @@ pub async fn run(
             "grace period over; abandoned attempts will be recovered as outcome unknown at the next start"
         );
     }
-    if let Some(task) = ops_task {
+    for task in [ops_task, retention_task].into_iter().flatten() {
         let _ = task.await;
     }
     store.close().await;
     served.context("gRPC server failed")?;
     tracing::info!("token-broker stopped");
     Ok(())
+}
+
+/// How often retention looks for audit events to prune.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Prunes audit events older than `keep`, at start and then hourly, until `stop`.
+async fn retention(store: Store, keep: Duration, stop: CancellationToken) {
+    loop {
+        let now = crate::job::UnixMillis::now();
+        let cutoff = crate::job::UnixMillis(now.0 - keep.as_millis() as i64);
+        match store.prune_audit_events(cutoff, now).await {
+            Ok(Some(pruned)) => tracing::info!(
+                rows = pruned.events,
+                checkpoint_seq = pruned.checkpoint_seq,
+                "audit retention pruned old events"
+            ),
+            Ok(None) => {}
+            Err(error) => tracing::error!(%error, "audit retention failed"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(RETENTION_INTERVAL) => {}
+        }
+    }
 }
 
 /// Accepted connections with TCP_NODELAY, so that a streamed message and the trailers that

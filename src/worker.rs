@@ -212,7 +212,7 @@ impl Worker {
                 .limits
                 .try_acquire(&candidate.client_id, Instant::now())
             {
-                Permit::Granted => chosen.push(candidate.row_id),
+                Permit::Granted => chosen.push(candidate),
                 Permit::ClientBusy(wait) => {
                     throttled.insert(candidate.client_id, Instant::now() + wait);
                 }

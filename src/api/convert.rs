@@ -59,5 +59,14 @@ pub fn job(job: &Job) -> proto::Job {
         tenant: job.tenant.clone(),
         expires_at: Some(timestamp(job.expires_at)),
         outcome_unknown: job.outcome_unknown,
+        code_fingerprint: job.code_fingerprint.clone().unwrap_or_default(),
+    }
+}
+
+/// The job for audit listings: never the token.
+pub fn job_without_token(job: &Job) -> proto::Job {
+    proto::Job {
+        token: None,
+        ..self::job(job)
     }
 }

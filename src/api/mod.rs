@@ -15,15 +15,18 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     feed::{FeedEvent, JobFeed},
+    fingerprint::Fingerprinter,
     job::{Job, JobId, UnixMillis},
     request::{ExchangeRequest, RawExchange, parse_job_id},
-    store::{CancelOutcome, Store, SubmitOutcome},
+    store::{CancelOutcome, NewJob, Store, SubmitOutcome},
 };
 
+mod audit_log;
 mod convert;
 mod deadline;
 mod error;
 
+pub use audit_log::AuditLogApi;
 pub use error::ApiError;
 
 /// Generated protobuf and gRPC types for `tokenbroker.v1`.
@@ -54,24 +57,31 @@ pub struct TokenBrokerApi {
     job_ttl: Duration,
     /// The queue's bound.
     max_pending: u64,
+    /// Fingerprints codes for the audit trail.
+    fingerprinter: Fingerprinter,
+}
+
+/// What the API needs besides the store.
+#[derive(Debug, Clone)]
+pub struct ApiContext {
+    pub feed: Arc<JobFeed>,
+    pub wake: Arc<Notify>,
+    pub stop: CancellationToken,
+    pub job_ttl: Duration,
+    pub max_pending: u64,
+    pub fingerprinter: Fingerprinter,
 }
 
 impl TokenBrokerApi {
-    pub fn new(
-        store: Store,
-        feed: Arc<JobFeed>,
-        wake: Arc<Notify>,
-        stop: CancellationToken,
-        job_ttl: Duration,
-        max_pending: u64,
-    ) -> Self {
+    pub fn new(store: Store, context: ApiContext) -> Self {
         Self {
             store,
-            feed,
-            wake,
-            stop,
-            job_ttl,
-            max_pending,
+            feed: context.feed,
+            wake: context.wake,
+            stop: context.stop,
+            job_ttl: context.job_ttl,
+            max_pending: context.max_pending,
+            fingerprinter: context.fingerprinter,
         }
     }
 
@@ -83,13 +93,17 @@ impl TokenBrokerApi {
             state: &request.state,
             idempotency_key: &request.idempotency_key,
         })?;
+        let code_fingerprint = self.fingerprinter.fingerprint(request.code.expose());
         let outcome = self
             .store
             .submit(
-                DEFAULT_TENANT,
-                &request,
-                self.job_ttl,
-                self.max_pending,
+                &NewJob {
+                    tenant: DEFAULT_TENANT,
+                    request: &request,
+                    code_fingerprint: &code_fingerprint,
+                    ttl: self.job_ttl,
+                    max_pending: self.max_pending,
+                },
                 UnixMillis::now(),
             )
             .await?;

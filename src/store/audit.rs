@@ -1,41 +1,46 @@
 //! Audit events: appended in the same transaction as the change they describe, so there is no
-//! change without its event and no event without its change. Events carry ids, statuses and our
-//! own short details; never a code, a verifier, a token or an upstream body.
+//! change without its event and no event without its change, each chained to the one before
+//! (see [`crate::audit`]). Events carry ids, statuses, the code's fingerprint and our own short
+//! details; never a code, a verifier, a token or an upstream body.
 
-use sqlx::{Sqlite, Transaction};
+use sqlx::{Row, Sqlite, Transaction};
 
 use super::AttemptRecord;
-use crate::job::{Job, JobState, UnixMillis};
+use crate::{
+    audit::{AuditKind, AuditRecord, GENESIS_HASH},
+    job::{FailureReason, Job, JobState, UnixMillis},
+};
 
-/// What happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuditKind {
-    JobSubmitted,
-    JobCancelled,
-    AttemptStarted,
-    /// Upstream answered the attempt.
-    AttemptFinished,
-    /// The attempt's answer was never seen.
-    AttemptUnknown,
-    JobRetryScheduled,
-    JobSucceeded,
-    JobFailed,
-    JobExpired,
+/// The last event of the chain, read at the start of each writing transaction (which holds the
+/// write lock, so no other writer can append meanwhile).
+#[derive(Debug, Clone)]
+pub(super) struct ChainHead {
+    seq: i64,
+    /// The last event's time: later events never carry an earlier one, so time ranges map
+    /// exactly onto seq ranges.
+    at: i64,
+    hash: String,
 }
 
-impl AuditKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AuditKind::JobSubmitted => "job.submitted",
-            AuditKind::JobCancelled => "job.cancelled",
-            AuditKind::AttemptStarted => "attempt.started",
-            AuditKind::AttemptFinished => "attempt.finished",
-            AuditKind::AttemptUnknown => "attempt.unknown",
-            AuditKind::JobRetryScheduled => "job.retry_scheduled",
-            AuditKind::JobSucceeded => "job.succeeded",
-            AuditKind::JobFailed => "job.failed",
-            AuditKind::JobExpired => "job.expired",
-        }
+impl ChainHead {
+    pub(super) async fn read(tx: &mut Transaction<'static, Sqlite>) -> sqlx::Result<ChainHead> {
+        let row = sqlx::query(include_str!("sql/chain_head.sql"))
+            .fetch_optional(&mut **tx)
+            .await?;
+        Ok(match row {
+            Some(row) => ChainHead {
+                seq: row.try_get("seq")?,
+                at: row.try_get("at")?,
+                hash: row
+                    .try_get::<Option<String>, _>("hash")?
+                    .unwrap_or_else(|| GENESIS_HASH.to_string()),
+            },
+            None => ChainHead {
+                seq: 0,
+                at: i64::MIN,
+                hash: GENESIS_HASH.to_string(),
+            },
+        })
     }
 }
 
@@ -49,6 +54,8 @@ pub(super) struct AuditEvent<'a> {
     attempt: Option<u32>,
     http_status: Option<u16>,
     detail: Option<String>,
+    /// Set by [`AuditEvent::insert`]: the record as chained and stored.
+    stored: Option<AuditRecord>,
 }
 
 impl<'a> AuditEvent<'a> {
@@ -60,6 +67,7 @@ impl<'a> AuditEvent<'a> {
             attempt: None,
             http_status: None,
             detail: None,
+            stored: None,
         }
     }
 
@@ -73,40 +81,102 @@ impl<'a> AuditEvent<'a> {
         self
     }
 
-    fn detail(mut self, detail: impl Into<String>) -> Self {
+    pub(super) fn detail(mut self, detail: impl Into<String>) -> Self {
         self.detail = Some(detail.into());
         self
     }
 
-    pub(super) async fn insert(&self, tx: &mut Transaction<'static, Sqlite>) -> sqlx::Result<()> {
+    /// Appends the event to the chain inside `tx`.
+    pub(super) async fn insert(
+        &mut self,
+        tx: &mut Transaction<'static, Sqlite>,
+        head: &mut ChainHead,
+    ) -> sqlx::Result<()> {
+        let mut record = AuditRecord {
+            seq: head.seq + 1,
+            at: self.at.0.max(head.at),
+            job_id: self.job.id.to_string(),
+            tenant: self.job.tenant.clone(),
+            client_id: self.job.client_id.clone(),
+            kind: self.kind.as_str().to_string(),
+            attempt: self.attempt,
+            http_status: self.http_status,
+            detail: self.detail.clone(),
+            code_fingerprint: self.job.code_fingerprint.clone(),
+            prev_hash: head.hash.clone(),
+            hash: String::new(),
+        };
+        record.hash = record.expected_hash();
         sqlx::query(include_str!("sql/insert_audit.sql"))
-            .bind(self.at.0)
-            .bind(self.job.id.to_string())
-            .bind(&self.job.tenant)
-            .bind(&self.job.client_id)
-            .bind(self.kind.as_str())
-            .bind(self.attempt)
-            .bind(self.http_status)
-            .bind(self.detail.as_deref())
+            .bind(record.seq)
+            .bind(record.at)
+            .bind(&record.job_id)
+            .bind(&record.tenant)
+            .bind(&record.client_id)
+            .bind(&record.kind)
+            .bind(record.attempt)
+            .bind(record.http_status)
+            .bind(record.detail.as_deref())
+            .bind(record.code_fingerprint.as_deref())
+            .bind(&record.prev_hash)
+            .bind(&record.hash)
             .execute(&mut **tx)
             .await?;
+        head.seq = record.seq;
+        head.at = record.at;
+        head.hash = record.hash.clone();
+        self.stored = Some(record);
         Ok(())
     }
 
-    /// Emits the committed event as a `tracing` event with target `audit`.
+    /// Emits the committed event as a `tracing` event with target `audit`, hashes included, so
+    /// a log pipeline holds a copy of the chain outside the database.
     pub(super) fn emit(&self) {
-        tracing::info!(
-            target: "audit",
-            kind = self.kind.as_str(),
-            job_id = %self.job.id,
-            tenant = %self.job.tenant,
-            client_id = %self.job.client_id,
-            attempt = self.attempt,
-            http_status = self.http_status,
-            detail = self.detail.as_deref(),
-            "audit event"
-        );
+        if let Some(record) = &self.stored {
+            emit(record);
+        }
     }
+}
+
+/// Emits a committed record on the `audit` target.
+pub(super) fn emit(record: &AuditRecord) {
+    tracing::info!(
+        target: "audit",
+        seq = record.seq,
+        kind = %record.kind,
+        job_id = %record.job_id,
+        tenant = %record.tenant,
+        client_id = %record.client_id,
+        attempt = record.attempt,
+        http_status = record.http_status,
+        detail = record.detail.as_deref(),
+        code_fingerprint = record.code_fingerprint.as_deref(),
+        prev_hash = %record.prev_hash,
+        hash = %record.hash,
+        "audit event"
+    );
+}
+
+/// Reads a stored event row.
+pub(super) fn record_from_row(row: &sqlx::sqlite::SqliteRow) -> sqlx::Result<AuditRecord> {
+    Ok(AuditRecord {
+        seq: row.try_get("seq")?,
+        at: row.try_get("at")?,
+        job_id: row.try_get("job_id")?,
+        tenant: row.try_get("tenant")?,
+        client_id: row.try_get("client_id")?,
+        kind: row.try_get("kind")?,
+        attempt: row.try_get("attempt")?,
+        http_status: row.try_get("http_status")?,
+        detail: row.try_get("detail")?,
+        code_fingerprint: row.try_get("code_fingerprint")?,
+        prev_hash: row
+            .try_get::<Option<String>, _>("prev_hash")?
+            .unwrap_or_default(),
+        hash: row
+            .try_get::<Option<String>, _>("hash")?
+            .unwrap_or_default(),
+    })
 }
 
 /// The events of an attempt's recorded outcome: what upstream did, then what the job does next.
@@ -142,9 +212,13 @@ pub(super) fn attempt_events<'a>(
             ..
         } => vec![
             answer_event(job, attempt, *http_status, *answer_lost, at).detail(detail.clone()),
-            event(AuditKind::JobFailed)
-                .status(*http_status)
-                .detail(reason.as_str()),
+            event(if *reason == FailureReason::Expired {
+                AuditKind::JobExpired
+            } else {
+                AuditKind::JobFailed
+            })
+            .status(*http_status)
+            .detail(reason.as_str()),
         ],
     }
 }

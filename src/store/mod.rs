@@ -28,9 +28,13 @@ use crate::{
 };
 
 mod audit;
+mod history;
 
-use audit::AuditEvent;
-pub use audit::AuditKind;
+pub use history::{EventQuery, JobQuery, Page, Pruned};
+
+use audit::{AuditEvent, ChainHead};
+
+use crate::audit::AuditKind;
 
 /// Rows changed by one sweep statement at most, so one sweep never holds the writer for long.
 const SWEEP_BATCH: i64 = 500;
@@ -88,6 +92,21 @@ pub enum CancelOutcome {
 pub struct Candidate {
     pub row_id: i64,
     pub client_id: String,
+    /// When it fell due, so its attempt.started event can say how long it waited.
+    pub due_at: UnixMillis,
+}
+
+/// What a submission stores.
+#[derive(Debug, Clone, Copy)]
+pub struct NewJob<'a> {
+    pub tenant: &'a str,
+    pub request: &'a ExchangeRequest,
+    /// HMAC of the code, for auditors.
+    pub code_fingerprint: &'a str,
+    /// The job's time to live.
+    pub ttl: Duration,
+    /// The queue's bound.
+    pub max_pending: u64,
 }
 
 /// The right to record the outcome of one attempt: only its holder's writes land.
@@ -176,6 +195,30 @@ impl Store {
         })
     }
 
+    /// Opens an existing database read-only, for auditors' tools: no migrations, no writes
+    /// (every write method fails), safe beside a running daemon.
+    pub async fn open_read_only(path: &std::path::Path) -> Result<Store, StoreError> {
+        if !path.is_file() {
+            return Err(StoreError::Database(sqlx::Error::Configuration(
+                format!("{} does not exist", path.display()).into(),
+            )));
+        }
+        let reader = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(
+                SqliteConnectOptions::new()
+                    .filename(path)
+                    .read_only(true)
+                    .busy_timeout(Duration::from_secs(5)),
+            )
+            .await?;
+        Ok(Store {
+            writer: reader.clone(),
+            reader,
+            feed: JobFeed::new(),
+        })
+    }
+
     /// Closes every connection, checkpointing the WAL.
     pub async fn close(&self) {
         self.reader.close().await;
@@ -185,12 +228,16 @@ impl Store {
     /// Commits a new job, unless its idempotency key is taken or the queue is full.
     pub async fn submit(
         &self,
-        tenant: &str,
-        request: &ExchangeRequest,
-        ttl: Duration,
-        max_pending: u64,
+        job: &NewJob<'_>,
         now: UnixMillis,
     ) -> Result<SubmitOutcome, StoreError> {
+        let NewJob {
+            tenant,
+            request,
+            code_fingerprint,
+            ttl,
+            max_pending,
+        } = *job;
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let existing = sqlx::query(include_str!("sql/find_by_key.sql"))
             .bind(tenant)
@@ -223,13 +270,14 @@ impl Store {
             .bind(&request.state)
             .bind(now.0)
             .bind(now.saturating_add(ttl).0)
+            .bind(code_fingerprint)
             .fetch_one(&mut *tx)
             .await?;
         let job = job_from_row(&row)?;
-        let event = AuditEvent::new(&job, AuditKind::JobSubmitted, now);
-        event.insert(&mut tx).await?;
+        let mut events = [AuditEvent::new(&job, AuditKind::JobSubmitted, now)];
+        append(&mut tx, &mut events).await?;
         tx.commit().await?;
-        event.emit();
+        events.iter().for_each(AuditEvent::emit);
         self.feed.publish(&job);
         Ok(SubmitOutcome::Created(job))
     }
@@ -263,10 +311,11 @@ impl Store {
             };
         };
         let job = job_from_row(&row)?;
-        let event = AuditEvent::new(&job, AuditKind::JobCancelled, now);
-        event.insert(&mut tx).await?;
+        let mut events =
+            [AuditEvent::new(&job, AuditKind::JobCancelled, now).detail("cancelled by request")];
+        append(&mut tx, &mut events).await?;
         tx.commit().await?;
-        event.emit();
+        events.iter().for_each(AuditEvent::emit);
         self.feed.publish(&job);
         Ok(CancelOutcome::Cancelled(job))
     }
@@ -290,6 +339,7 @@ impl Store {
                 Ok(Candidate {
                     row_id: row.try_get("id")?,
                     client_id: row.try_get("client_id")?,
+                    due_at: UnixMillis(row.try_get("next_attempt_at")?),
                 })
             })
             .collect()
@@ -307,15 +357,16 @@ impl Store {
     /// longer claimable (cancelled, claimed, expired meanwhile) are skipped.
     pub async fn claim(
         &self,
-        row_ids: &[i64],
+        candidates: &[Candidate],
         owner: &Arc<str>,
         lease_until: UnixMillis,
         now: UnixMillis,
     ) -> Result<Vec<Claim>, StoreError> {
-        if row_ids.is_empty() {
+        if candidates.is_empty() {
             return Ok(Vec::new());
         }
-        let ids = serde_json::to_string(row_ids).expect("integers serialize");
+        let row_ids: Vec<i64> = candidates.iter().map(|c| c.row_id).collect();
+        let ids = serde_json::to_string(&row_ids).expect("integers serialize");
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let rows = sqlx::query(include_str!("sql/claim.sql"))
             .bind(ids)
@@ -346,16 +397,21 @@ impl Store {
                 code_verifier: Secret::new(code_verifier),
             });
         }
-        let events: Vec<_> = claims
+        let mut events: Vec<_> = claims
             .iter()
             .map(|claim| {
+                let waited = candidates
+                    .iter()
+                    .find(|c| c.row_id == claim.lease.row_id)
+                    .map_or(0, |c| now.0 - c.due_at.0);
                 AuditEvent::new(&claim.job, AuditKind::AttemptStarted, now)
                     .attempt(claim.lease.attempt)
+                    .detail(format!(
+                        "waited {waited} ms after falling due (worker and rate-limit permits)"
+                    ))
             })
             .collect();
-        for event in &events {
-            event.insert(&mut tx).await?;
-        }
+        append(&mut tx, &mut events).await?;
         tx.commit().await?;
         events.iter().for_each(AuditEvent::emit);
         for claim in &claims {
@@ -440,10 +496,8 @@ impl Store {
             return Ok(None);
         };
         let job = job_from_row(&row)?;
-        let events = audit::attempt_events(&job, lease.attempt, record, now);
-        for event in &events {
-            event.insert(&mut tx).await?;
-        }
+        let mut events = audit::attempt_events(&job, lease.attempt, record, now);
+        append(&mut tx, &mut events).await?;
         tx.commit().await?;
         events.iter().for_each(AuditEvent::emit);
         self.feed.publish(&job);
@@ -493,12 +547,13 @@ impl Store {
             .iter()
             .map(job_from_row)
             .collect::<Result<Vec<_>, _>>()?;
-        for job in &jobs {
-            for event in audit::sweep_events(job, kind, now) {
-                event.insert(&mut tx).await?;
-            }
-        }
+        let mut events: Vec<_> = jobs
+            .iter()
+            .flat_map(|job| audit::sweep_events(job, kind, now))
+            .collect();
+        append(&mut tx, &mut events).await?;
         tx.commit().await?;
+        events.iter().for_each(AuditEvent::emit);
         for job in &jobs {
             self.feed.publish(job);
         }
@@ -556,5 +611,21 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
         idempotency_key: row.try_get("idempotency_key")?,
         outcome_unknown: row.try_get("outcome_unknown")?,
         version: row.try_get("version")?,
+        code_fingerprint: row.try_get("code_fingerprint")?,
     })
+}
+
+/// Appends `events` to the audit chain inside `tx`.
+async fn append(
+    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    events: &mut [AuditEvent<'_>],
+) -> sqlx::Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut head = ChainHead::read(tx).await?;
+    for event in events {
+        event.insert(tx, &mut head).await?;
+    }
+    Ok(())
 }

@@ -7,7 +7,7 @@ use token_broker::{
     feed::JobFeed,
     job::UnixMillis,
     request::{ExchangeRequest, RawExchange},
-    store::{AttemptRecord, Store},
+    store::{AttemptRecord, NewJob, Store},
 };
 
 use crate::helpers::{TestApp, audit_kinds, new_request, start_fake, test_config};
@@ -65,13 +65,7 @@ async fn an_attempt_whose_lease_expired_is_picked_up_again() {
     let store = Store::open(&config.storage, JobFeed::new()).await.unwrap();
     let now = UnixMillis::now();
     let submitted = store
-        .submit(
-            "default",
-            &request_for(&fake),
-            std::time::Duration::from_secs(60),
-            100,
-            now,
-        )
+        .submit(&new_job(&request_for(&fake)), now)
         .await
         .unwrap();
     let token_broker::store::SubmitOutcome::Created(job) = submitted else {
@@ -79,7 +73,7 @@ async fn an_attempt_whose_lease_expired_is_picked_up_again() {
     };
     let ghost: Arc<str> = "worker-that-died".into();
     let claims = store
-        .claim(&row_ids(&store).await, &ghost, UnixMillis(now.0 - 1), now)
+        .claim(&due(&store).await, &ghost, UnixMillis(now.0 - 1), now)
         .await
         .unwrap();
     assert_eq!(claims.len(), 1);
@@ -107,15 +101,22 @@ async fn an_attempt_whose_lease_expired_is_picked_up_again() {
     );
 }
 
-/// The row ids of due jobs, as the dispatcher would choose them.
-async fn row_ids(store: &Store) -> Vec<i64> {
+/// Due jobs, as the dispatcher would choose them.
+async fn due(store: &Store) -> Vec<token_broker::store::Candidate> {
     store
         .due_candidates(UnixMillis::now(), &[], 100)
         .await
         .unwrap()
-        .into_iter()
-        .map(|candidate| candidate.row_id)
-        .collect()
+}
+
+fn new_job(request: &ExchangeRequest) -> NewJob<'_> {
+    NewJob {
+        tenant: "default",
+        request,
+        code_fingerprint: "not-a-real-fingerprint",
+        ttl: std::time::Duration::from_secs(60),
+        max_pending: 100,
+    }
 }
 
 #[tokio::test]
@@ -126,20 +127,14 @@ async fn a_stale_worker_cannot_overwrite_a_newer_outcome() {
     let store = Store::open(&config.storage, JobFeed::new()).await.unwrap();
     let now = UnixMillis::now();
     store
-        .submit(
-            "default",
-            &request_for(&fake),
-            std::time::Duration::from_secs(60),
-            100,
-            now,
-        )
+        .submit(&new_job(&request_for(&fake)), now)
         .await
         .unwrap();
 
     // Worker A claims with a lease that is already over; the sweep rescues the job.
     let a: Arc<str> = "worker-a".into();
     let claim_a = store
-        .claim(&row_ids(&store).await, &a, UnixMillis(now.0 - 1), now)
+        .claim(&due(&store).await, &a, UnixMillis(now.0 - 1), now)
         .await
         .unwrap()
         .remove(0);
@@ -158,7 +153,7 @@ async fn a_stale_worker_cannot_overwrite_a_newer_outcome() {
     // Worker B claims the second attempt and records a failure.
     let b: Arc<str> = "worker-b".into();
     let claim_b = store
-        .claim(&row_ids(&store).await, &b, UnixMillis(now.0 + 60_000), now)
+        .claim(&due(&store).await, &b, UnixMillis(now.0 + 60_000), now)
         .await
         .unwrap()
         .remove(0);

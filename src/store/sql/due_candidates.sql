@@ -1,6 +1,7 @@
--- Due jobs, closest to their TTL first, skipping clients whose rate limit is exhausted (?2: a JSON array) and
--- jobs past their time to live (the expiry sweep fails those without an upstream request).
-SELECT id, client_id FROM jobs
+-- Due jobs, closest to their TTL first, skipping clients whose rate limit is exhausted (?2: a
+-- JSON array) and jobs past their time to live (the expiry sweep fails those without an
+-- upstream request).
+SELECT id, client_id, next_attempt_at FROM jobs
 WHERE state IN ('queued', 'retry_wait')
   AND next_attempt_at <= ?1
   AND expires_at > ?1

@@ -1,5 +1,5 @@
 INSERT INTO jobs (job_id, tenant, client_id, idempotency_key, request_digest, code,
                   code_verifier, state_param, state, created_at, updated_at, next_attempt_at,
-                  expires_at)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'queued', ?9, ?9, ?9, ?10)
+                  expires_at, code_fingerprint)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'queued', ?9, ?9, ?9, ?10, ?11)
 RETURNING *

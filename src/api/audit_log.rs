@@ -1,0 +1,234 @@
+//! The `AuditLog` service: listings, chain verification, code fingerprints.
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use tonic::{Request, Response, Status};
+
+use super::{ApiError, convert, proto};
+use crate::{
+    audit::AuditRecord,
+    fingerprint::Fingerprinter,
+    job::{JobState, UnixMillis},
+    request::{FieldViolation, InvalidRequest, MAX_CODE_LEN},
+    store::{EventQuery, JobQuery, Store},
+};
+
+/// Page size when the caller gives none, and the most a page may hold.
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1_000;
+
+#[derive(Debug, Clone)]
+pub struct AuditLogApi {
+    store: Store,
+    fingerprinter: Fingerprinter,
+}
+
+impl AuditLogApi {
+    pub fn new(store: Store, fingerprinter: Fingerprinter) -> Self {
+        Self {
+            store,
+            fingerprinter,
+        }
+    }
+}
+
+fn invalid(field: &'static str, description: &str) -> ApiError {
+    ApiError::Invalid(InvalidRequest(vec![FieldViolation {
+        field,
+        description: description.to_string(),
+    }]))
+}
+
+/// Page tokens name the listing and the last key, so a token from one listing is refused by
+/// the other.
+fn encode_token(kind: &str, key: i64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("v1:{kind}:{key}"))
+}
+
+fn decode_token(kind: &str, token: &str) -> Result<Option<i64>, ApiError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || invalid("page_token", "is not a page token from this listing");
+    let text =
+        String::from_utf8(URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?).map_err(|_| bad())?;
+    let key = text
+        .strip_prefix("v1:")
+        .and_then(|rest| rest.strip_prefix(kind))
+        .and_then(|rest| rest.strip_prefix(':'))
+        .and_then(|key| key.parse().ok())
+        .ok_or_else(bad)?;
+    Ok(Some(key))
+}
+
+fn page_size(requested: u32) -> u32 {
+    match requested {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    }
+}
+
+fn time(value: Option<prost_types::Timestamp>) -> Option<UnixMillis> {
+    value.map(|t| UnixMillis(t.seconds * 1000 + i64::from(t.nanos) / 1_000_000))
+}
+
+fn non_empty(value: String) -> Option<String> {
+    (!value.is_empty()).then_some(value)
+}
+
+fn state(value: i32) -> Result<Option<JobState>, ApiError> {
+    let state = proto::JobState::try_from(value)
+        .map_err(|_| invalid("state", "is not a JobState value"))?;
+    Ok(match state {
+        proto::JobState::Unspecified => None,
+        proto::JobState::Queued => Some(JobState::Queued),
+        proto::JobState::Running => Some(JobState::Running),
+        proto::JobState::RetryWait => Some(JobState::RetryWait),
+        proto::JobState::Succeeded => Some(JobState::Succeeded),
+        proto::JobState::Failed => Some(JobState::Failed),
+        proto::JobState::Cancelled => Some(JobState::Cancelled),
+    })
+}
+
+pub fn event(record: &AuditRecord) -> proto::AuditEvent {
+    proto::AuditEvent {
+        seq: u64::try_from(record.seq).unwrap_or_default(),
+        at: Some(convert::timestamp(record.at())),
+        job_id: record.job_id.clone(),
+        tenant: record.tenant.clone(),
+        client_id: record.client_id.clone(),
+        kind: record.kind.clone(),
+        attempt: record.attempt.unwrap_or_default(),
+        http_status: record.http_status.map_or(0, u32::from),
+        detail: record.detail.clone().unwrap_or_default(),
+        code_fingerprint: record.code_fingerprint.clone().unwrap_or_default(),
+        prev_hash: record.prev_hash.clone(),
+        hash: record.hash.clone(),
+    }
+}
+
+#[tonic::async_trait]
+impl proto::audit_log_server::AuditLog for AuditLogApi {
+    async fn list_jobs(
+        &self,
+        request: Request<proto::ListJobsRequest>,
+    ) -> Result<Response<proto::ListJobsResponse>, Status> {
+        let request = request.into_inner();
+        let query = JobQuery {
+            state: state(request.state)?,
+            client_id: non_empty(request.client_id),
+            tenant: non_empty(request.tenant),
+            code_fingerprint: non_empty(request.code_fingerprint),
+            created_after: time(request.created_after),
+            created_before: time(request.created_before),
+            after: decode_token("jobs", &request.page_token)?,
+            limit: page_size(request.page_size),
+        };
+        let page = self.store.list_jobs(&query).await.map_err(ApiError::from)?;
+        Ok(Response::new(proto::ListJobsResponse {
+            jobs: page
+                .items
+                .iter()
+                .map(|(_, job)| convert::job_without_token(job))
+                .collect(),
+            next_page_token: page
+                .next
+                .map(|key| encode_token("jobs", key))
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn list_audit_events(
+        &self,
+        request: Request<proto::ListAuditEventsRequest>,
+    ) -> Result<Response<proto::ListAuditEventsResponse>, Status> {
+        let request = request.into_inner();
+        let after_seq = match decode_token("events", &request.page_token)? {
+            Some(seq) => Some(seq),
+            None if request.after_seq > 0 => Some(
+                i64::try_from(request.after_seq)
+                    .map_err(|_| invalid("after_seq", "is out of range"))?,
+            ),
+            None => None,
+        };
+        let query = EventQuery {
+            job_id: non_empty(request.job_id),
+            client_id: non_empty(request.client_id),
+            after: time(request.after),
+            before: time(request.before),
+            after_seq,
+            limit: page_size(request.page_size),
+        };
+        let page = self
+            .store
+            .list_events(&query)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(proto::ListAuditEventsResponse {
+            events: page.items.iter().map(event).collect(),
+            next_page_token: page
+                .next
+                .map(|key| encode_token("events", key))
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn verify_audit_log(
+        &self,
+        _request: Request<proto::VerifyAuditLogRequest>,
+    ) -> Result<Response<proto::VerifyAuditLogResponse>, Status> {
+        let report = self
+            .store
+            .verify_audit_log()
+            .await
+            .map_err(ApiError::from)?;
+        if !report.ok {
+            tracing::error!(detail = %report.detail, "audit log verification failed");
+        }
+        Ok(Response::new(proto::VerifyAuditLogResponse {
+            ok: report.ok,
+            events_checked: report.events_checked,
+            first_bad_seq: report
+                .first_bad_seq
+                .and_then(|seq| u64::try_from(seq).ok())
+                .unwrap_or_default(),
+            detail: report.detail,
+        }))
+    }
+
+    async fn fingerprint_code(
+        &self,
+        request: Request<proto::FingerprintCodeRequest>,
+    ) -> Result<Response<proto::FingerprintCodeResponse>, Status> {
+        let code = &request.get_ref().code;
+        if code.is_empty()
+            || code.len() > MAX_CODE_LEN
+            || !code.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(invalid("code", "must be 1 to 2048 visible ASCII characters").into());
+        }
+        Ok(Response::new(proto::FingerprintCodeResponse {
+            code_fingerprint: self.fingerprinter.fingerprint(code),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_are_bound_to_their_listing() {
+        let token = encode_token("jobs", 42);
+        assert_eq!(decode_token("jobs", &token).unwrap(), Some(42));
+        assert!(decode_token("events", &token).is_err());
+        assert!(decode_token("jobs", "garbage!").is_err());
+        assert_eq!(decode_token("jobs", "").unwrap(), None);
+    }
+
+    #[test]
+    fn page_sizes_default_and_cap() {
+        assert_eq!(page_size(0), DEFAULT_PAGE);
+        assert_eq!(page_size(10), 10);
+        assert_eq!(page_size(1_000_000), MAX_PAGE);
+    }
+}

@@ -1,0 +1,396 @@
+//! The auditors' command line: `jobs list|get` and `audit list|export|verify|fingerprint`.
+//!
+//! It reads the database read-only, so it works on a copy of the file, months later, without a
+//! running daemon, and never changes what it inspects. Tokens are never printed.
+
+use std::{
+    fs::File,
+    io::{BufWriter, Write},
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::{
+    audit::AuditRecord,
+    cli::{AuditCommand, DatabaseArgs, EventFilterArgs, JobsCommand, OutputArgs},
+    config::Config,
+    fingerprint::Fingerprinter,
+    job::{Job, UnixMillis},
+    request::parse_job_id,
+    store::{EventQuery, JobQuery, Store},
+};
+
+mod output;
+
+pub use output::{Format, RowWriter, TableRow};
+
+/// Rows read per page while listing.
+const PAGE: u32 = 1_000;
+
+/// A job as the auditors' tools show it: everything but the token.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobRow {
+    pub job_id: String,
+    pub tenant: String,
+    pub client_id: String,
+    pub state: &'static str,
+    pub attempts: u32,
+    pub created_at: String,
+    pub updated_at: String,
+    pub failure_reason: Option<&'static str>,
+    pub last_http_status: Option<u16>,
+    pub failure_detail: Option<String>,
+    pub outcome_unknown: bool,
+    pub code_fingerprint: Option<String>,
+    pub idempotency_key: String,
+    pub state_param: String,
+}
+
+impl From<&Job> for JobRow {
+    fn from(job: &Job) -> Self {
+        Self {
+            job_id: job.id.to_string(),
+            tenant: job.tenant.clone(),
+            client_id: job.client_id.clone(),
+            state: job.state.as_str(),
+            attempts: job.attempts,
+            created_at: rfc3339(job.created_at),
+            updated_at: rfc3339(job.updated_at),
+            failure_reason: job.failure_reason.map(|r| r.as_str()),
+            last_http_status: job.last_http_status,
+            failure_detail: job.failure_detail.clone(),
+            outcome_unknown: job.outcome_unknown,
+            code_fingerprint: job.code_fingerprint.clone(),
+            idempotency_key: job.idempotency_key.clone(),
+            state_param: job.state_param.clone(),
+        }
+    }
+}
+
+impl TableRow for JobRow {
+    const COLUMNS: &'static [(&'static str, usize)] = &[
+        ("JOB_ID", 36),
+        ("CLIENT_ID", 20),
+        ("STATE", 10),
+        ("ATTEMPTS", 8),
+        ("CREATED_AT", 24),
+        ("REASON", 17),
+        ("HTTP", 4),
+        ("FINGERPRINT", 16),
+    ];
+
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.job_id.clone(),
+            self.client_id.clone(),
+            self.state.to_string(),
+            self.attempts.to_string(),
+            self.created_at.clone(),
+            self.failure_reason.unwrap_or("-").to_string(),
+            self.last_http_status
+                .map_or("-".to_string(), |s| s.to_string()),
+            short(self.code_fingerprint.as_deref()),
+        ]
+    }
+}
+
+/// An audit event as exported: every stored field (so an export can be verified and parsed
+/// back), plus the time in RFC 3339.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct EventRow {
+    pub seq: i64,
+    /// Milliseconds since the Unix epoch, as stored and hashed.
+    pub at: i64,
+    pub time: String,
+    pub job_id: String,
+    pub tenant: String,
+    pub client_id: String,
+    pub kind: String,
+    pub attempt: Option<u32>,
+    pub http_status: Option<u16>,
+    pub detail: Option<String>,
+    pub code_fingerprint: Option<String>,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+impl From<&AuditRecord> for EventRow {
+    fn from(record: &AuditRecord) -> Self {
+        Self {
+            seq: record.seq,
+            at: record.at,
+            time: rfc3339(record.at()),
+            job_id: record.job_id.clone(),
+            tenant: record.tenant.clone(),
+            client_id: record.client_id.clone(),
+            kind: record.kind.clone(),
+            attempt: record.attempt,
+            http_status: record.http_status,
+            detail: record.detail.clone(),
+            code_fingerprint: record.code_fingerprint.clone(),
+            prev_hash: record.prev_hash.clone(),
+            hash: record.hash.clone(),
+        }
+    }
+}
+
+impl From<EventRow> for AuditRecord {
+    fn from(row: EventRow) -> Self {
+        Self {
+            seq: row.seq,
+            at: row.at,
+            job_id: row.job_id,
+            tenant: row.tenant,
+            client_id: row.client_id,
+            kind: row.kind,
+            attempt: row.attempt,
+            http_status: row.http_status,
+            detail: row.detail,
+            code_fingerprint: row.code_fingerprint,
+            prev_hash: row.prev_hash,
+            hash: row.hash,
+        }
+    }
+}
+
+impl TableRow for EventRow {
+    const COLUMNS: &'static [(&'static str, usize)] = &[
+        ("SEQ", 8),
+        ("TIME", 24),
+        ("KIND", 19),
+        ("JOB_ID", 36),
+        ("CLIENT_ID", 20),
+        ("ATTEMPT", 7),
+        ("HTTP", 4),
+        ("DETAIL", 0),
+    ];
+
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.seq.to_string(),
+            self.time.clone(),
+            self.kind.clone(),
+            self.job_id.clone(),
+            self.client_id.clone(),
+            self.attempt.map_or("-".to_string(), |a| a.to_string()),
+            self.http_status.map_or("-".to_string(), |s| s.to_string()),
+            self.detail.clone().unwrap_or_default(),
+        ]
+    }
+}
+
+fn short(value: Option<&str>) -> String {
+    value.map_or("-".to_string(), |v| v.chars().take(16).collect())
+}
+
+fn rfc3339(at: UnixMillis) -> String {
+    let time = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(at.0.max(0) as u64);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// Parses an RFC 3339 time given on the command line.
+pub fn parse_time(value: &str) -> Result<UnixMillis, String> {
+    humantime::parse_rfc3339_weak(value)
+        .map(UnixMillis::from)
+        .map_err(|e| format!("{value:?} is not an RFC 3339 time ({e}); e.g. 2026-11-01T00:00:00Z"))
+}
+
+/// The database the command reads: `--database`, or `storage.path` of the configuration.
+fn database_path(args: &DatabaseArgs) -> anyhow::Result<PathBuf> {
+    if let Some(path) = &args.database {
+        return Ok(path.clone());
+    }
+    let config = Config::load(args.config.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(config.storage.path)
+}
+
+async fn open(args: &DatabaseArgs) -> anyhow::Result<Store> {
+    let path = database_path(args)?;
+    Store::open_read_only(&path)
+        .await
+        .with_context(|| format!("cannot open {} read-only", path.display()))
+}
+
+fn writer(output: &OutputArgs) -> anyhow::Result<RowWriter<Box<dyn Write>>> {
+    let out: Box<dyn Write> = match &output.output {
+        Some(path) => Box::new(BufWriter::new(
+            File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+        )),
+        None => Box::new(BufWriter::new(std::io::stdout().lock())),
+    };
+    Ok(RowWriter::new(output.format, out))
+}
+
+/// Runs `jobs list|get`.
+pub async fn jobs(command: JobsCommand) -> anyhow::Result<()> {
+    match command {
+        JobsCommand::List {
+            database,
+            output,
+            client_id,
+            tenant,
+            state,
+            since,
+            until,
+            code_fingerprint,
+            limit,
+        } => {
+            let store = open(&database).await?;
+            let mut rows = writer(&output)?;
+            let mut query = JobQuery {
+                client_id,
+                tenant,
+                state: state.map(Into::into),
+                code_fingerprint,
+                created_after: since,
+                created_before: until,
+                after: None,
+                limit: PAGE,
+            };
+            let mut written = 0u64;
+            'pages: loop {
+                let page = store.list_jobs(&query).await?;
+                for (_, job) in &page.items {
+                    if limit.is_some_and(|limit| written >= limit) {
+                        break 'pages;
+                    }
+                    rows.write(&JobRow::from(job))?;
+                    written += 1;
+                }
+                match page.next {
+                    Some(next) => query.after = Some(next),
+                    None => break,
+                }
+            }
+            rows.finish()?;
+            Ok(())
+        }
+        JobsCommand::Get {
+            database,
+            output,
+            job_id,
+        } => {
+            let id = parse_job_id(&job_id).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let store = open(&database).await?;
+            let job = store
+                .get(id)
+                .await?
+                .with_context(|| format!("no job {job_id}"))?;
+            let mut rows = writer(&output)?;
+            rows.write(&JobRow::from(&job))?;
+            rows.finish()?;
+            Ok(())
+        }
+    }
+}
+
+/// Runs `audit list|export|verify|fingerprint`. Returns whether the command's check passed
+/// (verify fails when the chain is broken).
+pub async fn audit(command: AuditCommand) -> anyhow::Result<bool> {
+    match command {
+        AuditCommand::List {
+            database,
+            output,
+            filter,
+            limit,
+        } => export(database, output, filter, Some(limit)).await,
+        AuditCommand::Export {
+            database,
+            output,
+            filter,
+            limit,
+        } => export(database, output, filter, limit).await,
+        AuditCommand::Verify { database, json } => {
+            let store = open(&database).await?;
+            let report = store.verify_audit_log().await?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("{}", report.detail);
+                println!("events checked: {}", report.events_checked);
+            }
+            Ok(report.ok)
+        }
+        AuditCommand::Fingerprint { database, key_file } => {
+            let key_path = match key_file {
+                Some(path) => path,
+                None => {
+                    let config = Config::load(database.config.as_deref())
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    match &database.database {
+                        Some(db) => {
+                            let mut path = db.clone().into_os_string();
+                            path.push(".audit-key");
+                            PathBuf::from(path)
+                        }
+                        None => config.fingerprint_key_path(),
+                    }
+                }
+            };
+            let fingerprinter = Fingerprinter::load(&key_path)?;
+            let mut code = String::new();
+            std::io::stdin()
+                .read_line(&mut code)
+                .context("cannot read the code from standard input")?;
+            let code = code.trim();
+            anyhow::ensure!(!code.is_empty(), "give the code on standard input");
+            println!("{}", fingerprinter.fingerprint(code));
+            Ok(true)
+        }
+    }
+}
+
+async fn export(
+    database: DatabaseArgs,
+    output: OutputArgs,
+    filter: EventFilterArgs,
+    limit: Option<u64>,
+) -> anyhow::Result<bool> {
+    let store = open(&database).await?;
+    let mut rows = writer(&output)?;
+    let mut query = EventQuery {
+        job_id: filter.job_id,
+        client_id: filter.client_id,
+        after: filter.since,
+        before: filter.until,
+        after_seq: filter.after_seq,
+        limit: PAGE,
+    };
+    let mut written = 0u64;
+    'pages: loop {
+        let page = store.list_events(&query).await?;
+        for record in &page.items {
+            if limit.is_some_and(|limit| written >= limit) {
+                break 'pages;
+            }
+            rows.write(&EventRow::from(record))?;
+            written += 1;
+        }
+        match page.next {
+            Some(next) => query.after_seq = Some(next),
+            None => break,
+        }
+    }
+    rows.finish()?;
+    Ok(true)
+}
+
+/// For tests and tools: every event in an export, parsed back.
+pub fn parse_export(format: Format, path: &Path) -> anyhow::Result<Vec<AuditRecord>> {
+    let text = std::fs::read_to_string(path)?;
+    let rows: Vec<EventRow> = match format {
+        Format::Json => serde_json::from_str(&text)?,
+        Format::Jsonl => text
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?,
+        Format::Csv => csv::Reader::from_reader(text.as_bytes())
+            .deserialize()
+            .collect::<Result<_, _>>()?,
+        Format::Table => anyhow::bail!("tables are for people, not for parsing"),
+    };
+    Ok(rows.into_iter().map(AuditRecord::from).collect())
+}

@@ -1,0 +1,287 @@
+//! The auditors' view of the store: paged job and event listings (keyset pagination, stable
+//! under concurrent inserts), chain verification, and retention.
+
+use sqlx::Row;
+
+use super::{Store, StoreError, audit, job_from_row};
+use crate::{
+    audit::{AuditKind, AuditRecord, ChainVerifier, VerifyReport},
+    job::{Job, JobState, UnixMillis},
+};
+
+/// Rows read per page when the store walks the whole log.
+const SCAN_PAGE: i64 = 5_000;
+/// Events removed per transaction by retention, so it never holds the writer for long.
+const PRUNE_BATCH: i64 = 10_000;
+
+/// Which jobs to list. Empty filters match everything.
+#[derive(Debug, Clone, Default)]
+pub struct JobQuery {
+    pub client_id: Option<String>,
+    pub tenant: Option<String>,
+    pub state: Option<JobState>,
+    pub code_fingerprint: Option<String>,
+    pub created_after: Option<UnixMillis>,
+    pub created_before: Option<UnixMillis>,
+    /// Continue after this row (from the previous page's `next`).
+    pub after: Option<i64>,
+    pub limit: u32,
+}
+
+/// Which events to list. Empty filters match everything.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    pub job_id: Option<String>,
+    pub client_id: Option<String>,
+    pub after: Option<UnixMillis>,
+    pub before: Option<UnixMillis>,
+    /// Only events with a greater seq (also how pages continue).
+    pub after_seq: Option<i64>,
+    pub limit: u32,
+}
+
+/// One page and where the next one starts (`None` when this page was the last).
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<i64>,
+}
+
+/// What a retention run removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pruned {
+    /// Rows deleted (earlier checkpoints included).
+    pub events: u64,
+    /// The checkpoint's seq (the last removed event's).
+    pub checkpoint_seq: i64,
+}
+
+impl Store {
+    /// One page of jobs, in creation order.
+    pub async fn list_jobs(&self, query: &JobQuery) -> Result<Page<(i64, Job)>, StoreError> {
+        let (from, to) = (
+            query.created_after.map_or(i64::MIN, |t| t.0),
+            query.created_before.map_or(i64::MAX, |t| t.0),
+        );
+        let bounds = sqlx::query(include_str!("sql/job_id_bounds.sql"))
+            .bind(from)
+            .bind(to)
+            .fetch_one(&self.reader)
+            .await?;
+        let (Some(lo), Some(hi)) = (
+            bounds.try_get::<Option<i64>, _>("lo")?,
+            bounds.try_get::<Option<i64>, _>("hi")?,
+        ) else {
+            return Ok(Page {
+                items: Vec::new(),
+                next: None,
+            });
+        };
+        let after = query.after.unwrap_or(i64::MIN).max(lo - 1);
+        let sql = if query.code_fingerprint.is_some() {
+            include_str!("sql/list_jobs_by_fingerprint.sql")
+        } else if query.client_id.is_some() {
+            include_str!("sql/list_jobs_by_client.sql")
+        } else {
+            include_str!("sql/list_jobs.sql")
+        };
+        let limit = i64::from(query.limit.max(1));
+        let rows = sqlx::query(sql)
+            .bind(after)
+            .bind(hi)
+            .bind(from)
+            .bind(to)
+            .bind(query.client_id.as_deref())
+            .bind(query.tenant.as_deref())
+            .bind(query.state.map(JobState::as_str))
+            .bind(query.code_fingerprint.as_deref())
+            .bind(limit)
+            .fetch_all(&self.reader)
+            .await?;
+        let items = rows
+            .iter()
+            .map(|row| Ok((row.try_get::<i64, _>("id")?, job_from_row(row)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let next = (items.len() as i64 == limit)
+            .then(|| items.last().map(|(id, _)| *id))
+            .flatten();
+        Ok(Page { items, next })
+    }
+
+    /// One page of audit events, in seq order.
+    pub async fn list_events(&self, query: &EventQuery) -> Result<Page<AuditRecord>, StoreError> {
+        let (from, to) = (
+            query.after.map_or(i64::MIN, |t| t.0),
+            query.before.map_or(i64::MAX, |t| t.0),
+        );
+        let (lo, hi) = if query.after.is_none() && query.before.is_none() {
+            (i64::MIN, i64::MAX)
+        } else {
+            let bounds = sqlx::query(include_str!("sql/event_seq_bounds.sql"))
+                .bind(from)
+                .bind(to)
+                .fetch_one(&self.reader)
+                .await?;
+            match (
+                bounds.try_get::<Option<i64>, _>("lo")?,
+                bounds.try_get::<Option<i64>, _>("hi")?,
+            ) {
+                (Some(lo), Some(hi)) => (lo, hi),
+                _ => {
+                    return Ok(Page {
+                        items: Vec::new(),
+                        next: None,
+                    });
+                }
+            }
+        };
+        let after = query
+            .after_seq
+            .unwrap_or(i64::MIN)
+            .max(lo.saturating_sub(1));
+        let sql = if query.job_id.is_some() {
+            include_str!("sql/list_events_by_job.sql")
+        } else if query.client_id.is_some() {
+            include_str!("sql/list_events_by_client.sql")
+        } else {
+            include_str!("sql/list_events.sql")
+        };
+        let limit = i64::from(query.limit.max(1));
+        let rows = sqlx::query(sql)
+            .bind(after)
+            .bind(hi)
+            .bind(from)
+            .bind(to)
+            .bind(query.job_id.as_deref())
+            .bind(query.client_id.as_deref())
+            .bind(limit)
+            .fetch_all(&self.reader)
+            .await?;
+        let items = rows
+            .iter()
+            .map(audit::record_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next = (items.len() as i64 == limit)
+            .then(|| items.last().map(|e| e.seq))
+            .flatten();
+        Ok(Page { items, next })
+    }
+
+    /// Recomputes the whole chain, page by page, and checks that no event after the last one
+    /// was removed.
+    pub async fn verify_audit_log(&self) -> Result<VerifyReport, StoreError> {
+        let mut verifier = ChainVerifier::new();
+        let mut after = None;
+        'pages: loop {
+            let page = self
+                .list_events(&EventQuery {
+                    after_seq: after,
+                    limit: SCAN_PAGE as u32,
+                    ..EventQuery::default()
+                })
+                .await?;
+            for record in &page.items {
+                if !verifier.check(record) {
+                    break 'pages;
+                }
+            }
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        let assigned: Option<i64> = sqlx::query_scalar(include_str!("sql/audit_sequence.sql"))
+            .fetch_optional(&self.reader)
+            .await?;
+        let last = verifier.last_seq().unwrap_or(0);
+        if let Some(assigned) = assigned
+            && assigned > last
+        {
+            verifier.fail_at(
+                last + 1,
+                format!(
+                    "events up to seq {assigned} were written but the log ends at seq {last}: \
+                     the latest events were removed"
+                ),
+            );
+        }
+        Ok(verifier.report())
+    }
+
+    /// Removes events older than `cutoff`, leaving a checkpoint that carries the hash of the
+    /// last removed event so the rest of the chain still verifies. Returns `None` when nothing
+    /// was old enough.
+    pub async fn prune_audit_events(
+        &self,
+        cutoff: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<Option<Pruned>, StoreError> {
+        let mut removed = 0u64;
+        let mut checkpoint = None;
+        loop {
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            let bounds = sqlx::query(include_str!("sql/prune_bound.sql"))
+                .bind(cutoff.0)
+                .fetch_one(&mut *tx)
+                .await?;
+            let (Some(last_old), Some(first)) = (
+                bounds.try_get::<Option<i64>, _>("last_old")?,
+                bounds.try_get::<Option<i64>, _>("first")?,
+            ) else {
+                break;
+            };
+            // A checkpoint already standing at the oldest old event is nothing to prune.
+            let first_is_checkpoint = first == last_old
+                && sqlx::query(include_str!("sql/get_event.sql"))
+                    .bind(first)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|row| audit::record_from_row(&row))
+                    .transpose()?
+                    .is_some_and(|e| e.kind == AuditKind::Checkpoint.as_str());
+            if first_is_checkpoint {
+                break;
+            }
+            let upto = last_old.min(first + PRUNE_BATCH - 1);
+            let Some(last_removed) = sqlx::query(include_str!("sql/get_event.sql"))
+                .bind(upto)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|row| audit::record_from_row(&row))
+                .transpose()?
+            else {
+                return Err(StoreError::Corrupt(format!(
+                    "audit event {upto} is missing; run audit verify"
+                )));
+            };
+            let deleted = sqlx::query(include_str!("sql/delete_events.sql"))
+                .bind(upto)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            let detail = format!(
+                "retention removed events up to seq {upto} (older than {} ms since the epoch)",
+                cutoff.0
+            );
+            sqlx::query(include_str!("sql/insert_checkpoint.sql"))
+                .bind(upto)
+                .bind(now.0.max(last_removed.at))
+                .bind(&detail)
+                .bind(&last_removed.hash)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            removed += deleted;
+            checkpoint = Some(upto);
+            tracing::info!(target: "audit", kind = "audit.checkpoint", seq = upto,
+                hash = %last_removed.hash, %detail, "audit events pruned");
+            if upto == last_old {
+                break;
+            }
+        }
+        Ok(checkpoint.map(|checkpoint_seq| Pruned {
+            events: removed,
+            checkpoint_seq,
+        }))
+    }
+}

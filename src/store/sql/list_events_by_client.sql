@@ -1,0 +1,6 @@
+-- list_events.sql for one client, through the audit_events_client index.
+SELECT * FROM audit_events
+WHERE client_id = ?6 AND seq > ?1 AND seq <= ?2 AND at >= ?3 AND at < ?4
+  AND (?5 IS NULL OR job_id = ?5)
+ORDER BY seq
+LIMIT ?7

@@ -1,0 +1,6 @@
+-- list_events.sql for one job, through the audit_events_job index.
+SELECT * FROM audit_events
+WHERE job_id = ?5 AND seq > ?1 AND seq <= ?2 AND at >= ?3 AND at < ?4
+  AND (?6 IS NULL OR client_id = ?6)
+ORDER BY seq
+LIMIT ?7

@@ -1,0 +1,9 @@
+-- One page of jobs after row id ?1 (keyset pagination: stable under concurrent inserts).
+SELECT * FROM jobs
+WHERE id > ?1 AND id <= ?2 AND created_at >= ?3 AND created_at < ?4
+  AND (?5 IS NULL OR client_id = ?5)
+  AND (?6 IS NULL OR tenant = ?6)
+  AND (?7 IS NULL OR state = ?7)
+  AND (?8 IS NULL OR code_fingerprint = ?8)
+ORDER BY id
+LIMIT ?9

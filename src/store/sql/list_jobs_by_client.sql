@@ -1,0 +1,8 @@
+-- list_jobs.sql for one client, through the jobs_client index.
+SELECT * FROM jobs
+WHERE client_id = ?5 AND id > ?1 AND id <= ?2 AND created_at >= ?3 AND created_at < ?4
+  AND (?6 IS NULL OR tenant = ?6)
+  AND (?7 IS NULL OR state = ?7)
+  AND (?8 IS NULL OR code_fingerprint = ?8)
+ORDER BY id
+LIMIT ?9

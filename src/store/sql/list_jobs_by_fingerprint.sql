@@ -1,0 +1,8 @@
+-- list_jobs.sql for one code, through the jobs_fingerprint index.
+SELECT * FROM jobs
+WHERE code_fingerprint = ?8 AND id > ?1 AND id <= ?2 AND created_at >= ?3 AND created_at < ?4
+  AND (?5 IS NULL OR client_id = ?5)
+  AND (?6 IS NULL OR tenant = ?6)
+  AND (?7 IS NULL OR state = ?7)
+ORDER BY id
+LIMIT ?9

@@ -1,0 +1,3 @@
+-- The last event older than the retention cutoff, and the first event of the table.
+SELECT (SELECT MAX(seq) FROM audit_events WHERE at < ?1) AS last_old,
+       (SELECT MIN(seq) FROM audit_events) AS first
