@@ -1,101 +1,14 @@
 //! The real binary, killed with SIGKILL mid-work: every acknowledged job survives and reaches
 //! exactly one terminal state, and no code is redeemed twice.
 
-use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    path::Path,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::Duration,
-};
+use std::{path::Path, process::Command, time::Duration};
 
 use token_broker::{
-    api::proto::{FailureReason, GetJobRequest, JobState, token_broker_client::TokenBrokerClient},
+    api::proto::{FailureReason, GetJobRequest, JobState},
     fake_upstream::{FakeOptions, Faults},
 };
 
-use crate::helpers::{PATIENCE, is_terminal, new_request, read_only, start_fake_with};
-
-/// A daemon process and the gRPC address it reported.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Daemon {
-    fn start(db: &Path, token_url: &str) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_token-broker"))
-            .args(["--log-format", "json", "serve"])
-            .env("RUST_LOG", "info")
-            .env("TOKEN_BROKER_SERVER__LISTEN", "127.0.0.1:0")
-            .env("TOKEN_BROKER_SERVER__METRICS_LISTEN", "127.0.0.1:0")
-            .env("TOKEN_BROKER_STORAGE__PATH", db)
-            .env("TOKEN_BROKER_UPSTREAM__TOKEN_URL", token_url)
-            .env("TOKEN_BROKER_LIMITS__GLOBAL_RPS", "0")
-            .env("TOKEN_BROKER_LIMITS__DEFAULT_CLIENT_RPS", "0")
-            .env("TOKEN_BROKER_RETRY__INITIAL_DELAY_MS", "10")
-            .env("TOKEN_BROKER_RETRY__MAX_DELAY_MS", "50")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the daemon");
-        // Read the log until the daemon says where it listens; keep draining it afterwards so
-        // the daemon never blocks on a full pipe.
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, rx) = mpsc::channel();
-        let log_path = std::env::var_os("CRASH_TEST_LOG");
-        std::thread::spawn(move || {
-            use std::io::Write;
-            let mut log = log_path.map(|path| {
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .expect("open the log")
-            });
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(log) = &mut log {
-                    let _ = writeln!(log, "{line}");
-                }
-                let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
-                    continue;
-                };
-                if event["message"] == "token-broker serving"
-                    && let Some(tx) = tx.take()
-                {
-                    let _ = tx.send(event["listen"].as_str().unwrap_or_default().to_string());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(PATIENCE)
-            .expect("the daemon reports its address")
-            .parse()
-            .expect("a socket address");
-        Daemon { child, addr }
-    }
-
-    async fn client(&self) -> TokenBrokerClient<tonic::transport::Channel> {
-        TokenBrokerClient::connect(format!("http://{}", self.addr))
-            .await
-            .expect("connect")
-    }
-
-    fn kill(mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reaped");
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::helpers::{Daemon, PATIENCE, is_terminal, new_request, read_only, start_fake_with};
 
 #[tokio::test]
 async fn sigkill_loses_no_acknowledged_job_and_redeems_no_code_twice() {

@@ -1,8 +1,11 @@
 //! `TestApp`: starts the daemon through the same `run` that `main` uses.
 
 use std::{
-    path::PathBuf,
-    sync::{Arc, Once},
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Once, mpsc},
     time::Duration,
 };
 
@@ -184,12 +187,14 @@ impl TestApp {
             .expect("watch accepted")
             .into_inner();
         let wait = async {
+            let mut last = None;
             while let Some(job) = stream.message().await.expect("watch stream healthy") {
                 if job.state() == state {
                     return job;
                 }
+                last = Some(job);
             }
-            panic!("the job became terminal without reaching {state:?}");
+            panic!("the job became terminal without reaching {state:?}: {last:?}");
         };
         tokio::time::timeout(PATIENCE, wait)
             .await
@@ -306,4 +311,94 @@ pub async fn audit_kinds(path: &std::path::Path, job_id: &str) -> Vec<String> {
             .expect("read audit events");
     conn.close().await.ok();
     kinds
+}
+
+/// A daemon process and the gRPC address it reported.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Daemon {
+    /// Starts `token-broker serve` on `db`, logging JSON; copies the log to `CRASH_TEST_LOG`
+    /// or `log` when given.
+    pub fn start(db: &Path, token_url: &str) -> Daemon {
+        Self::start_logging(
+            db,
+            token_url,
+            std::env::var_os("CRASH_TEST_LOG").map(PathBuf::from),
+        )
+    }
+
+    pub fn start_logging(db: &Path, token_url: &str, log: Option<PathBuf>) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_token-broker"))
+            .args(["--log-format", "json", "serve"])
+            .env("RUST_LOG", "info")
+            .env("TOKEN_BROKER_SERVER__LISTEN", "127.0.0.1:0")
+            .env("TOKEN_BROKER_SERVER__METRICS_LISTEN", "127.0.0.1:0")
+            .env("TOKEN_BROKER_STORAGE__PATH", db)
+            .env("TOKEN_BROKER_UPSTREAM__TOKEN_URL", token_url)
+            .env("TOKEN_BROKER_LIMITS__GLOBAL_RPS", "0")
+            .env("TOKEN_BROKER_LIMITS__DEFAULT_CLIENT_RPS", "0")
+            .env("TOKEN_BROKER_RETRY__INITIAL_DELAY_MS", "10")
+            .env("TOKEN_BROKER_RETRY__MAX_DELAY_MS", "50")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the daemon");
+        // Read the log until the daemon says where it listens; keep draining it afterwards so
+        // the daemon never blocks on a full pipe.
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = mpsc::channel();
+        let log_path = log;
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut log = log_path.map(|path| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .expect("open the log")
+            });
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(log) = &mut log {
+                    let _ = writeln!(log, "{line}");
+                }
+                let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if event["message"] == "token-broker serving"
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(event["listen"].as_str().unwrap_or_default().to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(PATIENCE)
+            .expect("the daemon reports its address")
+            .parse()
+            .expect("a socket address");
+        Daemon { child, addr }
+    }
+
+    pub async fn client(&self) -> TokenBrokerClient<tonic::transport::Channel> {
+        TokenBrokerClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect")
+    }
+
+    pub fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,6 +1,7 @@
 //! Integration tests: the real gRPC server on port 0, a real SQLite file in a temporary
 //! directory, and the fake Truecaller upstream over HTTP. One binary, one module per area.
 
+mod audit;
 mod crash;
 mod durability;
 mod exchange;
