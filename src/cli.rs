@@ -10,10 +10,18 @@ use crate::{
     telemetry::LogFormat,
 };
 
+/// The version and the git revision it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("BUILD_GIT_REVISION"),
+    ")"
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "token-broker",
-    version,
+    version = VERSION,
     about = "Durable Truecaller token exchanges over gRPC"
 )]
 pub struct Cli {

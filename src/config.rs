@@ -283,7 +283,7 @@ impl Config {
             Env::prefixed(ENV_PREFIX)
                 .split("__")
                 // Read by the command line, not configuration.
-                .ignore(&["config", "log_format"]),
+                .ignore(&["config", "log_format", "database"]),
         );
         let config: Config = figment
             .extract()

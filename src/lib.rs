@@ -18,7 +18,7 @@
 //! - [`job`], [`secret`]: domain types.
 //! - [`config`]: layered configuration, checked as a whole.
 //! - [`fake_upstream`]: a fake Truecaller for development and tests.
-//! - [`ops_http`]: `/healthz` and `/readyz`.
+//! - [`ops_http`]: `/metrics`, `/healthz` and `/readyz`; [`metrics`]: the Prometheus series.
 //! - [`inspect`]: the auditors' command line (`jobs`, `audit`), reading the database read-only.
 //! - [`cli`], [`telemetry`]: the command line and logging set-up.
 
@@ -35,6 +35,7 @@ pub mod fingerprint;
 pub mod inspect;
 pub mod job;
 pub mod limits;
+pub mod metrics;
 pub mod ops_http;
 pub mod request;
 pub mod retry;
@@ -45,4 +46,4 @@ pub mod telemetry;
 pub mod upstream;
 pub mod worker;
 
-pub use server::{Listeners, run};
+pub use server::{Listeners, run, run_with_reload};

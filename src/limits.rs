@@ -14,7 +14,7 @@
 use std::{
     collections::HashMap,
     num::NonZeroU32,
-    sync::Mutex,
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
@@ -115,8 +115,9 @@ impl ClientLimiter {
     }
 }
 
+/// The configured limits, replaced as a whole on reload.
 #[derive(Debug)]
-pub struct RateLimits {
+struct Rules {
     /// Shared by all clients; `None` when the global limit is off.
     global: Option<DefaultDirectRateLimiter>,
     /// Rate and burst for clients without their own entry; `None` means unlimited.
@@ -124,6 +125,34 @@ pub struct RateLimits {
     /// Configured per-client rates and bursts.
     overrides: HashMap<String, (f64, u32)>,
     adaptive: AdaptiveConfig,
+}
+
+impl Rules {
+    fn new(config: &LimitsConfig) -> Self {
+        Self {
+            global: rate(config.global_rps, config.global_burst)
+                .and_then(|(rps, burst)| limiter_for(rps, burst)),
+            default_quota: rate(config.default_client_rps, config.default_client_burst),
+            overrides: config
+                .client
+                .iter()
+                .filter_map(|c| Some((c.client_id.clone(), rate(c.rps, c.burst)?)))
+                .collect(),
+            adaptive: AdaptiveConfig::from(config),
+        }
+    }
+
+    fn configured(&self, client_id: &str) -> Option<(f64, u32)> {
+        self.overrides
+            .get(client_id)
+            .copied()
+            .or(self.default_quota)
+    }
+}
+
+#[derive(Debug)]
+pub struct RateLimits {
+    rules: RwLock<Arc<Rules>>,
     /// One entry per client id seen so far, created on first use.
     clients: Mutex<HashMap<String, ClientLimiter>>,
     clock: DefaultClock,
@@ -136,25 +165,28 @@ fn rate(rps: u32, burst: u32) -> Option<(f64, u32)> {
 impl RateLimits {
     pub fn new(config: &LimitsConfig) -> Self {
         Self {
-            global: rate(config.global_rps, config.global_burst)
-                .and_then(|(rps, burst)| limiter_for(rps, burst)),
-            default_quota: rate(config.default_client_rps, config.default_client_burst),
-            overrides: config
-                .client
-                .iter()
-                .filter_map(|c| Some((c.client_id.clone(), rate(c.rps, c.burst)?)))
-                .collect(),
-            adaptive: AdaptiveConfig::from(config),
+            rules: RwLock::new(Arc::new(Rules::new(config))),
             clients: Mutex::new(HashMap::new()),
             clock: DefaultClock::default(),
         }
     }
 
-    fn configured(&self, client_id: &str) -> Option<(f64, u32)> {
-        self.overrides
-            .get(client_id)
-            .copied()
-            .or(self.default_quota)
+    fn rules(&self) -> Arc<Rules> {
+        Arc::clone(&self.rules.read().expect("limits lock poisoned"))
+    }
+
+    /// Replaces the configured limits (SIGHUP). Every client starts again from its newly
+    /// configured rate; adaptation to 429s starts over.
+    pub fn reconfigure(&self, config: &LimitsConfig) {
+        let rules = Arc::new(Rules::new(config));
+        *self.rules.write().expect("limits lock poisoned") = rules;
+        self.clients.lock().expect("limits lock poisoned").clear();
+        tracing::info!(
+            global_rps = config.global_rps,
+            default_client_rps = config.default_client_rps,
+            clients = config.client.len(),
+            "rate limits reloaded"
+        );
     }
 
     /// Takes a permit for one attempt of `client_id`, if its pause is over and both limits have
@@ -164,25 +196,26 @@ impl RateLimits {
     /// for other clients. When the global limiter then refuses, the client's permit is spent
     /// without an attempt, which errs on the side of sending less.
     pub fn try_acquire(&self, client_id: &str, now: Instant) -> Permit {
+        let rules = self.rules();
         {
             let mut clients = self.clients.lock().expect("limits lock poisoned");
             let client = clients
                 .entry(client_id.to_string())
-                .or_insert_with(|| ClientLimiter::new(self.configured(client_id)));
+                .or_insert_with(|| ClientLimiter::new(rules.configured(client_id)));
             if let Some(until) = client.paused_until {
                 if until > now {
                     return Permit::ClientBusy(until - now);
                 }
                 client.paused_until = None;
             }
-            self.recover(client_id, client, now);
+            recover(&rules.adaptive, client_id, client, now);
             if let Some(limiter) = &client.limiter
                 && let Err(not_until) = limiter.check()
             {
                 return Permit::ClientBusy(not_until.wait_time_from(self.clock.now()));
             }
         }
-        if let Some(global) = &self.global
+        if let Some(global) = &rules.global
             && let Err(not_until) = global.check()
         {
             return Permit::GlobalBusy(not_until.wait_time_from(self.clock.now()));
@@ -192,14 +225,16 @@ impl RateLimits {
 
     /// Upstream answered 429 for `client_id`: pause the client and lower its rate.
     pub fn on_rate_limited(&self, client_id: &str, retry_after: Option<Duration>, now: Instant) {
-        if !self.adaptive.enabled {
+        let rules = self.rules();
+        let adaptive = &rules.adaptive;
+        if !adaptive.enabled {
             return;
         }
         let mut clients = self.clients.lock().expect("limits lock poisoned");
         let client = clients
             .entry(client_id.to_string())
-            .or_insert_with(|| ClientLimiter::new(self.configured(client_id)));
-        let pause = retry_after.unwrap_or(self.adaptive.default_pause);
+            .or_insert_with(|| ClientLimiter::new(rules.configured(client_id)));
+        let pause = retry_after.unwrap_or(adaptive.default_pause);
         let until = now + pause;
         // 429s that arrive while the client is paused answer requests sent before the pause:
         // they extend it but do not lower the rate again.
@@ -210,8 +245,8 @@ impl RateLimits {
             return;
         }
         if let Some((configured, _)) = client.configured {
-            let floor = (configured * self.adaptive.floor_fraction).max(0.1);
-            let lowered = (client.effective * self.adaptive.decrease_factor).max(floor);
+            let floor = (configured * adaptive.floor_fraction).max(0.1);
+            let lowered = (client.effective * adaptive.decrease_factor).max(floor);
             if lowered < client.effective {
                 tracing::warn!(
                     client_id,
@@ -231,34 +266,6 @@ impl RateLimits {
         );
     }
 
-    /// Grows a lowered rate back after a quiet period, one step per second.
-    fn recover(&self, client_id: &str, client: &mut ClientLimiter, now: Instant) {
-        let Some((configured, _)) = client.configured else {
-            return;
-        };
-        if client.effective >= configured {
-            return;
-        }
-        let quiet = client
-            .last_throttled
-            .is_none_or(|at| now.saturating_duration_since(at) >= self.adaptive.quiet_period);
-        let step_due = client
-            .last_recovery
-            .is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1));
-        if !(quiet && step_due) {
-            return;
-        }
-        let raised = (client.effective + configured * self.adaptive.recovery_step).min(configured);
-        tracing::info!(
-            client_id,
-            from_rps = client.effective,
-            to_rps = raised,
-            "effective rate recovering"
-        );
-        client.last_recovery = Some(now);
-        client.set_effective(raised);
-    }
-
     /// The effective rate of every client seen so far (infinite when unlimited).
     pub fn effective_rates(&self) -> Vec<(String, f64)> {
         let clients = self.clients.lock().expect("limits lock poisoned");
@@ -269,6 +276,34 @@ impl RateLimits {
         rates.sort_by(|a, b| a.0.cmp(&b.0));
         rates
     }
+}
+
+/// Grows a lowered rate back after a quiet period, one step per second.
+fn recover(adaptive: &AdaptiveConfig, client_id: &str, client: &mut ClientLimiter, now: Instant) {
+    let Some((configured, _)) = client.configured else {
+        return;
+    };
+    if client.effective >= configured {
+        return;
+    }
+    let quiet = client
+        .last_throttled
+        .is_none_or(|at| now.saturating_duration_since(at) >= adaptive.quiet_period);
+    let step_due = client
+        .last_recovery
+        .is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1));
+    if !(quiet && step_due) {
+        return;
+    }
+    let raised = (client.effective + configured * adaptive.recovery_step).min(configured);
+    tracing::info!(
+        client_id,
+        from_rps = client.effective,
+        to_rps = raised,
+        "effective rate recovering"
+    );
+    client.last_recovery = Some(now);
+    client.set_effective(raised);
 }
 
 #[cfg(test)]
@@ -397,6 +432,22 @@ mod tests {
             limits.try_acquire("a", start + Duration::from_secs(second));
         }
         assert_eq!(rate_of(&limits, "a"), 40.0);
+    }
+
+    #[test]
+    fn a_reload_replaces_the_limits() {
+        let limits = RateLimits::new(&config(0, 1));
+        let now = Instant::now();
+        assert_eq!(limits.try_acquire("a", now), Permit::Granted);
+        assert!(matches!(
+            limits.try_acquire("a", now),
+            Permit::ClientBusy(_)
+        ));
+        limits.reconfigure(&config(0, 10));
+        for _ in 0..10 {
+            assert_eq!(limits.try_acquire("a", now), Permit::Granted);
+        }
+        assert_eq!(rate_of(&limits, "a"), 10.0);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `token-broker`: parses the command line and wires the pieces; the work happens in the
 //! library.
 
-use std::{process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use token_broker::{
@@ -26,15 +26,15 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Serve { config } => {
-            let config = match Config::load(config.as_deref()) {
+        Command::Serve { config: path } => {
+            let config = match Config::load(path.as_deref()) {
                 Ok(config) => config,
                 Err(errors) => {
                     eprint!("{errors}");
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
-            report(runtime.block_on(serve(config)))
+            report(runtime.block_on(serve(config, path)))
         }
         Command::Config(ConfigCommand::Check { file }) => match Config::load(Some(&file)) {
             Ok(_) => {
@@ -80,9 +80,40 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&config).await?;
-    token_broker::run(config, listeners, shutdown_signal()).await
+    let (reload_tx, reloads) = tokio::sync::watch::channel(config.clone());
+    tokio::spawn(reload_on_sighup(path, reload_tx));
+    token_broker::run_with_reload(config, listeners, shutdown_signal(), reloads).await
+}
+
+/// Reloads the configuration on SIGHUP; a configuration that does not check is reported and
+/// ignored, and the daemon keeps the one it has.
+async fn reload_on_sighup(path: Option<PathBuf>, reloads: tokio::sync::watch::Sender<Config>) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hangups) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("cannot install the SIGHUP handler; reloads are off");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match Config::load(path.as_deref()) {
+                Ok(config) => {
+                    tracing::info!("SIGHUP: configuration reloaded");
+                    let _ = reloads.send(config);
+                }
+                Err(errors) => {
+                    tracing::error!(%errors, "SIGHUP: the configuration does not check; kept the current one");
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, reloads);
+    }
 }
 
 async fn fake_upstream(args: FakeUpstreamArgs) -> anyhow::Result<()> {

@@ -1,6 +1,6 @@
-//! The operations HTTP listener (`server.metrics_listen`): `/healthz` answers while the process
-//! runs; `/readyz` answers 200 only once migrations ran and the worker is up, and 503 again
-//! while draining.
+//! The operations HTTP listener (`server.metrics_listen`): `/metrics` in the Prometheus text
+//! format; `/healthz` answers while the process runs; `/readyz` answers 200 only once migrations
+//! ran and the worker is up, and 503 again while draining.
 
 use std::{
     sync::{
@@ -17,6 +17,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::{
+    breaker::BreakerState, job::UnixMillis, metrics::Metrics, store::Store, worker::Worker,
+};
+
 /// Whether the daemon should receive traffic.
 #[derive(Debug, Default, Clone)]
 pub struct Readiness(Arc<AtomicBool>);
@@ -31,8 +35,55 @@ impl Readiness {
     }
 }
 
-/// Serves `/healthz` and `/readyz` until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, readiness: Readiness, stop: CancellationToken) {
+/// What the endpoints report on.
+#[derive(Debug, Clone)]
+pub struct OpsState {
+    pub readiness: Readiness,
+    pub metrics: Arc<Metrics>,
+    pub store: Store,
+    pub worker: Arc<Worker>,
+}
+
+impl OpsState {
+    /// Sets the gauges that describe current state, then renders every series.
+    async fn render_metrics(&self) -> String {
+        let now = UnixMillis::now();
+        match self.store.pending_count().await {
+            Ok(pending) => {
+                self.metrics
+                    .queue_depth
+                    .set(i64::try_from(pending).unwrap_or(i64::MAX));
+            }
+            Err(error) => tracing::warn!(%error, "cannot read the queue depth"),
+        }
+        match self.store.oldest_pending().await {
+            Ok(oldest) => {
+                let age = oldest.map_or(0.0, |created| created.until(now).as_secs_f64());
+                self.metrics.oldest_job_age.set(age);
+            }
+            Err(error) => tracing::warn!(%error, "cannot read the oldest job"),
+        }
+        for (client_id, rate) in self.worker.effective_rates() {
+            if rate.is_finite() {
+                self.metrics
+                    .effective_rate
+                    .get_or_create(&vec![("client_id", client_id)])
+                    .set(rate);
+            }
+        }
+        self.metrics
+            .breaker_open
+            .set(match self.worker.breaker_state() {
+                BreakerState::Closed => 0,
+                BreakerState::HalfOpen => 1,
+                BreakerState::Open => 2,
+            });
+        self.metrics.encode()
+    }
+}
+
+/// Serves the endpoints until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, state: OpsState, stop: CancellationToken) {
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
@@ -45,12 +96,12 @@ pub async fn serve(listener: TcpListener, readiness: Readiness, stop: Cancellati
                 }
             },
         };
-        let readiness = readiness.clone();
+        let state = state.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let readiness = readiness.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(&request, &readiness)) }
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&request, &state).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service);
@@ -62,10 +113,20 @@ pub async fn serve(listener: TcpListener, readiness: Readiness, stop: Cancellati
     }
 }
 
-fn answer(request: &Request<Incoming>, readiness: &Readiness) -> Response<Full<Bytes>> {
+async fn answer(request: &Request<Incoming>, state: &OpsState) -> Response<Full<Bytes>> {
     let (status, body) = match request.uri().path() {
+        "/metrics" => {
+            let mut response = Response::new(Full::new(Bytes::from(state.render_metrics().await)));
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            return response;
+        }
         "/healthz" => (StatusCode::OK, "ok\n"),
-        "/readyz" if readiness.get() => (StatusCode::OK, "ready\n"),
+        "/readyz" if state.readiness.get() => (StatusCode::OK, "ready\n"),
         "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         _ => (StatusCode::NOT_FOUND, "not found\n"),
     };

@@ -4,7 +4,10 @@
 use std::{fs::File, future::Future, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use tokio::{net::TcpListener, sync::Notify};
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, watch},
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -12,7 +15,8 @@ use crate::{
     config::Config,
     feed::JobFeed,
     fingerprint::Fingerprinter,
-    ops_http::{self, Readiness},
+    metrics::Metrics,
+    ops_http::{self, OpsState, Readiness},
     store::Store,
     upstream::UpstreamClient,
     worker::Worker,
@@ -52,6 +56,19 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let (_keep, reloads) = watch::channel(config.clone());
+    run_with_reload(config, listeners, shutdown, reloads).await
+}
+
+/// [`run`], also applying every configuration sent on `reloads` (SIGHUP in `main`): the rate
+/// limits change in place, without dropping connections; other changed settings are reported
+/// as needing a restart.
+pub async fn run_with_reload(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: watch::Receiver<Config>,
+) -> anyhow::Result<()> {
     let _lock = lock_database(&config.storage.path)?;
     let key_path = config.fingerprint_key_path();
     let (fingerprinter, created) = Fingerprinter::load_or_create(&key_path)?;
@@ -63,7 +80,8 @@ pub async fn run(
         );
     }
     let feed = JobFeed::new();
-    let store = Store::open(&config.storage, Arc::clone(&feed))
+    let metrics = Metrics::new();
+    let store = Store::open(&config.storage, Arc::clone(&feed), Arc::clone(&metrics))
         .await
         .with_context(|| format!("cannot open storage.path {}", config.storage.path.display()))?;
     let upstream = UpstreamClient::new(&config.upstream).context("cannot set up upstream")?;
@@ -73,6 +91,7 @@ pub async fn run(
         store.clone(),
         upstream,
         Arc::clone(&wake),
+        Arc::clone(&metrics),
     ));
     worker
         .recover()
@@ -83,10 +102,43 @@ pub async fn run(
     let attempts = TaskTracker::new();
     let worker_task = tokio::spawn(Arc::clone(&worker).run(stop.clone(), attempts.clone()));
 
+    let reload_task = {
+        let worker = Arc::clone(&worker);
+        let stop = stop.clone();
+        let mut current = config.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    changed = reloads.changed() => if changed.is_err() { return },
+                }
+                let new = reloads.borrow_and_update().clone();
+                worker.reload_limits(&new.limits);
+                let others_changed = Config {
+                    limits: current.limits.clone(),
+                    ..new.clone()
+                } != current;
+                if others_changed {
+                    tracing::warn!(
+                        "the reloaded configuration changes more than the rate limits; \
+                         those other changes take effect at the next restart"
+                    );
+                }
+                current.limits = new.limits;
+            }
+        })
+    };
+
     let readiness = Readiness::default();
-    let ops_task = listeners
-        .ops
-        .map(|listener| tokio::spawn(ops_http::serve(listener, readiness.clone(), stop.clone())));
+    let ops_task = listeners.ops.map(|listener| {
+        let state = OpsState {
+            readiness: readiness.clone(),
+            metrics: Arc::clone(&metrics),
+            store: store.clone(),
+            worker: Arc::clone(&worker),
+        };
+        tokio::spawn(ops_http::serve(listener, state, stop.clone()))
+    });
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -173,7 +225,10 @@ pub async fn run(
             "grace period over; abandoned attempts will be recovered as outcome unknown at the next start"
         );
     }
-    for task in [ops_task, retention_task].into_iter().flatten() {
+    for task in [ops_task, retention_task, Some(reload_task)]
+        .into_iter()
+        .flatten()
+    {
         let _ = task.await;
     }
     store.close().await;

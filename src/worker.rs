@@ -22,6 +22,7 @@ use crate::{
     config::Config,
     job::{JobState, UnixMillis},
     limits::{Permit, RateLimits},
+    metrics::Metrics,
     retry::{self, Decision, JobHistory, RetryPolicy},
     store::{AttemptRecord, Claim, Store, StoreError},
     upstream::{AttemptOutcome, UpstreamClient},
@@ -52,6 +53,7 @@ pub struct Worker {
     poll_interval: Duration,
     /// Woken by submissions and recorded retries, so new work starts without polling.
     wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
 }
 
 /// What one dispatch pass did, so the loop knows whether to go again at once.
@@ -66,7 +68,13 @@ struct Pass {
 }
 
 impl Worker {
-    pub fn new(config: &Config, store: Store, upstream: UpstreamClient, wake: Arc<Notify>) -> Self {
+    pub fn new(
+        config: &Config,
+        store: Store,
+        upstream: UpstreamClient,
+        wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             store,
             upstream,
@@ -81,6 +89,7 @@ impl Worker {
             concurrency: config.worker.concurrency as usize,
             poll_interval: Duration::from_millis(config.worker.poll_interval_ms),
             wake,
+            metrics,
         }
     }
 
@@ -240,6 +249,11 @@ impl Worker {
             self.breaker.probe_not_sent();
         }
         pass.started = claims.len();
+        for candidate in &chosen {
+            self.metrics
+                .limiter_wait
+                .observe(candidate.due_at.until(now).as_secs_f64());
+        }
         for claim in claims {
             let permit = Arc::clone(slots)
                 .try_acquire_owned()
@@ -280,10 +294,25 @@ impl Worker {
             attempt = claim.lease.attempt,
         );
         async move {
+            let sent = Instant::now();
             let outcome = self
                 .upstream
                 .exchange(&claim.job.client_id, &claim.code, &claim.code_verifier)
                 .await;
+            let (class, status) = match &outcome {
+                AttemptOutcome::Answered(answer) => (
+                    match answer.status {
+                        200..=299 => "2xx",
+                        400..=499 => "4xx",
+                        500..=599 => "5xx",
+                        _ => "other",
+                    },
+                    answer.status.to_string(),
+                ),
+                AttemptOutcome::NotSent => ("not_sent", "none".to_string()),
+                AttemptOutcome::AnswerLost => ("lost", "none".to_string()),
+            };
+            self.metrics.upstream_request(class, status, sent.elapsed());
             self.observe(&claim.job.client_id, &outcome);
             let now = UnixMillis::now();
             let history = JobHistory {
@@ -339,6 +368,21 @@ impl Worker {
 }
 
 impl Worker {
+    /// Applies reloaded rate limits.
+    pub fn reload_limits(&self, config: &crate::config::LimitsConfig) {
+        self.limits.reconfigure(config);
+    }
+
+    /// The limiter's current effective rates, for the metrics.
+    pub fn effective_rates(&self) -> Vec<(String, f64)> {
+        self.limits.effective_rates()
+    }
+
+    /// The breaker's state, for the metrics.
+    pub fn breaker_state(&self) -> crate::breaker::BreakerState {
+        self.breaker.state()
+    }
+
     /// Feeds an attempt's outcome to the breaker and, for a 429, to the client's rate limit.
     fn observe(&self, client_id: &str, outcome: &AttemptOutcome) {
         let now = Instant::now();

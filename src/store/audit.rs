@@ -9,6 +9,7 @@ use super::AttemptRecord;
 use crate::{
     audit::{AuditKind, AuditRecord, GENESIS_HASH},
     job::{FailureReason, Job, JobState, UnixMillis},
+    metrics::Metrics,
 };
 
 /// The last event of the chain, read at the start of each writing transaction (which holds the
@@ -130,10 +131,30 @@ impl<'a> AuditEvent<'a> {
     }
 
     /// Emits the committed event as a `tracing` event with target `audit`, hashes included, so
-    /// a log pipeline holds a copy of the chain outside the database.
-    pub(super) fn emit(&self) {
-        if let Some(record) = &self.stored {
-            emit(record);
+    /// a log pipeline holds a copy of the chain outside the database, and counts it, so logs
+    /// and metrics never disagree.
+    pub(super) fn emit(&self, metrics: &Metrics) {
+        let Some(record) = &self.stored else {
+            return;
+        };
+        emit(record);
+        match self.kind {
+            AuditKind::JobSubmitted => {
+                metrics.jobs_submitted.inc();
+            }
+            AuditKind::JobRetryScheduled => {
+                metrics.retries.inc();
+            }
+            AuditKind::AttemptUnknown => {
+                metrics.outcome_unknown.inc();
+            }
+            AuditKind::JobSucceeded => metrics.job_finished("succeeded", None),
+            AuditKind::JobCancelled => metrics.job_finished("cancelled", None),
+            AuditKind::JobExpired => metrics.job_finished("failed", Some("expired")),
+            AuditKind::JobFailed => {
+                metrics.job_finished("failed", self.job.failure_reason.map(|r| r.as_str()))
+            }
+            AuditKind::AttemptStarted | AuditKind::AttemptFinished | AuditKind::Checkpoint => {}
         }
     }
 }

@@ -270,7 +270,7 @@ impl Store {
                 .bind(&last_removed.hash)
                 .execute(&mut *tx)
                 .await?;
-            tx.commit().await?;
+            self.commit(tx).await?;
             removed += deleted;
             checkpoint = Some(upto);
             tracing::info!(target: "audit", kind = "audit.checkpoint", seq = upto,

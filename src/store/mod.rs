@@ -22,6 +22,7 @@ use crate::{
     config::{StorageConfig, Synchronous},
     feed::JobFeed,
     job::{FailureReason, Job, JobId, JobState, Token, UnixMillis},
+    metrics::Metrics,
     request::ExchangeRequest,
     secret::Secret,
     upstream::TokenGrant,
@@ -63,6 +64,8 @@ pub struct Store {
     reader: SqlitePool,
     /// Told about every committed change.
     feed: Arc<JobFeed>,
+    /// Commit latency, and the counters behind every audit event.
+    metrics: Arc<Metrics>,
 }
 
 /// What a submission did.
@@ -154,7 +157,11 @@ pub enum AttemptRecord {
 
 impl Store {
     /// Opens (creating if needed) the database, applies the migrations, and returns the store.
-    pub async fn open(config: &StorageConfig, feed: Arc<JobFeed>) -> Result<Store, StoreError> {
+    pub async fn open(
+        config: &StorageConfig,
+        feed: Arc<JobFeed>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Store, StoreError> {
         let path = &config.path;
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::Directory {
@@ -192,6 +199,7 @@ impl Store {
             writer,
             reader,
             feed,
+            metrics,
         })
     }
 
@@ -216,6 +224,7 @@ impl Store {
             writer: reader.clone(),
             reader,
             feed: JobFeed::new(),
+            metrics: Metrics::new(),
         })
     }
 
@@ -276,10 +285,36 @@ impl Store {
         let job = job_from_row(&row)?;
         let mut events = [AuditEvent::new(&job, AuditKind::JobSubmitted, now)];
         append(&mut tx, &mut events).await?;
-        tx.commit().await?;
-        events.iter().for_each(AuditEvent::emit);
+        self.commit(tx).await?;
+        events.iter().for_each(|event| event.emit(&self.metrics));
         self.feed.publish(&job);
         Ok(SubmitOutcome::Created(job))
+    }
+
+    /// Commits a write transaction, timing it.
+    async fn commit(&self, tx: sqlx::Transaction<'static, Sqlite>) -> Result<(), sqlx::Error> {
+        let started = std::time::Instant::now();
+        let result = tx.commit().await;
+        self.metrics
+            .sqlite_commit
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// Jobs not yet terminal.
+    pub async fn pending_count(&self) -> Result<u64, StoreError> {
+        let pending: i64 = sqlx::query_scalar(include_str!("sql/count_pending.sql"))
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(u64::try_from(pending).unwrap_or(0))
+    }
+
+    /// When the oldest job waiting to be attempted was created.
+    pub async fn oldest_pending(&self) -> Result<Option<UnixMillis>, StoreError> {
+        let oldest: Option<i64> = sqlx::query_scalar(include_str!("sql/oldest_pending.sql"))
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(oldest.map(UnixMillis))
     }
 
     /// The job as it stands.
@@ -314,8 +349,8 @@ impl Store {
         let mut events =
             [AuditEvent::new(&job, AuditKind::JobCancelled, now).detail("cancelled by request")];
         append(&mut tx, &mut events).await?;
-        tx.commit().await?;
-        events.iter().for_each(AuditEvent::emit);
+        self.commit(tx).await?;
+        events.iter().for_each(|event| event.emit(&self.metrics));
         self.feed.publish(&job);
         Ok(CancelOutcome::Cancelled(job))
     }
@@ -412,8 +447,8 @@ impl Store {
             })
             .collect();
         append(&mut tx, &mut events).await?;
-        tx.commit().await?;
-        events.iter().for_each(AuditEvent::emit);
+        self.commit(tx).await?;
+        events.iter().for_each(|event| event.emit(&self.metrics));
         for claim in &claims {
             self.feed.publish(&claim.job);
         }
@@ -498,8 +533,8 @@ impl Store {
         let job = job_from_row(&row)?;
         let mut events = audit::attempt_events(&job, lease.attempt, record, now);
         append(&mut tx, &mut events).await?;
-        tx.commit().await?;
-        events.iter().for_each(AuditEvent::emit);
+        self.commit(tx).await?;
+        events.iter().for_each(|event| event.emit(&self.metrics));
         self.feed.publish(&job);
         Ok(Some(job))
     }
@@ -552,8 +587,8 @@ impl Store {
             .flat_map(|job| audit::sweep_events(job, kind, now))
             .collect();
         append(&mut tx, &mut events).await?;
-        tx.commit().await?;
-        events.iter().for_each(AuditEvent::emit);
+        self.commit(tx).await?;
+        events.iter().for_each(|event| event.emit(&self.metrics));
         for job in &jobs {
             self.feed.publish(job);
         }

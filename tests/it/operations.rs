@@ -104,6 +104,104 @@ async fn a_second_daemon_on_the_same_database_is_refused() {
     );
 }
 
+/// The value of one series in a scrape, 0 when absent.
+fn series(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .find(|line| line.starts_with(name) && line[name.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_move_as_jobs_flow() {
+    use token_broker::fake_upstream::Scripted;
+
+    let mut app = TestApp::spawn_with(|config| {
+        config.limits.default_client_rps = 50;
+    })
+    .await;
+    let before = http_get(app.ops_addr, "/metrics").await;
+    assert!(
+        before.contains("# TYPE token_broker_jobs_submitted counter"),
+        "{before}"
+    );
+    assert_eq!(series(&before, "token_broker_jobs_submitted_total"), 0.0);
+    assert_eq!(series(&before, "token_broker_breaker_open"), 0.0);
+
+    app.fake.script([Scripted::Status(503)]);
+    app.exchange(app.new_request("metered-app")).await;
+    let mut bad = app.new_request("metered-app");
+    bad.code_verifier = "v".repeat(50);
+    app.exchange(bad).await;
+    // A job that waits while the scrape happens.
+    app.fake.set_faults(token_broker::fake_upstream::Faults {
+        latency_ms: 2_000,
+        ..Default::default()
+    });
+    let waiting = app.submit(app.new_request("metered-app")).await;
+    app.wait_for_state(&waiting.job_id, token_broker::api::proto::JobState::Running)
+        .await;
+
+    let after = http_get(app.ops_addr, "/metrics").await;
+    for (name, expected) in [
+        ("token_broker_jobs_submitted_total", 3.0),
+        (
+            r#"token_broker_jobs_finished_total{state="succeeded",reason=""}"#,
+            1.0,
+        ),
+        (
+            r#"token_broker_jobs_finished_total{state="failed",reason="forbidden"}"#,
+            1.0,
+        ),
+        (
+            r#"token_broker_upstream_requests_total{class="5xx",status="503"}"#,
+            1.0,
+        ),
+        (
+            r#"token_broker_upstream_requests_total{class="2xx",status="200"}"#,
+            1.0,
+        ),
+        (
+            r#"token_broker_upstream_requests_total{class="4xx",status="403"}"#,
+            1.0,
+        ),
+        ("token_broker_retries_total", 1.0),
+        ("token_broker_upstream_latency_seconds_count", 3.0),
+        ("token_broker_limiter_wait_seconds_count", 4.0),
+        ("token_broker_queue_depth", 1.0),
+        (
+            r#"token_broker_client_effective_rate{client_id="metered-app"}"#,
+            50.0,
+        ),
+        ("token_broker_breaker_open", 0.0),
+    ] {
+        assert_eq!(series(&after, name), expected, "{name} in\n{after}");
+    }
+    assert!(series(&after, "token_broker_sqlite_commit_seconds_count") >= 10.0);
+    assert!(after.trim_end().ends_with("# EOF"));
+}
+
+/// A minimal HTTP/1.1 GET over a raw socket, returning the body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    body.to_string()
+}
+
 /// A minimal HTTP/1.1 GET over a raw socket, returning the status code.
 async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -171,4 +269,55 @@ fn a_bad_configuration_is_reported_whole_before_anything_binds() {
         .output()
         .expect("run the binary");
     assert!(output.status.success(), "{output:?}");
+}
+
+#[tokio::test]
+async fn a_reload_changes_the_rate_limits_without_dropping_connections() {
+    use crate::helpers::{start_fake, test_config};
+
+    let fake = start_fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(&dir, &fake);
+    config.limits.default_client_rps = 2;
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (grpc_addr, ops_addr) = (grpc.local_addr().unwrap(), ops.local_addr().unwrap());
+    let (reload, reloads) = tokio::sync::watch::channel(config.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(token_broker::run_with_reload(
+        config.clone(),
+        token_broker::Listeners {
+            grpc,
+            ops: Some(ops),
+        },
+        async move {
+            let _ = stopped.await;
+        },
+        reloads,
+    ));
+    let mut client = token_broker::api::proto::token_broker_client::TokenBrokerClient::connect(
+        format!("http://{grpc_addr}"),
+    )
+    .await
+    .unwrap();
+    let rate = r#"token_broker_client_effective_rate{client_id="app"}"#;
+    client
+        .exchange(crate::helpers::new_request(&fake, "app"))
+        .await
+        .unwrap();
+    assert_eq!(series(&http_get(ops_addr, "/metrics").await, rate), 2.0);
+
+    config.limits.default_client_rps = 40;
+    reload.send(config).unwrap();
+    // The same connection keeps working, under the new limit.
+    let job = client
+        .exchange(crate::helpers::new_request(&fake, "app"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(job.token.is_some());
+    assert_eq!(series(&http_get(ops_addr, "/metrics").await, rate), 40.0);
+
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
 }

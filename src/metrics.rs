@@ -1,0 +1,154 @@
+//! Prometheus metrics (prometheus-client, which owns the exposition format). One `Metrics` per
+//! daemon, shared by the API, the worker and the store; gauges that describe state rather than
+//! events (queue depth, oldest job, effective rates, breaker state) are set when scraped.
+
+use std::{sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Label sets are short lists of pairs.
+type Labels = Vec<(&'static str, String)>;
+
+fn latency_buckets() -> Histogram {
+    // 1 ms to about 33 s.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 16,
+    ))
+}
+
+fn commit_buckets() -> Histogram {
+    // 50 µs to about 1.6 s.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.000_05, 2.0, 16,
+    ))
+}
+
+/// Every series the daemon exports, under the `token_broker_` prefix.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub jobs_submitted: Counter,
+    pub jobs_finished: Family<Labels, Counter>,
+    pub upstream_requests: Family<Labels, Counter>,
+    pub upstream_latency: Histogram,
+    pub limiter_wait: Histogram,
+    pub retries: Counter,
+    pub outcome_unknown: Counter,
+    pub sqlite_commit: Histogram,
+    pub queue_depth: Gauge,
+    pub oldest_job_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub effective_rate: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub breaker_open: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("token_broker");
+        let metrics = Metrics {
+            jobs_submitted: Counter::default(),
+            jobs_finished: Family::default(),
+            upstream_requests: Family::default(),
+            upstream_latency: latency_buckets(),
+            limiter_wait: latency_buckets(),
+            retries: Counter::default(),
+            outcome_unknown: Counter::default(),
+            sqlite_commit: commit_buckets(),
+            queue_depth: Gauge::default(),
+            oldest_job_age: Gauge::default(),
+            effective_rate: Family::default(),
+            breaker_open: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "jobs_submitted",
+            "Jobs accepted and committed",
+            metrics.jobs_submitted.clone(),
+        );
+        registry.register(
+            "jobs_finished",
+            "Jobs that reached a terminal state, by state and failure reason",
+            metrics.jobs_finished.clone(),
+        );
+        registry.register(
+            "upstream_requests",
+            "Upstream token requests, by status class (2xx, 4xx, 5xx, lost, not_sent) and status",
+            metrics.upstream_requests.clone(),
+        );
+        registry.register(
+            "upstream_latency_seconds",
+            "Time from sending a token request to its answer (or failure)",
+            metrics.upstream_latency.clone(),
+        );
+        registry.register(
+            "limiter_wait_seconds",
+            "Time from a job falling due to its attempt starting (worker and rate-limit waits)",
+            metrics.limiter_wait.clone(),
+        );
+        registry.register(
+            "retries",
+            "Retries scheduled after a retryable failure",
+            metrics.retries.clone(),
+        );
+        registry.register(
+            "outcome_unknown",
+            "Attempts whose answer was never seen (the code may have been spent)",
+            metrics.outcome_unknown.clone(),
+        );
+        registry.register(
+            "sqlite_commit_seconds",
+            "Time to commit one write transaction",
+            metrics.sqlite_commit.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Jobs not yet terminal (queued, running or waiting for a retry)",
+            metrics.queue_depth.clone(),
+        );
+        registry.register(
+            "oldest_job_age_seconds",
+            "Age of the oldest job waiting to be attempted",
+            metrics.oldest_job_age.clone(),
+        );
+        registry.register(
+            "client_effective_rate",
+            "Requests per second currently allowed per client id (after 429 adaptation)",
+            metrics.effective_rate.clone(),
+        );
+        registry.register(
+            "breaker_open",
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+            metrics.breaker_open.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            ..metrics
+        })
+    }
+
+    /// The exposition text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn job_finished(&self, state: &'static str, reason: Option<&'static str>) {
+        self.jobs_finished
+            .get_or_create(&vec![
+                ("state", state.to_string()),
+                ("reason", reason.unwrap_or("").to_string()),
+            ])
+            .inc();
+    }
+
+    pub fn upstream_request(&self, class: &'static str, status: String, took: Duration) {
+        self.upstream_requests
+            .get_or_create(&vec![("class", class.to_string()), ("status", status)])
+            .inc();
+        self.upstream_latency.observe(took.as_secs_f64());
+    }
+}
