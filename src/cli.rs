@@ -52,12 +52,45 @@ pub enum Command {
     Config(ConfigCommand),
     /// Run a fake Truecaller token endpoint for development and tests.
     FakeUpstream(FakeUpstreamArgs),
+    /// Load generator: exchanges through a running daemon, or directly against the upstream.
+    Bench(BenchArgs),
     /// Inspect jobs (reads the database read-only; never shows tokens).
     #[command(subcommand)]
     Jobs(JobsCommand),
     /// Inspect and verify the audit trail (reads the database read-only).
     #[command(subcommand)]
     Audit(AuditCommand),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// The daemon's gRPC address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub target: String,
+    /// The fake upstream (codes come from its /test/authorize; --direct sends to its /v1/token).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub fake: String,
+    /// Call the upstream directly, without the daemon: the baseline.
+    #[arg(long)]
+    pub direct: bool,
+    /// Exchanges to make.
+    #[arg(long, short = 'n', default_value_t = 10_000)]
+    pub requests: usize,
+    /// Exchanges in flight at once.
+    #[arg(long, short = 'c', default_value_t = 64)]
+    pub concurrency: usize,
+    /// A fixed rate (exchanges per second) instead of as fast as possible.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// gRPC connections to spread the load over.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// The client id to exchange for.
+    #[arg(long, default_value = "bench-app")]
+    pub client_id: String,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 /// Which database to read.

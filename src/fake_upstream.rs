@@ -6,7 +6,8 @@
 //! Side endpoints drive it:
 //!
 //! - `POST /test/authorize` (form: `client_id`, `code_challenge`, `code_challenge_method=S256`)
-//!   issues a code, as the app's SDK would receive it: `{"code": "..."}`.
+//!   issues a code, as the app's SDK would receive it: `{"code": "..."}`; with `count=N`,
+//!   N codes at once: `{"codes": [...]}` (for load generators).
 //! - `POST /test/script` (JSON array such as `["503", "500", "drop"]`) queues the answers to the
 //!   next token requests, before any random fault.
 //! - `POST /test/faults` (JSON [`Faults`]) replaces the random fault rates.
@@ -457,8 +458,20 @@ fn authorize(state: &State, body: &[u8]) -> HttpResponse {
     if !matches!(field("code_challenge_method"), "" | "S256") {
         return error(StatusCode::BAD_REQUEST, "only S256 is supported");
     }
-    let code = state.issue_code(field("client_id"), field("code_challenge"));
-    json(StatusCode::OK, &serde_json::json!({ "code": code }))
+    // `count` issues many codes at once (for load generators): {"codes": [...]}.
+    match field("count").parse::<usize>() {
+        Ok(count) if (1..=100_000).contains(&count) => {
+            let codes: Vec<String> = (0..count)
+                .map(|_| state.issue_code(field("client_id"), field("code_challenge")))
+                .collect();
+            json(StatusCode::OK, &serde_json::json!({ "codes": codes }))
+        }
+        Ok(_) => error(StatusCode::BAD_REQUEST, "count must be 1 to 100000"),
+        Err(_) => {
+            let code = state.issue_code(field("client_id"), field("code_challenge"));
+            json(StatusCode::OK, &serde_json::json!({ "code": code }))
+        }
+    }
 }
 
 fn script(state: &State, body: &[u8]) -> HttpResponse {

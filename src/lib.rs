@@ -20,12 +20,14 @@
 //! - [`fake_upstream`]: a fake Truecaller for development and tests.
 //! - [`ops_http`]: `/metrics`, `/healthz` and `/readyz`; [`metrics`]: the Prometheus series.
 //! - [`inspect`]: the auditors' command line (`jobs`, `audit`), reading the database read-only.
+//! - [`bench`]: the load generator (`token-broker bench`).
 //! - [`cli`], [`telemetry`]: the command line and logging set-up.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod audit;
+pub mod bench;
 pub mod breaker;
 pub mod cli;
 pub mod config;

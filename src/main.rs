@@ -60,6 +60,7 @@ fn main() -> ExitCode {
             }
         },
         Command::FakeUpstream(args) => report(runtime.block_on(fake_upstream(args))),
+        Command::Bench(args) => report(runtime.block_on(bench(args))),
         Command::Jobs(command) => report(runtime.block_on(inspect::jobs(command))),
         Command::Audit(command) => match runtime.block_on(inspect::audit(command)) {
             Ok(true) => ExitCode::SUCCESS,
@@ -138,6 +139,27 @@ async fn fake_upstream(args: FakeUpstreamArgs) -> anyhow::Result<()> {
     tracing::info!(token_url = %fake.token_url(), "fake upstream serving");
     shutdown_signal().await;
     fake.stop();
+    Ok(())
+}
+
+async fn bench(args: token_broker::cli::BenchArgs) -> anyhow::Result<()> {
+    let report = token_broker::bench::run(&args).await?;
+    println!(
+        "{}: {} of {} succeeded in {:.2} s: {:.0}/s; latency ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}",
+        report.mode,
+        report.succeeded,
+        report.requests,
+        report.elapsed_secs,
+        report.per_second,
+        report.latency_ms.p50,
+        report.latency_ms.p90,
+        report.latency_ms.p99,
+        report.latency_ms.max
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    anyhow::ensure!(report.failed == 0, "{} exchanges failed", report.failed);
     Ok(())
 }
 

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Runs the fake upstream, the daemon (rate limits off, synchronous=full) and the load generator
+# in both modes in one go, and prints throughput, the daemon/direct ratio, the daemon's CPU time
+# per exchange and the added latency at a steady rate. Usage:
+#   bench/run.sh [N] [CONCURRENCY]        (defaults: 20000 64)
+# BENCH_SMOKE=1 makes a short run that only checks the tools work (CI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-20000}
+C=${2:-64}
+RATE_N=${RATE_N:-4000}
+if [[ "${BENCH_SMOKE:-}" == 1 ]]; then N=300; C=16; RATE_N=100; fi
+PROFILE=${BENCH_PROFILE:-release}
+cargo build --quiet --profile "$PROFILE"
+BIN="target/$PROFILE/token-broker"
+[[ "$PROFILE" == dev ]] && BIN=target/debug/token-broker
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+FAKE_PORT=$((20000 + RANDOM % 10000))
+GRPC_PORT=$((30000 + RANDOM % 10000))
+FAKE="http://127.0.0.1:$FAKE_PORT"
+"$BIN" fake-upstream --listen "127.0.0.1:$FAKE_PORT" --code-ttl-secs 3600 >"$WORK/fake.log" 2>&1 &
+PIDS+=($!)
+TOKEN_BROKER_SERVER__LISTEN="127.0.0.1:$GRPC_PORT" \
+TOKEN_BROKER_SERVER__METRICS_LISTEN="" \
+TOKEN_BROKER_STORAGE__PATH="$WORK/broker.db" \
+TOKEN_BROKER_STORAGE__SYNCHRONOUS=full \
+TOKEN_BROKER_UPSTREAM__TOKEN_URL="$FAKE/v1/token" \
+TOKEN_BROKER_LIMITS__GLOBAL_RPS=0 \
+TOKEN_BROKER_LIMITS__DEFAULT_CLIENT_RPS=0 \
+TOKEN_BROKER_QUEUE__MAX_PENDING=10000000 \
+RUST_LOG=warn \
+    "$BIN" serve >"$WORK/broker.log" 2>&1 &
+DAEMON=$!
+PIDS+=($DAEMON)
+for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$GRPC_PORT") 2>/dev/null && break
+    sleep 0.1
+done
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$DAEMON/stat"; }
+TICK=$(getconf CLK_TCK)
+bench() { "$BIN" bench --fake "$FAKE" --target "http://127.0.0.1:$GRPC_PORT" "$@"; }
+
+echo "== throughput: $N exchanges, concurrency $C"
+bench --direct -n "$N" -c "$C" --json "$WORK/direct.json"
+BEFORE=$(cpu_ticks)
+bench -n "$N" -c "$C" --json "$WORK/daemon.json"
+AFTER=$(cpu_ticks)
+
+echo "== latency: $RATE_N exchanges at 200/s"
+bench --direct -n "$RATE_N" -c 64 --rate 200 --json "$WORK/direct-rate.json"
+bench -n "$RATE_N" -c 64 --rate 200 --json "$WORK/daemon-rate.json"
+
+python3 - "$WORK" "$BEFORE" "$AFTER" "$TICK" "$N" <<'PY'
+import json, sys
+work, before, after, tick, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+load = lambda name: json.load(open(f"{work}/{name}.json"))
+direct, daemon = load("direct"), load("daemon")
+direct_rate, daemon_rate = load("direct-rate"), load("daemon-rate")
+cpu_us = (after - before) / tick * 1e6 / max(daemon["succeeded"], 1)
+print("== summary")
+print(f"daemon throughput      {daemon['per_second']:8.0f} exchanges/s")
+print(f"direct throughput      {direct['per_second']:8.0f} exchanges/s")
+print(f"ratio                  {daemon['per_second'] / direct['per_second']:8.3f}")
+print(f"daemon CPU / exchange  {cpu_us:8.1f} us")
+for q in ("p50", "p99"):
+    added = daemon_rate["latency_ms"][q] - direct_rate["latency_ms"][q]
+    print(f"added latency {q}      {added:8.2f} ms (daemon {daemon_rate['latency_ms'][q]:.2f}, direct {direct_rate['latency_ms'][q]:.2f})")
+PY
