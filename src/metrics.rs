@@ -136,11 +136,11 @@ impl Metrics {
         out
     }
 
-    pub fn job_finished(&self, state: &'static str, reason: Option<&'static str>) {
+    pub fn job_finished(&self, state: &'static str, reason: Option<String>) {
         self.jobs_finished
             .get_or_create(&vec![
                 ("state", state.to_string()),
-                ("reason", reason.unwrap_or("").to_string()),
+                ("reason", reason.unwrap_or_default()),
             ])
             .inc();
     }

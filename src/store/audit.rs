@@ -3,7 +3,7 @@
 //! (see [`crate::audit`]). Events carry ids, statuses, the code's fingerprint and our own short
 //! details; never a code, a verifier, a token or an upstream body.
 
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Row, SqliteConnection};
 
 use super::AttemptRecord;
 use crate::{
@@ -24,9 +24,13 @@ pub(super) struct ChainHead {
 }
 
 impl ChainHead {
-    pub(super) async fn read(tx: &mut Transaction<'static, Sqlite>) -> sqlx::Result<ChainHead> {
+    pub(super) fn seq(&self) -> i64 {
+        self.seq
+    }
+
+    pub(super) async fn read(conn: &mut SqliteConnection) -> sqlx::Result<ChainHead> {
         let row = sqlx::query(include_str!("sql/chain_head.sql"))
-            .fetch_optional(&mut **tx)
+            .fetch_optional(&mut *conn)
             .await?;
         Ok(match row {
             Some(row) => ChainHead {
@@ -55,8 +59,6 @@ pub(super) struct AuditEvent<'a> {
     attempt: Option<u32>,
     http_status: Option<u16>,
     detail: Option<String>,
-    /// Set by [`AuditEvent::insert`]: the record as chained and stored.
-    stored: Option<AuditRecord>,
 }
 
 impl<'a> AuditEvent<'a> {
@@ -68,7 +70,6 @@ impl<'a> AuditEvent<'a> {
             attempt: None,
             http_status: None,
             detail: None,
-            stored: None,
         }
     }
 
@@ -87,12 +88,12 @@ impl<'a> AuditEvent<'a> {
         self
     }
 
-    /// Appends the event to the chain inside `tx`.
+    /// Appends the event to the chain inside the open transaction and returns it as stored.
     pub(super) async fn insert(
-        &mut self,
-        tx: &mut Transaction<'static, Sqlite>,
+        self,
+        conn: &mut SqliteConnection,
         head: &mut ChainHead,
-    ) -> sqlx::Result<()> {
+    ) -> sqlx::Result<AuditRecord> {
         let mut record = AuditRecord {
             seq: head.seq + 1,
             at: self.at.0.max(head.at),
@@ -102,7 +103,7 @@ impl<'a> AuditEvent<'a> {
             kind: self.kind.as_str().to_string(),
             attempt: self.attempt,
             http_status: self.http_status,
-            detail: self.detail.clone(),
+            detail: self.detail,
             code_fingerprint: self.job.code_fingerprint.clone(),
             prev_hash: head.hash.clone(),
             hash: String::new(),
@@ -121,46 +122,36 @@ impl<'a> AuditEvent<'a> {
             .bind(record.code_fingerprint.as_deref())
             .bind(&record.prev_hash)
             .bind(&record.hash)
-            .execute(&mut **tx)
+            .execute(&mut *conn)
             .await?;
         head.seq = record.seq;
         head.at = record.at;
         head.hash = record.hash.clone();
-        self.stored = Some(record);
-        Ok(())
-    }
-
-    /// Emits the committed event as a `tracing` event with target `audit`, hashes included, so
-    /// a log pipeline holds a copy of the chain outside the database, and counts it, so logs
-    /// and metrics never disagree.
-    pub(super) fn emit(&self, metrics: &Metrics) {
-        let Some(record) = &self.stored else {
-            return;
-        };
-        emit(record);
-        match self.kind {
-            AuditKind::JobSubmitted => {
-                metrics.jobs_submitted.inc();
-            }
-            AuditKind::JobRetryScheduled => {
-                metrics.retries.inc();
-            }
-            AuditKind::AttemptUnknown => {
-                metrics.outcome_unknown.inc();
-            }
-            AuditKind::JobSucceeded => metrics.job_finished("succeeded", None),
-            AuditKind::JobCancelled => metrics.job_finished("cancelled", None),
-            AuditKind::JobExpired => metrics.job_finished("failed", Some("expired")),
-            AuditKind::JobFailed => {
-                metrics.job_finished("failed", self.job.failure_reason.map(|r| r.as_str()))
-            }
-            AuditKind::AttemptStarted | AuditKind::AttemptFinished | AuditKind::Checkpoint => {}
-        }
+        Ok(record)
     }
 }
 
-/// Emits a committed record on the `audit` target.
-pub(super) fn emit(record: &AuditRecord) {
+/// Emits a committed record as a `tracing` event with target `audit`, hashes included, so a
+/// log pipeline holds a copy of the chain outside the database; and counts it, so logs and
+/// metrics never disagree.
+pub(super) fn emit(record: &AuditRecord, metrics: &Metrics) {
+    match record.kind.as_str() {
+        "job.submitted" => {
+            metrics.jobs_submitted.inc();
+        }
+        "job.retry_scheduled" => {
+            metrics.retries.inc();
+        }
+        "attempt.unknown" => {
+            metrics.outcome_unknown.inc();
+        }
+        "job.succeeded" => metrics.job_finished("succeeded", None),
+        "job.cancelled" => metrics.job_finished("cancelled", None),
+        "job.expired" => metrics.job_finished("failed", Some("expired".to_string())),
+        // A job.failed event's detail is the failure reason.
+        "job.failed" => metrics.job_finished("failed", record.detail.clone()),
+        _ => {}
+    }
     tracing::info!(
         target: "audit",
         seq = record.seq,

@@ -5,14 +5,12 @@ use sqlx::Row;
 
 use super::{Store, StoreError, audit, job_from_row};
 use crate::{
-    audit::{AuditKind, AuditRecord, ChainVerifier, VerifyReport},
+    audit::{AuditRecord, ChainVerifier, VerifyReport},
     job::{Job, JobState, UnixMillis},
 };
 
 /// Rows read per page when the store walks the whole log.
 const SCAN_PAGE: i64 = 5_000;
-/// Events removed per transaction by retention, so it never holds the writer for long.
-const PRUNE_BATCH: i64 = 10_000;
 
 /// Which jobs to list. Empty filters match everything.
 #[derive(Debug, Clone, Default)]
@@ -206,82 +204,5 @@ impl Store {
             );
         }
         Ok(verifier.report())
-    }
-
-    /// Removes events older than `cutoff`, leaving a checkpoint that carries the hash of the
-    /// last removed event so the rest of the chain still verifies. Returns `None` when nothing
-    /// was old enough.
-    pub async fn prune_audit_events(
-        &self,
-        cutoff: UnixMillis,
-        now: UnixMillis,
-    ) -> Result<Option<Pruned>, StoreError> {
-        let mut removed = 0u64;
-        let mut checkpoint = None;
-        loop {
-            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-            let bounds = sqlx::query(include_str!("sql/prune_bound.sql"))
-                .bind(cutoff.0)
-                .fetch_one(&mut *tx)
-                .await?;
-            let (Some(last_old), Some(first)) = (
-                bounds.try_get::<Option<i64>, _>("last_old")?,
-                bounds.try_get::<Option<i64>, _>("first")?,
-            ) else {
-                break;
-            };
-            // A checkpoint already standing at the oldest old event is nothing to prune.
-            let first_is_checkpoint = first == last_old
-                && sqlx::query(include_str!("sql/get_event.sql"))
-                    .bind(first)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .map(|row| audit::record_from_row(&row))
-                    .transpose()?
-                    .is_some_and(|e| e.kind == AuditKind::Checkpoint.as_str());
-            if first_is_checkpoint {
-                break;
-            }
-            let upto = last_old.min(first + PRUNE_BATCH - 1);
-            let Some(last_removed) = sqlx::query(include_str!("sql/get_event.sql"))
-                .bind(upto)
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|row| audit::record_from_row(&row))
-                .transpose()?
-            else {
-                return Err(StoreError::Corrupt(format!(
-                    "audit event {upto} is missing; run audit verify"
-                )));
-            };
-            let deleted = sqlx::query(include_str!("sql/delete_events.sql"))
-                .bind(upto)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            let detail = format!(
-                "retention removed events up to seq {upto} (older than {} ms since the epoch)",
-                cutoff.0
-            );
-            sqlx::query(include_str!("sql/insert_checkpoint.sql"))
-                .bind(upto)
-                .bind(now.0.max(last_removed.at))
-                .bind(&detail)
-                .bind(&last_removed.hash)
-                .execute(&mut *tx)
-                .await?;
-            self.commit(tx).await?;
-            removed += deleted;
-            checkpoint = Some(upto);
-            tracing::info!(target: "audit", kind = "audit.checkpoint", seq = upto,
-                hash = %last_removed.hash, %detail, "audit events pruned");
-            if upto == last_old {
-                break;
-            }
-        }
-        Ok(checkpoint.map(|checkpoint_seq| Pruned {
-            events: removed,
-            checkpoint_seq,
-        }))
     }
 }

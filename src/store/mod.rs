@@ -1,18 +1,19 @@
 //! The store: the only module that runs SQL.
 //!
-//! One SQLite file in WAL mode. Writes go through a single connection (SQLite has one writer at
-//! a time; a pool of writers only trades throughput for `SQLITE_BUSY`), each change in one
-//! `BEGIN IMMEDIATE` transaction that also appends its audit events. Reads use a separate
-//! read-only pool. No transaction is ever held across an upstream call: claiming commits before
-//! the request is sent, and the outcome is written in a new transaction guarded by the claim's
-//! lease owner and attempt number.
+//! One SQLite file in WAL mode. Every change goes to the writer task ([`writer`]), which owns
+//! the single writing connection (SQLite has one writer at a time; a pool of writers only
+//! trades throughput for `SQLITE_BUSY`) and commits changes in groups: one `BEGIN IMMEDIATE`
+//! transaction and one fsync for every change waiting, each change with its audit events.
+//! Reads use a separate read-only pool. No transaction is ever held across an upstream call:
+//! claiming commits before the request is sent, and the outcome is written in a later
+//! transaction guarded by the claim's lease owner and attempt number.
 //!
-//! Every committed change is published on the [`JobFeed`] after its commit.
+//! Every committed change is published on the [`JobFeed`] after its commit, never before.
 
 use std::{str::FromStr, sync::Arc, time::Duration};
 
 use sqlx::{
-    Row, Sqlite, SqlitePool,
+    ConnectOptions, Row, SqlitePool,
     sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
     },
@@ -30,15 +31,11 @@ use crate::{
 
 mod audit;
 mod history;
+mod writer;
 
 pub use history::{EventQuery, JobQuery, Page, Pruned};
 
-use audit::{AuditEvent, ChainHead};
-
-use crate::audit::AuditKind;
-
-/// Rows changed by one sweep statement at most, so one sweep never holds the writer for long.
-const SWEEP_BATCH: i64 = 500;
+use writer::{Op, Reply, WriterHandle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -53,19 +50,17 @@ pub enum StoreError {
     },
     #[error("stored job is unreadable: {0}")]
     Corrupt(String),
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// The durable job queue.
 #[derive(Debug, Clone)]
 pub struct Store {
-    /// The single writing connection.
-    writer: SqlitePool,
+    /// The writer task; `None` for a read-only store.
+    writer: Option<WriterHandle>,
     /// Read-only connections for lookups.
     reader: SqlitePool,
-    /// Told about every committed change.
-    feed: Arc<JobFeed>,
-    /// Commit latency, and the counters behind every audit event.
-    metrics: Arc<Metrics>,
 }
 
 /// What a submission did.
@@ -110,6 +105,16 @@ pub struct NewJob<'a> {
     pub ttl: Duration,
     /// The queue's bound.
     pub max_pending: u64,
+}
+
+/// [`NewJob`], owned, as it travels to the writer.
+#[derive(Debug, Clone)]
+pub(crate) struct NewJobOwned {
+    tenant: String,
+    request: ExchangeRequest,
+    code_fingerprint: String,
+    ttl: Duration,
+    max_pending: u64,
 }
 
 /// The right to record the outcome of one attempt: only its holder's writes land.
@@ -181,25 +186,24 @@ impl Store {
             .synchronous(synchronous)
             .busy_timeout(busy_timeout)
             .foreign_keys(true);
-        let writer = SqlitePoolOptions::new()
+        // Migrations run through a one-connection pool (the migrator's connection form is not
+        // Send in an async fn), closed before the writer opens its own connection.
+        let migrations = SqlitePoolOptions::new()
             .max_connections(1)
-            .min_connections(1)
-            .acquire_timeout(busy_timeout + Duration::from_secs(5))
-            .idle_timeout(None)
-            .max_lifetime(None)
             .connect_with(base.clone().create_if_missing(true))
             .await?;
-        sqlx::migrate!("./migrations").run(&writer).await?;
+        sqlx::migrate!("./migrations").run(&migrations).await?;
+        migrations.close().await;
+        let conn = base.clone().connect().await?;
+        let writer = WriterHandle::start(conn, feed, metrics).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(busy_timeout + Duration::from_secs(5))
             .connect_with(base.read_only(true))
             .await?;
         Ok(Store {
-            writer,
+            writer: Some(writer),
             reader,
-            feed,
-            metrics,
         })
     }
 
@@ -221,17 +225,25 @@ impl Store {
             )
             .await?;
         Ok(Store {
-            writer: reader.clone(),
+            writer: None,
             reader,
-            feed: JobFeed::new(),
-            metrics: Metrics::new(),
         })
     }
 
-    /// Closes every connection, checkpointing the WAL.
+    /// Closes the read connections. The writer closes its connection (checkpointing the WAL)
+    /// once every handle to it is dropped.
     pub async fn close(&self) {
         self.reader.close().await;
-        self.writer.close().await;
+    }
+
+    /// Applies one change through the writer, waiting for its commit.
+    async fn write(&self, op: Op) -> Result<Reply, StoreError> {
+        match &self.writer {
+            Some(writer) => writer.apply(op).await,
+            None => Err(StoreError::Unavailable(
+                "the store was opened read-only".into(),
+            )),
+        }
     }
 
     /// Commits a new job, unless its idempotency key is taken or the queue is full.
@@ -240,65 +252,115 @@ impl Store {
         job: &NewJob<'_>,
         now: UnixMillis,
     ) -> Result<SubmitOutcome, StoreError> {
-        let NewJob {
-            tenant,
-            request,
-            code_fingerprint,
-            ttl,
-            max_pending,
-        } = *job;
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let existing = sqlx::query(include_str!("sql/find_by_key.sql"))
-            .bind(tenant)
-            .bind(&request.idempotency_key)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if let Some(row) = existing {
-            let digest: String = row.try_get("request_digest")?;
-            return Ok(if digest == request.request_digest {
-                SubmitOutcome::Existing(job_from_row(&row)?)
-            } else {
-                SubmitOutcome::KeyConflict
-            });
+        let owned = NewJobOwned {
+            tenant: job.tenant.to_string(),
+            request: job.request.clone(),
+            code_fingerprint: job.code_fingerprint.to_string(),
+            ttl: job.ttl,
+            max_pending: job.max_pending,
+        };
+        match self.write(Op::Submit(owned, now)).await? {
+            Reply::Submit(outcome) => Ok(outcome),
+            other => unreachable!("submit answered {other:?}"),
         }
-        let pending: i64 = sqlx::query_scalar(include_str!("sql/count_pending.sql"))
-            .fetch_one(&mut *tx)
-            .await?;
-        let pending = u64::try_from(pending).unwrap_or(0);
-        if pending >= max_pending {
-            return Ok(SubmitOutcome::QueueFull { pending });
-        }
-        let row = sqlx::query(include_str!("sql/insert_job.sql"))
-            .bind(JobId::new().to_string())
-            .bind(tenant)
-            .bind(&request.client_id)
-            .bind(&request.idempotency_key)
-            .bind(&request.request_digest)
-            .bind(request.code.expose())
-            .bind(request.code_verifier.expose())
-            .bind(&request.state)
-            .bind(now.0)
-            .bind(now.saturating_add(ttl).0)
-            .bind(code_fingerprint)
-            .fetch_one(&mut *tx)
-            .await?;
-        let job = job_from_row(&row)?;
-        let mut events = [AuditEvent::new(&job, AuditKind::JobSubmitted, now)];
-        append(&mut tx, &mut events).await?;
-        self.commit(tx).await?;
-        events.iter().for_each(|event| event.emit(&self.metrics));
-        self.feed.publish(&job);
-        Ok(SubmitOutcome::Created(job))
     }
 
-    /// Commits a write transaction, timing it.
-    async fn commit(&self, tx: sqlx::Transaction<'static, Sqlite>) -> Result<(), sqlx::Error> {
-        let started = std::time::Instant::now();
-        let result = tx.commit().await;
-        self.metrics
-            .sqlite_commit
-            .observe(started.elapsed().as_secs_f64());
-        result
+    /// Cancels a queued or waiting job.
+    pub async fn cancel(&self, id: JobId, now: UnixMillis) -> Result<CancelOutcome, StoreError> {
+        match self.write(Op::Cancel(id, now)).await? {
+            Reply::Cancel(outcome) => Ok(outcome),
+            other => unreachable!("cancel answered {other:?}"),
+        }
+    }
+
+    /// Claims the given jobs for `owner` until `lease_until`, in one statement. Jobs that are no
+    /// longer claimable (cancelled, claimed, expired meanwhile) are skipped.
+    pub async fn claim(
+        &self,
+        candidates: &[Candidate],
+        owner: &Arc<str>,
+        lease_until: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<Vec<Claim>, StoreError> {
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let op = Op::Claim {
+            candidates: candidates.to_vec(),
+            owner: Arc::clone(owner),
+            lease_until,
+            now,
+        };
+        match self.write(op).await? {
+            Reply::Claim(claims) => Ok(claims),
+            other => unreachable!("claim answered {other:?}"),
+        }
+    }
+
+    /// Records an attempt's outcome, if `lease` still holds the job. Returns the job as
+    /// committed, or `None` when the lease was lost (the job was rescued and claimed again):
+    /// then nothing is written.
+    pub async fn record_attempt(
+        &self,
+        lease: &Lease,
+        record: &AttemptRecord,
+        now: UnixMillis,
+    ) -> Result<Option<Job>, StoreError> {
+        match self
+            .write(Op::Record(lease.clone(), record.clone(), now))
+            .await?
+        {
+            Reply::Record(job) => Ok(job),
+            other => unreachable!("record answered {other:?}"),
+        }
+    }
+
+    /// Fails queued and waiting jobs whose time to live has passed. Returns them.
+    pub async fn expire_overdue(&self, now: UnixMillis) -> Result<Vec<Job>, StoreError> {
+        match self.write(Op::Expire(now)).await? {
+            Reply::Jobs(jobs) => Ok(jobs),
+            other => unreachable!("expire answered {other:?}"),
+        }
+    }
+
+    /// Returns to the queue (or fails, when no attempt is left) every running job whose lease
+    /// ended before `lease_cutoff`: its worker died mid-attempt, so the outcome is unknown.
+    pub async fn rescue_leases(
+        &self,
+        lease_cutoff: UnixMillis,
+        max_attempts: u32,
+        now: UnixMillis,
+    ) -> Result<Vec<Job>, StoreError> {
+        let op = Op::Rescue {
+            lease_cutoff,
+            max_attempts,
+            now,
+        };
+        match self.write(op).await? {
+            Reply::Jobs(jobs) => Ok(jobs),
+            other => unreachable!("rescue answered {other:?}"),
+        }
+    }
+
+    /// Removes audit events older than `cutoff`, leaving a checkpoint that carries the hash of
+    /// the last removed event so the rest of the chain still verifies. Returns `None` when
+    /// nothing was old enough.
+    pub async fn prune_audit_events(
+        &self,
+        cutoff: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<Option<Pruned>, StoreError> {
+        let mut pruned: Option<Pruned> = None;
+        while let Reply::Pruned(Some((rows, checkpoint_seq))) =
+            self.write(Op::PruneStep { cutoff, now }).await?
+        {
+            let events = pruned.as_ref().map_or(0, |p| p.events) + rows;
+            pruned = Some(Pruned {
+                events,
+                checkpoint_seq,
+            });
+        }
+        Ok(pruned)
     }
 
     /// Jobs not yet terminal.
@@ -324,35 +386,6 @@ impl Store {
             .fetch_optional(&self.reader)
             .await?;
         row.as_ref().map(job_from_row).transpose()
-    }
-
-    /// Cancels a queued or waiting job.
-    pub async fn cancel(&self, id: JobId, now: UnixMillis) -> Result<CancelOutcome, StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let row = sqlx::query(include_str!("sql/cancel_job.sql"))
-            .bind(id.to_string())
-            .bind(now.0)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(row) = row else {
-            let current = sqlx::query(include_str!("sql/get_job.sql"))
-                .bind(id.to_string())
-                .fetch_optional(&mut *tx)
-                .await?;
-            tx.rollback().await?;
-            return match current {
-                Some(row) => Ok(CancelOutcome::NotCancellable(job_from_row(&row)?)),
-                None => Ok(CancelOutcome::NotFound),
-            };
-        };
-        let job = job_from_row(&row)?;
-        let mut events =
-            [AuditEvent::new(&job, AuditKind::JobCancelled, now).detail("cancelled by request")];
-        append(&mut tx, &mut events).await?;
-        self.commit(tx).await?;
-        events.iter().for_each(|event| event.emit(&self.metrics));
-        self.feed.publish(&job);
-        Ok(CancelOutcome::Cancelled(job))
     }
 
     /// Up to `limit` due jobs in due order, leaving out the clients in `skip_clients`.
@@ -386,213 +419,6 @@ impl Store {
             .fetch_one(&self.reader)
             .await?;
         Ok(next.map(UnixMillis))
-    }
-
-    /// Claims the given jobs for `owner` until `lease_until`, in one statement. Jobs that are no
-    /// longer claimable (cancelled, claimed, expired meanwhile) are skipped.
-    pub async fn claim(
-        &self,
-        candidates: &[Candidate],
-        owner: &Arc<str>,
-        lease_until: UnixMillis,
-        now: UnixMillis,
-    ) -> Result<Vec<Claim>, StoreError> {
-        if candidates.is_empty() {
-            return Ok(Vec::new());
-        }
-        let row_ids: Vec<i64> = candidates.iter().map(|c| c.row_id).collect();
-        let ids = serde_json::to_string(&row_ids).expect("integers serialize");
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let rows = sqlx::query(include_str!("sql/claim.sql"))
-            .bind(ids)
-            .bind(owner.as_ref())
-            .bind(lease_until.0)
-            .bind(now.0)
-            .fetch_all(&mut *tx)
-            .await?;
-        let mut claims = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let job = job_from_row(row)?;
-            let code: Option<String> = row.try_get("code")?;
-            let code_verifier: Option<String> = row.try_get("code_verifier")?;
-            let (Some(code), Some(code_verifier)) = (code, code_verifier) else {
-                return Err(StoreError::Corrupt(format!(
-                    "job {} is claimable but its code or verifier is gone",
-                    job.id
-                )));
-            };
-            claims.push(Claim {
-                lease: Lease {
-                    row_id: row.try_get("id")?,
-                    owner: Arc::clone(owner),
-                    attempt: job.attempts,
-                },
-                job,
-                code: Secret::new(code),
-                code_verifier: Secret::new(code_verifier),
-            });
-        }
-        let mut events: Vec<_> = claims
-            .iter()
-            .map(|claim| {
-                let waited = candidates
-                    .iter()
-                    .find(|c| c.row_id == claim.lease.row_id)
-                    .map_or(0, |c| now.0 - c.due_at.0);
-                AuditEvent::new(&claim.job, AuditKind::AttemptStarted, now)
-                    .attempt(claim.lease.attempt)
-                    .detail(format!(
-                        "waited {waited} ms after falling due (worker and rate-limit permits)"
-                    ))
-            })
-            .collect();
-        append(&mut tx, &mut events).await?;
-        self.commit(tx).await?;
-        events.iter().for_each(|event| event.emit(&self.metrics));
-        for claim in &claims {
-            self.feed.publish(&claim.job);
-        }
-        Ok(claims)
-    }
-
-    /// Records an attempt's outcome, if `lease` still holds the job. Returns the job as
-    /// committed, or `None` when the lease was lost (the job was rescued and claimed again):
-    /// then nothing is written.
-    pub async fn record_attempt(
-        &self,
-        lease: &Lease,
-        record: &AttemptRecord,
-        now: UnixMillis,
-    ) -> Result<Option<Job>, StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let guarded = |sql| {
-            sqlx::query(sql)
-                .bind(lease.row_id)
-                .bind(lease.owner.as_ref())
-                .bind(lease.attempt)
-        };
-        let row = match record {
-            AttemptRecord::Succeeded {
-                grant,
-                http_status,
-                outcome_unknown,
-            } => {
-                guarded(include_str!("sql/finish_succeeded.sql"))
-                    .bind(grant.access_token.expose())
-                    .bind(&grant.token_type)
-                    .bind(grant.expires_in)
-                    .bind(
-                        now.saturating_add(Duration::from_secs(
-                            u64::try_from(grant.expires_in).unwrap_or(0),
-                        ))
-                        .0,
-                    )
-                    .bind(http_status)
-                    .bind(outcome_unknown)
-                    .bind(now.0)
-                    .fetch_optional(&mut *tx)
-                    .await?
-            }
-            AttemptRecord::RetryAt {
-                at,
-                http_status,
-                detail,
-                outcome_unknown,
-                ..
-            } => {
-                guarded(include_str!("sql/finish_retry.sql"))
-                    .bind(at.0)
-                    .bind(http_status)
-                    .bind(detail)
-                    .bind(outcome_unknown)
-                    .bind(now.0)
-                    .fetch_optional(&mut *tx)
-                    .await?
-            }
-            AttemptRecord::Failed {
-                reason,
-                http_status,
-                detail,
-                outcome_unknown,
-                ..
-            } => {
-                guarded(include_str!("sql/finish_failed.sql"))
-                    .bind(reason.as_str())
-                    .bind(http_status)
-                    .bind(detail)
-                    .bind(outcome_unknown)
-                    .bind(now.0)
-                    .fetch_optional(&mut *tx)
-                    .await?
-            }
-        };
-        let Some(row) = row else {
-            tx.rollback().await?;
-            return Ok(None);
-        };
-        let job = job_from_row(&row)?;
-        let mut events = audit::attempt_events(&job, lease.attempt, record, now);
-        append(&mut tx, &mut events).await?;
-        self.commit(tx).await?;
-        events.iter().for_each(|event| event.emit(&self.metrics));
-        self.feed.publish(&job);
-        Ok(Some(job))
-    }
-
-    /// Fails queued and waiting jobs whose time to live has passed. Returns them.
-    pub async fn expire_overdue(&self, now: UnixMillis) -> Result<Vec<Job>, StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let rows = sqlx::query(include_str!("sql/expire_overdue.sql"))
-            .bind(now.0)
-            .bind(SWEEP_BATCH)
-            .fetch_all(&mut *tx)
-            .await?;
-        self.commit_sweep(tx, &rows, AuditKind::JobExpired, now)
-            .await
-    }
-
-    /// Returns to the queue (or fails, when no attempt is left) every running job whose lease
-    /// ended before `lease_cutoff`: its worker died mid-attempt, so the outcome is unknown.
-    pub async fn rescue_leases(
-        &self,
-        lease_cutoff: UnixMillis,
-        max_attempts: u32,
-        now: UnixMillis,
-    ) -> Result<Vec<Job>, StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let rows = sqlx::query(include_str!("sql/rescue_leases.sql"))
-            .bind(now.0)
-            .bind(lease_cutoff.0)
-            .bind(max_attempts)
-            .bind(SWEEP_BATCH)
-            .fetch_all(&mut *tx)
-            .await?;
-        self.commit_sweep(tx, &rows, AuditKind::AttemptUnknown, now)
-            .await
-    }
-
-    async fn commit_sweep(
-        &self,
-        mut tx: sqlx::Transaction<'static, Sqlite>,
-        rows: &[SqliteRow],
-        kind: AuditKind,
-        now: UnixMillis,
-    ) -> Result<Vec<Job>, StoreError> {
-        let jobs = rows
-            .iter()
-            .map(job_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut events: Vec<_> = jobs
-            .iter()
-            .flat_map(|job| audit::sweep_events(job, kind, now))
-            .collect();
-        append(&mut tx, &mut events).await?;
-        self.commit(tx).await?;
-        events.iter().for_each(|event| event.emit(&self.metrics));
-        for job in &jobs {
-            self.feed.publish(job);
-        }
-        Ok(jobs)
     }
 }
 
@@ -648,19 +474,4 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
         version: row.try_get("version")?,
         code_fingerprint: row.try_get("code_fingerprint")?,
     })
-}
-
-/// Appends `events` to the audit chain inside `tx`.
-async fn append(
-    tx: &mut sqlx::Transaction<'static, Sqlite>,
-    events: &mut [AuditEvent<'_>],
-) -> sqlx::Result<()> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    let mut head = ChainHead::read(tx).await?;
-    for event in events {
-        event.insert(tx, &mut head).await?;
-    }
-    Ok(())
 }

@@ -1,0 +1,630 @@
+//! The writer: one task that owns the only writing connection and applies every change.
+//!
+//! Group commit: the task takes the next write request, drains whatever else is already
+//! waiting (up to [`MAX_BATCH`]), applies them all in one `BEGIN IMMEDIATE` transaction, commits
+//! once, and only then answers each caller and publishes the effects (audit log lines, metrics,
+//! the change feed). One fsync serves every change in the batch; nobody hears "done" before
+//! the commit that made it durable.
+//!
+//! If any change of a batch fails, the whole transaction is rolled back and each change is
+//! retried in a transaction of its own, so one bad change cannot fail its neighbours.
+//!
+//! The writer also keeps two facts that would otherwise cost a query per change: the head of
+//! the audit chain, and the number of jobs not yet terminal (for the queue bound). Both are
+//! re-read from the database whenever a transaction does not commit.
+
+use std::{sync::Arc, time::Instant};
+
+use sqlx::{Connection, Row, SqliteConnection, sqlite::SqliteRow};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    AttemptRecord, CancelOutcome, Candidate, Claim, Lease, NewJobOwned, StoreError, SubmitOutcome,
+    audit::{self, AuditEvent, ChainHead},
+    job_from_row,
+};
+use crate::{
+    audit::{AuditKind, AuditRecord},
+    feed::JobFeed,
+    job::{Job, JobId, UnixMillis},
+    metrics::Metrics,
+    secret::Secret,
+};
+
+/// Changes applied in one transaction at most.
+pub(super) const MAX_BATCH: usize = 512;
+/// Rows changed by one sweep statement at most, so one sweep never holds the writer for long.
+const SWEEP_BATCH: i64 = 500;
+/// Audit events removed per retention step.
+const PRUNE_BATCH: i64 = 10_000;
+
+/// One change to apply.
+#[derive(Debug)]
+pub(super) enum Op {
+    Submit(NewJobOwned, UnixMillis),
+    Cancel(JobId, UnixMillis),
+    Claim {
+        candidates: Vec<Candidate>,
+        owner: Arc<str>,
+        lease_until: UnixMillis,
+        now: UnixMillis,
+    },
+    Record(Lease, AttemptRecord, UnixMillis),
+    Expire(UnixMillis),
+    Rescue {
+        lease_cutoff: UnixMillis,
+        max_attempts: u32,
+        now: UnixMillis,
+    },
+    PruneStep {
+        cutoff: UnixMillis,
+        now: UnixMillis,
+    },
+}
+
+/// A change's result.
+#[derive(Debug)]
+pub(super) enum Reply {
+    Submit(SubmitOutcome),
+    Cancel(CancelOutcome),
+    Claim(Vec<Claim>),
+    Record(Option<Job>),
+    Jobs(Vec<Job>),
+    /// Rows deleted and the checkpoint's seq, or `None` when nothing was left to prune.
+    Pruned(Option<(u64, i64)>),
+}
+
+/// What becomes visible once the transaction commits.
+#[derive(Debug, Default)]
+struct Effects {
+    events: Vec<AuditRecord>,
+    publish: Vec<Job>,
+}
+
+struct Request {
+    op: Op,
+    reply: oneshot::Sender<Result<Reply, StoreError>>,
+}
+
+/// The cached facts, valid at the start of the next transaction.
+#[derive(Debug, Clone)]
+struct Tracked {
+    head: ChainHead,
+    /// Jobs not yet terminal.
+    pending: i64,
+}
+
+impl Tracked {
+    async fn read(conn: &mut SqliteConnection) -> Result<Tracked, sqlx::Error> {
+        let head = ChainHead::read(conn).await?;
+        let pending: i64 = sqlx::query_scalar(include_str!("sql/count_pending.sql"))
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(Tracked { head, pending })
+    }
+}
+
+/// Sends changes to the writer task.
+#[derive(Debug, Clone)]
+pub(super) struct WriterHandle {
+    requests: mpsc::Sender<Request>,
+}
+
+impl WriterHandle {
+    /// Starts the writer task on `conn`.
+    pub(super) async fn start(
+        mut conn: SqliteConnection,
+        feed: Arc<JobFeed>,
+        metrics: Arc<Metrics>,
+    ) -> Result<WriterHandle, StoreError> {
+        let tracked = Tracked::read(&mut conn).await?;
+        let (requests, receiver) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(run(conn, receiver, tracked, feed, metrics));
+        Ok(WriterHandle { requests })
+    }
+
+    /// Applies `op` and waits for its commit.
+    pub(super) async fn apply(&self, op: Op) -> Result<Reply, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(Request { op, reply })
+            .await
+            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the writer stopped mid-change".into()))?
+    }
+}
+
+async fn run(
+    mut conn: SqliteConnection,
+    mut receiver: mpsc::Receiver<Request>,
+    mut tracked: Tracked,
+    feed: Arc<JobFeed>,
+    metrics: Arc<Metrics>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let requests = std::mem::take(&mut batch);
+        let results = match apply_batch(&mut conn, &mut tracked, &requests, &metrics).await {
+            Ok(results) => results,
+            Err(error) => {
+                // Something failed: retry each change alone, so only the bad one fails.
+                tracing::warn!(%error, changes = requests.len(), "batch rolled back; retrying its changes one by one");
+                let mut results = Vec::with_capacity(requests.len());
+                for request in &requests {
+                    let single = std::slice::from_ref(request);
+                    results.push(
+                        match apply_batch(&mut conn, &mut tracked, single, &metrics).await {
+                            Ok(mut one) => one.pop().expect("one result per change"),
+                            Err(error) => Err(error),
+                        },
+                    );
+                }
+                results
+            }
+        };
+        for (request, result) in requests.into_iter().zip(results) {
+            let result = result.map(|(reply, effects)| {
+                for record in &effects.events {
+                    audit::emit(record, &metrics);
+                }
+                for job in &effects.publish {
+                    feed.publish(job);
+                }
+                reply
+            });
+            // The caller may have gone away; the change is committed all the same.
+            let _ = request.reply.send(result);
+        }
+    }
+    if let Err(error) = conn.close().await {
+        tracing::warn!(%error, "closing the writing connection failed");
+    }
+}
+
+type Applied = Result<(Reply, Effects), StoreError>;
+
+/// Applies `requests` in one transaction. `Ok` when it committed (each change's own result
+/// inside); `Err` when it did not, after which `tracked` is re-read.
+async fn apply_batch(
+    conn: &mut SqliteConnection,
+    tracked: &mut Tracked,
+    requests: &[Request],
+    metrics: &Metrics,
+) -> Result<Vec<Applied>, StoreError> {
+    let before = tracked.clone();
+    let attempt = async {
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+        let mut results = Vec::with_capacity(requests.len());
+        for request in requests {
+            let result = apply(&mut tx, tracked, &request.op).await;
+            if let Err(error) = result {
+                return Err(error);
+            }
+            results.push(result);
+        }
+        let started = Instant::now();
+        tx.commit().await?;
+        metrics
+            .sqlite_commit
+            .observe(started.elapsed().as_secs_f64());
+        Ok(results)
+    };
+    match attempt.await {
+        Ok(results) => Ok(results),
+        Err(error) => {
+            *tracked = match Tracked::read(conn).await {
+                Ok(fresh) => fresh,
+                Err(_) => before,
+            };
+            Err(error)
+        }
+    }
+}
+
+/// Applies one change inside the open transaction.
+async fn apply(conn: &mut SqliteConnection, tracked: &mut Tracked, op: &Op) -> Applied {
+    match op {
+        Op::Submit(job, now) => submit(conn, tracked, job, *now).await,
+        Op::Cancel(id, now) => cancel(conn, tracked, *id, *now).await,
+        Op::Claim {
+            candidates,
+            owner,
+            lease_until,
+            now,
+        } => claim(conn, tracked, candidates, owner, *lease_until, *now).await,
+        Op::Record(lease, record, now) => record_attempt(conn, tracked, lease, record, *now).await,
+        Op::Expire(now) => {
+            let rows = sqlx::query(include_str!("sql/expire_overdue.sql"))
+                .bind(now.0)
+                .bind(SWEEP_BATCH)
+                .fetch_all(&mut *conn)
+                .await?;
+            sweep(conn, tracked, &rows, AuditKind::JobExpired, *now).await
+        }
+        Op::Rescue {
+            lease_cutoff,
+            max_attempts,
+            now,
+        } => {
+            let rows = sqlx::query(include_str!("sql/rescue_leases.sql"))
+                .bind(now.0)
+                .bind(lease_cutoff.0)
+                .bind(max_attempts)
+                .bind(SWEEP_BATCH)
+                .fetch_all(&mut *conn)
+                .await?;
+            sweep(conn, tracked, &rows, AuditKind::AttemptUnknown, *now).await
+        }
+        Op::PruneStep { cutoff, now } => prune_step(conn, tracked, *cutoff, *now).await,
+    }
+}
+
+/// Appends `events` to the chain, returning the stored records.
+async fn append(
+    conn: &mut SqliteConnection,
+    tracked: &mut Tracked,
+    events: Vec<AuditEvent<'_>>,
+) -> Result<Vec<AuditRecord>, StoreError> {
+    let mut records = Vec::with_capacity(events.len());
+    for event in events {
+        records.push(event.insert(conn, &mut tracked.head).await?);
+    }
+    Ok(records)
+}
+
+async fn submit(
+    conn: &mut SqliteConnection,
+    tracked: &mut Tracked,
+    new: &NewJobOwned,
+    now: UnixMillis,
+) -> Applied {
+    let request = &new.request;
+    let existing = sqlx::query(include_str!("sql/find_by_key.sql"))
+        .bind(&new.tenant)
+        .bind(&request.idempotency_key)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if let Some(row) = existing {
+        let digest: String = row.try_get("request_digest")?;
+        let outcome = if digest == request.request_digest {
+            SubmitOutcome::Existing(job_from_row(&row)?)
+        } else {
+            SubmitOutcome::KeyConflict
+        };
+        return Ok((Reply::Submit(outcome), Effects::default()));
+    }
+    let pending = u64::try_from(tracked.pending).unwrap_or(0);
+    if pending >= new.max_pending {
+        return Ok((
+            Reply::Submit(SubmitOutcome::QueueFull { pending }),
+            Effects::default(),
+        ));
+    }
+    let row = sqlx::query(include_str!("sql/insert_job.sql"))
+        .bind(JobId::new().to_string())
+        .bind(&new.tenant)
+        .bind(&request.client_id)
+        .bind(&request.idempotency_key)
+        .bind(&request.request_digest)
+        .bind(request.code.expose())
+        .bind(request.code_verifier.expose())
+        .bind(&request.state)
+        .bind(now.0)
+        .bind(now.saturating_add(new.ttl).0)
+        .bind(&new.code_fingerprint)
+        .fetch_one(&mut *conn)
+        .await?;
+    let job = job_from_row(&row)?;
+    let events = append(
+        conn,
+        tracked,
+        vec![AuditEvent::new(&job, AuditKind::JobSubmitted, now)],
+    )
+    .await?;
+    tracked.pending += 1;
+    Ok((
+        Reply::Submit(SubmitOutcome::Created(job.clone())),
+        Effects {
+            events,
+            publish: vec![job],
+        },
+    ))
+}
+
+async fn cancel(
+    conn: &mut SqliteConnection,
+    tracked: &mut Tracked,
+    id: JobId,
+    now: UnixMillis,
+) -> Applied {
+    let row = sqlx::query(include_str!("sql/cancel_job.sql"))
+        .bind(id.to_string())
+        .bind(now.0)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(row) = row else {
+        let current = sqlx::query(include_str!("sql/get_job.sql"))
+            .bind(id.to_string())
+            .fetch_optional(&mut *conn)
+            .await?;
+        let outcome = match current {
+            Some(row) => CancelOutcome::NotCancellable(job_from_row(&row)?),
+            None => CancelOutcome::NotFound,
+        };
+        return Ok((Reply::Cancel(outcome), Effects::default()));
+    };
+    let job = job_from_row(&row)?;
+    let events = append(
+        conn,
+        tracked,
+        vec![AuditEvent::new(&job, AuditKind::JobCancelled, now).detail("cancelled by request")],
+    )
+    .await?;
+    tracked.pending -= 1;
+    Ok((
+        Reply::Cancel(CancelOutcome::Cancelled(job.clone())),
+        Effects {
+            events,
+            publish: vec![job],
+        },
+    ))
+}
+
+async fn claim(
+    conn: &mut SqliteConnection,
+    tracked: &mut Tracked,
+    candidates: &[Candidate],
+    owner: &Arc<str>,
+    lease_until: UnixMillis,
+    now: UnixMillis,
+) -> Applied {
+    let row_ids: Vec<i64> = candidates.iter().map(|c| c.row_id).collect();
+    let ids = serde_json::to_string(&row_ids).expect("integers serialize");
+    let rows = sqlx::query(include_str!("sql/claim.sql"))
+        .bind(ids)
+        .bind(owner.as_ref())
+        .bind(lease_until.0)
+        .bind(now.0)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut claims = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let job = job_from_row(row)?;
+        let code: Option<String> = row.try_get("code")?;
+        let code_verifier: Option<String> = row.try_get("code_verifier")?;
+        let (Some(code), Some(code_verifier)) = (code, code_verifier) else {
+            return Err(StoreError::Corrupt(format!(
+                "job {} is claimable but its code or verifier is gone",
+                job.id
+            )));
+        };
+        claims.push(Claim {
+            lease: Lease {
+                row_id: row.try_get("id")?,
+                owner: Arc::clone(owner),
+                attempt: job.attempts,
+            },
+            job,
+            code: Secret::new(code),
+            code_verifier: Secret::new(code_verifier),
+        });
+    }
+    let events = claims
+        .iter()
+        .map(|claim| {
+            let waited = candidates
+                .iter()
+                .find(|c| c.row_id == claim.lease.row_id)
+                .map_or(0, |c| now.0 - c.due_at.0);
+            AuditEvent::new(&claim.job, AuditKind::AttemptStarted, now)
+                .attempt(claim.lease.attempt)
+                .detail(format!(
+                    "waited {waited} ms after falling due (worker and rate-limit permits)"
+                ))
+        })
+        .collect();
+    let events = append(conn, tracked, events).await?;
+    let publish = claims.iter().map(|claim| claim.job.clone()).collect();
+    Ok((Reply::Claim(claims), Effects { events, publish }))
+}
+
+async fn record_attempt(
+    conn: &mut SqliteConnection,
+    tracked: &mut Tracked,
+    lease: &Lease,
+    record: &AttemptRecord,
+    now: UnixMillis,
+) -> Applied {
+    let guarded = |sql| {
+        sqlx::query(sql)
+            .bind(lease.row_id)
+            .bind(lease.owner.as_ref())
+            .bind(lease.attempt)
+    };
+    let row = match record {
+        AttemptRecord::Succeeded {
+            grant,
+            http_status,
+            outcome_unknown,
+        } => {
+            let lifetime =
+                std::time::Duration::from_secs(u64::try_from(grant.expires_in).unwrap_or(0));
+            guarded(include_str!("sql/finish_succeeded.sql"))
+                .bind(grant.access_token.expose())
+                .bind(&grant.token_type)
+                .bind(grant.expires_in)
+                .bind(now.saturating_add(lifetime).0)
+                .bind(http_status)
+                .bind(outcome_unknown)
+                .bind(now.0)
+                .fetch_optional(&mut *conn)
+                .await?
+        }
+        AttemptRecord::RetryAt {
+            at,
+            http_status,
+            detail,
+            outcome_unknown,
+            ..
+        } => {
+            guarded(include_str!("sql/finish_retry.sql"))
+                .bind(at.0)
+                .bind(http_status)
+                .bind(detail)
+                .bind(outcome_unknown)
+                .bind(now.0)
+                .fetch_optional(&mut *conn)
+                .await?
+        }
+        AttemptRecord::Failed {
+            reason,
+            http_status,
+            detail,
+            outcome_unknown,
+            ..
+        } => {
+            guarded(include_str!("sql/finish_failed.sql"))
+                .bind(reason.as_str())
+                .bind(http_status)
+                .bind(detail)
+                .bind(outcome_unknown)
+                .bind(now.0)
+                .fetch_optional(&mut *conn)
+                .await?
+        }
+    };
+    let Some(row) = row else {
+        // The lease was lost: a newer attempt owns the job. Nothing is written.
+        return Ok((Reply::Record(None), Effects::default()));
+    };
+    let job = job_from_row(&row)?;
+    let events = append(
+        conn,
+        tracked,
+        audit::attempt_events(&job, lease.attempt, record, now),
+    )
+    .await?;
+    if job.state.is_terminal() {
+        tracked.pending -= 1;
+    }
+    Ok((
+        Reply::Record(Some(job.clone())),
+        Effects {
+            events,
+            publish: vec![job],
+        },
+    ))
+}
+
+async fn sweep(
+    conn: &mut SqliteConnection,
+    tracked: &mut Tracked,
+    rows: &[SqliteRow],
+    kind: AuditKind,
+    now: UnixMillis,
+) -> Applied {
+    let jobs = rows
+        .iter()
+        .map(job_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let events = jobs
+        .iter()
+        .flat_map(|job| audit::sweep_events(job, kind, now))
+        .collect();
+    let events = append(conn, tracked, events).await?;
+    tracked.pending -= jobs.iter().filter(|job| job.state.is_terminal()).count() as i64;
+    Ok((
+        Reply::Jobs(jobs.clone()),
+        Effects {
+            events,
+            publish: jobs,
+        },
+    ))
+}
+
+/// Removes up to [`PRUNE_BATCH`] events older than `cutoff`, leaving a checkpoint that carries
+/// the hash of the last removed event.
+async fn prune_step(
+    conn: &mut SqliteConnection,
+    tracked: &mut Tracked,
+    cutoff: UnixMillis,
+    now: UnixMillis,
+) -> Applied {
+    let nothing = || Ok((Reply::Pruned(None), Effects::default()));
+    let bounds = sqlx::query(include_str!("sql/prune_bound.sql"))
+        .bind(cutoff.0)
+        .fetch_one(&mut *conn)
+        .await?;
+    let (Some(last_old), Some(first)) = (
+        bounds.try_get::<Option<i64>, _>("last_old")?,
+        bounds.try_get::<Option<i64>, _>("first")?,
+    ) else {
+        return nothing();
+    };
+    let event_at =
+        async |conn: &mut SqliteConnection, seq: i64| -> Result<Option<AuditRecord>, StoreError> {
+            Ok(sqlx::query(include_str!("sql/get_event.sql"))
+                .bind(seq)
+                .fetch_optional(&mut *conn)
+                .await?
+                .map(|row| audit::record_from_row(&row))
+                .transpose()?)
+        };
+    // A checkpoint already standing at the oldest old event is nothing to prune.
+    if first == last_old
+        && event_at(conn, first)
+            .await?
+            .is_some_and(|e| e.kind == AuditKind::Checkpoint.as_str())
+    {
+        return nothing();
+    }
+    let upto = last_old.min(first + PRUNE_BATCH - 1);
+    let Some(last_removed) = event_at(conn, upto).await? else {
+        return Err(StoreError::Corrupt(format!(
+            "audit event {upto} is missing; run audit verify"
+        )));
+    };
+    let deleted = sqlx::query(include_str!("sql/delete_events.sql"))
+        .bind(upto)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    let detail = format!(
+        "retention removed events up to seq {upto} (older than {} ms since the epoch)",
+        cutoff.0
+    );
+    let checkpoint = AuditRecord {
+        seq: upto,
+        at: now.0.max(last_removed.at),
+        job_id: String::new(),
+        tenant: String::new(),
+        client_id: String::new(),
+        kind: AuditKind::Checkpoint.as_str().to_string(),
+        attempt: None,
+        http_status: None,
+        detail: Some(detail),
+        code_fingerprint: None,
+        prev_hash: last_removed.hash.clone(),
+        hash: last_removed.hash.clone(),
+    };
+    sqlx::query(include_str!("sql/insert_checkpoint.sql"))
+        .bind(checkpoint.seq)
+        .bind(checkpoint.at)
+        .bind(checkpoint.detail.as_deref())
+        .bind(&checkpoint.hash)
+        .execute(&mut *conn)
+        .await?;
+    // The chain head moves only if the checkpoint replaced the last event.
+    if tracked.head.seq() == upto {
+        tracked.head = ChainHead::read(conn).await?;
+    }
+    Ok((
+        Reply::Pruned(Some((deleted, upto))),
+        Effects {
+            events: vec![checkpoint],
+            publish: Vec::new(),
+        },
+    ))
+}
