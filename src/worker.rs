@@ -30,6 +30,8 @@ use crate::{
 
 /// How often expired jobs and dead leases are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the dispatcher waits for more free slots after one frees up under load.
+const CLAIM_GATHER: Duration = Duration::from_millis(2);
 /// How long the dispatcher pauses after a database error.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
@@ -49,6 +51,8 @@ pub struct Worker {
     lease: Duration,
     /// Attempts in flight at once.
     concurrency: usize,
+    /// Free slots worth one claim when the worker is saturated.
+    claim_batch: u32,
     /// Safety-net poll interval.
     poll_interval: Duration,
     /// Woken by submissions and recorded retries, so new work starts without polling.
@@ -87,6 +91,7 @@ impl Worker {
             owner: format!("worker-{}", uuid::Uuid::now_v7()).into(),
             lease: config.lease_duration(),
             concurrency: config.worker.concurrency as usize,
+            claim_batch: (config.worker.concurrency / 8).max(1),
             poll_interval: Duration::from_millis(config.worker.poll_interval_ms),
             wake,
             metrics,
@@ -137,6 +142,10 @@ impl Worker {
                     _ = stop.cancelled() => break,
                     permit = Arc::clone(&slots).acquire_owned() => drop(permit),
                 }
+                // Under load, slots free up one by one: give others a moment to join, so one
+                // claim serves several jobs instead of one each.
+                let _ =
+                    tokio::time::timeout(CLAIM_GATHER, slots.acquire_many(self.claim_batch)).await;
                 continue;
             }
             let pass = match self.dispatch(&slots, &mut throttled, &attempts).await {

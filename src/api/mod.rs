@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    feed::{FeedEvent, JobFeed},
+    feed::{FeedEvent, JobFeed, JobSubscription},
     fingerprint::Fingerprinter,
     job::{Job, JobId, UnixMillis},
     request::{ExchangeRequest, RawExchange, parse_job_id},
@@ -85,7 +85,14 @@ impl TokenBrokerApi {
         }
     }
 
-    async fn submit(&self, request: &proto::SubmitExchangeRequest) -> Result<Job, ApiError> {
+    /// Validates and commits a submission. With `watch`, also returns a subscription to the
+    /// job's changes taken before its commit, so that a caller waiting on it misses nothing and
+    /// needs no re-read.
+    async fn submit(
+        &self,
+        request: &proto::SubmitExchangeRequest,
+        watch: bool,
+    ) -> Result<(Job, Option<JobSubscription>), ApiError> {
         let request = ExchangeRequest::parse(RawExchange {
             client_id: &request.client_id,
             code: &request.code,
@@ -94,10 +101,13 @@ impl TokenBrokerApi {
             idempotency_key: &request.idempotency_key,
         })?;
         let code_fingerprint = self.fingerprinter.fingerprint(request.code.expose());
+        let job_id = JobId::new();
+        let subscription = watch.then(|| self.feed.subscribe(job_id));
         let outcome = self
             .store
             .submit(
                 &NewJob {
+                    job_id,
                     tenant: DEFAULT_TENANT,
                     request: &request,
                     code_fingerprint: &code_fingerprint,
@@ -111,11 +121,12 @@ impl TokenBrokerApi {
             SubmitOutcome::Created(job) => {
                 tracing::info!(job_id = %job.id, client_id = %job.client_id, "job submitted");
                 self.wake.notify_one();
-                Ok(job)
+                Ok((job, subscription))
             }
             SubmitOutcome::Existing(job) => {
                 tracing::info!(job_id = %job.id, client_id = %job.client_id, "idempotent resubmission");
-                Ok(job)
+                // The subscription was for the id this submission would have had.
+                Ok((job, None))
             }
             SubmitOutcome::KeyConflict => Err(ApiError::KeyConflict),
             SubmitOutcome::QueueFull { pending } => Err(ApiError::QueueFull { pending }),
@@ -127,14 +138,25 @@ impl TokenBrokerApi {
     }
 
     /// Waits until the job is terminal, `deadline` passes, or the daemon stops; returns the job
-    /// as it then stands.
-    async fn wait_terminal(&self, job: Job, deadline: Option<Instant>) -> Result<Job, ApiError> {
+    /// as it then stands. `changes` is a subscription taken before `job` was committed, if any.
+    async fn wait_terminal(
+        &self,
+        job: Job,
+        changes: Option<JobSubscription>,
+        deadline: Option<Instant>,
+    ) -> Result<Job, ApiError> {
         if job.state.is_terminal() {
             return Ok(job);
         }
-        // Subscribe first, then re-read, so no change falls in between.
-        let mut changes = self.feed.subscribe(job.id);
-        let mut current = self.load(job.id).await?;
+        let id = job.id;
+        let (mut changes, mut current) = match changes {
+            Some(changes) => (changes, job),
+            None => {
+                // Subscribe first, then re-read, so no change falls in between.
+                let changes = self.feed.subscribe(job.id);
+                (changes, self.load(job.id).await?)
+            }
+        };
         let deadline = deadline.map(tokio::time::Instant::from_std);
         loop {
             if current.state.is_terminal() {
@@ -144,7 +166,7 @@ impl TokenBrokerApi {
                 event = changes.next() => match event {
                     FeedEvent::Changed(job) if job.version > current.version => current = *job,
                     FeedEvent::Changed(_) => {}
-                    FeedEvent::Lagged => current = self.load(job.id).await?,
+                    FeedEvent::Lagged => current = self.load(id).await?,
                 },
                 _ = sleep_until(deadline) => return Ok(current),
                 _ = self.stop.cancelled() => return Ok(current),
@@ -168,7 +190,7 @@ impl TokenBroker for TokenBrokerApi {
         &self,
         request: Request<proto::SubmitExchangeRequest>,
     ) -> Result<Response<proto::Job>, Status> {
-        let job = self.submit(request.get_ref()).await?;
+        let (job, _) = self.submit(request.get_ref(), false).await?;
         Ok(Response::new(convert::job(&job)))
     }
 
@@ -177,8 +199,8 @@ impl TokenBroker for TokenBrokerApi {
         request: Request<proto::SubmitExchangeRequest>,
     ) -> Result<Response<proto::Job>, Status> {
         let deadline = deadline::answer_by(request.metadata(), Instant::now());
-        let job = self.submit(request.get_ref()).await?;
-        let job = self.wait_terminal(job, deadline).await?;
+        let (job, changes) = self.submit(request.get_ref(), true).await?;
+        let job = self.wait_terminal(job, changes, deadline).await?;
         Ok(Response::new(convert::job(&job)))
     }
 

@@ -88,12 +88,8 @@ impl<'a> AuditEvent<'a> {
         self
     }
 
-    /// Appends the event to the chain inside the open transaction and returns it as stored.
-    pub(super) async fn insert(
-        self,
-        conn: &mut SqliteConnection,
-        head: &mut ChainHead,
-    ) -> sqlx::Result<AuditRecord> {
+    /// Chains the event after `head` and returns the record to store.
+    pub(super) fn chain(self, head: &mut ChainHead) -> AuditRecord {
         let mut record = AuditRecord {
             seq: head.seq + 1,
             at: self.at.0.max(head.at),
@@ -109,26 +105,60 @@ impl<'a> AuditEvent<'a> {
             hash: String::new(),
         };
         record.hash = record.expected_hash();
-        sqlx::query(include_str!("sql/insert_audit.sql"))
-            .bind(record.seq)
-            .bind(record.at)
-            .bind(&record.job_id)
-            .bind(&record.tenant)
-            .bind(&record.client_id)
-            .bind(&record.kind)
-            .bind(record.attempt)
-            .bind(record.http_status)
-            .bind(record.detail.as_deref())
-            .bind(record.code_fingerprint.as_deref())
-            .bind(&record.prev_hash)
-            .bind(&record.hash)
-            .execute(&mut *conn)
-            .await?;
         head.seq = record.seq;
         head.at = record.at;
         head.hash = record.hash.clone();
-        Ok(record)
+        record
     }
+}
+
+/// Rows per INSERT statement (12 parameters each, well under SQLite's limit).
+const INSERT_CHUNK: usize = 200;
+
+/// Writes chained records, many rows per statement: with group commit, a batch's events cost a
+/// few statements instead of one each.
+pub(super) async fn insert_records(
+    conn: &mut SqliteConnection,
+    records: &[&AuditRecord],
+) -> sqlx::Result<()> {
+    for chunk in records.chunks(INSERT_CHUNK) {
+        let mut sql = String::from(include_str!("sql/insert_audit_rows.sql").trim_end());
+        for i in 0..chunk.len() {
+            sql.push_str(if i == 0 { " " } else { ", " });
+            sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+        }
+        // Only placeholders are generated; every value is bound.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for record in chunk {
+            query = query
+                .bind(record.seq)
+                .bind(record.at)
+                .bind(&record.job_id)
+                .bind(&record.tenant)
+                .bind(&record.client_id)
+                .bind(&record.kind)
+                .bind(record.attempt)
+                .bind(record.http_status)
+                .bind(record.detail.as_deref())
+                .bind(record.code_fingerprint.as_deref())
+                .bind(&record.prev_hash)
+                .bind(&record.hash);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Logs a retention checkpoint (written by the pruning step itself).
+pub(super) fn emit_checkpoint(record: &AuditRecord) {
+    tracing::info!(
+        target: "audit",
+        seq = record.seq,
+        kind = %record.kind,
+        detail = record.detail.as_deref(),
+        hash = %record.hash,
+        "audit events pruned"
+    );
 }
 
 /// Emits a committed record as a `tracing` event with target `audit`, hashes included, so a

@@ -97,6 +97,8 @@ pub struct Candidate {
 /// What a submission stores.
 #[derive(Debug, Clone, Copy)]
 pub struct NewJob<'a> {
+    /// The id to give the job (the caller may subscribe to its changes before the commit).
+    pub job_id: JobId,
     pub tenant: &'a str,
     pub request: &'a ExchangeRequest,
     /// HMAC of the code, for auditors.
@@ -110,6 +112,7 @@ pub struct NewJob<'a> {
 /// [`NewJob`], owned, as it travels to the writer.
 #[derive(Debug, Clone)]
 pub(crate) struct NewJobOwned {
+    job_id: JobId,
     tenant: String,
     request: ExchangeRequest,
     code_fingerprint: String,
@@ -253,6 +256,7 @@ impl Store {
         now: UnixMillis,
     ) -> Result<SubmitOutcome, StoreError> {
         let owned = NewJobOwned {
+            job_id: job.job_id,
             tenant: job.tenant.to_string(),
             request: job.request.clone(),
             code_fingerprint: job.code_fingerprint.to_string(),

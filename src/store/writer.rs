@@ -196,14 +196,20 @@ async fn apply_batch(
     let before = tracked.clone();
     let attempt = async {
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let mut results = Vec::with_capacity(requests.len());
+        let mut results: Vec<Applied> = Vec::with_capacity(requests.len());
+        let mut written = 0;
         for request in requests {
+            if matches!(request.op, Op::PruneStep { .. }) {
+                // Retention reads the events table: write what is chained so far first.
+                written = flush_events(&mut tx, &results, written).await?;
+            }
             let result = apply(&mut tx, tracked, &request.op).await;
             if let Err(error) = result {
                 return Err(error);
             }
             results.push(result);
         }
+        flush_events(&mut tx, &results, written).await?;
         let started = Instant::now();
         tx.commit().await?;
         metrics
@@ -221,6 +227,21 @@ async fn apply_batch(
             Err(error)
         }
     }
+}
+
+/// Writes the audit events of `results[from..]`; returns how many results are now written.
+async fn flush_events(
+    conn: &mut SqliteConnection,
+    results: &[Applied],
+    from: usize,
+) -> Result<usize, StoreError> {
+    let records: Vec<&AuditRecord> = results[from..]
+        .iter()
+        .filter_map(|result| result.as_ref().ok())
+        .flat_map(|(_, effects)| effects.events.iter())
+        .collect();
+    audit::insert_records(conn, &records).await?;
+    Ok(results.len())
 }
 
 /// Applies one change inside the open transaction.
@@ -241,7 +262,7 @@ async fn apply(conn: &mut SqliteConnection, tracked: &mut Tracked, op: &Op) -> A
                 .bind(SWEEP_BATCH)
                 .fetch_all(&mut *conn)
                 .await?;
-            sweep(conn, tracked, &rows, AuditKind::JobExpired, *now).await
+            sweep(tracked, &rows, AuditKind::JobExpired, *now).await
         }
         Op::Rescue {
             lease_cutoff,
@@ -255,23 +276,19 @@ async fn apply(conn: &mut SqliteConnection, tracked: &mut Tracked, op: &Op) -> A
                 .bind(SWEEP_BATCH)
                 .fetch_all(&mut *conn)
                 .await?;
-            sweep(conn, tracked, &rows, AuditKind::AttemptUnknown, *now).await
+            sweep(tracked, &rows, AuditKind::AttemptUnknown, *now).await
         }
         Op::PruneStep { cutoff, now } => prune_step(conn, tracked, *cutoff, *now).await,
     }
 }
 
-/// Appends `events` to the chain, returning the stored records.
-async fn append(
-    conn: &mut SqliteConnection,
-    tracked: &mut Tracked,
-    events: Vec<AuditEvent<'_>>,
-) -> Result<Vec<AuditRecord>, StoreError> {
-    let mut records = Vec::with_capacity(events.len());
-    for event in events {
-        records.push(event.insert(conn, &mut tracked.head).await?);
-    }
-    Ok(records)
+/// Chains `events` after the head. They are written with the rest of the batch's events,
+/// before its commit ([`audit::insert_records`]).
+fn append(tracked: &mut Tracked, events: Vec<AuditEvent<'_>>) -> Vec<AuditRecord> {
+    events
+        .into_iter()
+        .map(|event| event.chain(&mut tracked.head))
+        .collect()
 }
 
 async fn submit(
@@ -281,48 +298,46 @@ async fn submit(
     now: UnixMillis,
 ) -> Applied {
     let request = &new.request;
-    let existing = sqlx::query(include_str!("sql/find_by_key.sql"))
-        .bind(&new.tenant)
-        .bind(&request.idempotency_key)
-        .fetch_optional(&mut *conn)
-        .await?;
-    if let Some(row) = existing {
-        let digest: String = row.try_get("request_digest")?;
-        let outcome = if digest == request.request_digest {
-            SubmitOutcome::Existing(job_from_row(&row)?)
-        } else {
-            SubmitOutcome::KeyConflict
+    let pending = u64::try_from(tracked.pending).unwrap_or(0);
+    let inserted = if pending >= new.max_pending {
+        None
+    } else {
+        // The common case in one statement: a new key inserts; a known key inserts nothing.
+        sqlx::query(include_str!("sql/insert_job.sql"))
+            .bind(new.job_id.to_string())
+            .bind(&new.tenant)
+            .bind(&request.client_id)
+            .bind(&request.idempotency_key)
+            .bind(&request.request_digest)
+            .bind(request.code.expose())
+            .bind(request.code_verifier.expose())
+            .bind(&request.state)
+            .bind(now.0)
+            .bind(now.saturating_add(new.ttl).0)
+            .bind(&new.code_fingerprint)
+            .fetch_optional(&mut *conn)
+            .await?
+    };
+    let Some(row) = inserted else {
+        let existing = sqlx::query(include_str!("sql/find_by_key.sql"))
+            .bind(&new.tenant)
+            .bind(&request.idempotency_key)
+            .fetch_optional(&mut *conn)
+            .await?;
+        let outcome = match existing {
+            Some(row) if row.try_get::<String, _>("request_digest")? == request.request_digest => {
+                SubmitOutcome::Existing(job_from_row(&row)?)
+            }
+            Some(_) => SubmitOutcome::KeyConflict,
+            None => SubmitOutcome::QueueFull { pending },
         };
         return Ok((Reply::Submit(outcome), Effects::default()));
-    }
-    let pending = u64::try_from(tracked.pending).unwrap_or(0);
-    if pending >= new.max_pending {
-        return Ok((
-            Reply::Submit(SubmitOutcome::QueueFull { pending }),
-            Effects::default(),
-        ));
-    }
-    let row = sqlx::query(include_str!("sql/insert_job.sql"))
-        .bind(JobId::new().to_string())
-        .bind(&new.tenant)
-        .bind(&request.client_id)
-        .bind(&request.idempotency_key)
-        .bind(&request.request_digest)
-        .bind(request.code.expose())
-        .bind(request.code_verifier.expose())
-        .bind(&request.state)
-        .bind(now.0)
-        .bind(now.saturating_add(new.ttl).0)
-        .bind(&new.code_fingerprint)
-        .fetch_one(&mut *conn)
-        .await?;
+    };
     let job = job_from_row(&row)?;
     let events = append(
-        conn,
         tracked,
         vec![AuditEvent::new(&job, AuditKind::JobSubmitted, now)],
-    )
-    .await?;
+    );
     tracked.pending += 1;
     Ok((
         Reply::Submit(SubmitOutcome::Created(job.clone())),
@@ -357,11 +372,9 @@ async fn cancel(
     };
     let job = job_from_row(&row)?;
     let events = append(
-        conn,
         tracked,
         vec![AuditEvent::new(&job, AuditKind::JobCancelled, now).detail("cancelled by request")],
-    )
-    .await?;
+    );
     tracked.pending -= 1;
     Ok((
         Reply::Cancel(CancelOutcome::Cancelled(job.clone())),
@@ -425,7 +438,7 @@ async fn claim(
                 ))
         })
         .collect();
-    let events = append(conn, tracked, events).await?;
+    let events = append(tracked, events);
     let publish = claims.iter().map(|claim| claim.job.clone()).collect();
     Ok((Reply::Claim(claims), Effects { events, publish }))
 }
@@ -501,11 +514,9 @@ async fn record_attempt(
     };
     let job = job_from_row(&row)?;
     let events = append(
-        conn,
         tracked,
         audit::attempt_events(&job, lease.attempt, record, now),
-    )
-    .await?;
+    );
     if job.state.is_terminal() {
         tracked.pending -= 1;
     }
@@ -519,7 +530,6 @@ async fn record_attempt(
 }
 
 async fn sweep(
-    conn: &mut SqliteConnection,
     tracked: &mut Tracked,
     rows: &[SqliteRow],
     kind: AuditKind,
@@ -533,7 +543,7 @@ async fn sweep(
         .iter()
         .flat_map(|job| audit::sweep_events(job, kind, now))
         .collect();
-    let events = append(conn, tracked, events).await?;
+    let events = append(tracked, events);
     tracked.pending -= jobs.iter().filter(|job| job.state.is_terminal()).count() as i64;
     Ok((
         Reply::Jobs(jobs.clone()),
@@ -620,11 +630,7 @@ async fn prune_step(
     if tracked.head.seq() == upto {
         tracked.head = ChainHead::read(conn).await?;
     }
-    Ok((
-        Reply::Pruned(Some((deleted, upto))),
-        Effects {
-            events: vec![checkpoint],
-            publish: Vec::new(),
-        },
-    ))
+    // The checkpoint is written above, not with the batch's events; it is only logged.
+    audit::emit_checkpoint(&checkpoint);
+    Ok((Reply::Pruned(Some((deleted, upto))), Effects::default()))
 }

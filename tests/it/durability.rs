@@ -114,6 +114,7 @@ async fn due(store: &Store) -> Vec<token_broker::store::Candidate> {
 
 fn new_job(request: &ExchangeRequest) -> NewJob<'_> {
     NewJob {
+        job_id: token_broker::job::JobId::new(),
         tenant: "default",
         request,
         code_fingerprint: "not-a-real-fingerprint",
