@@ -198,7 +198,26 @@ async fn apply_batch(
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
         let mut results: Vec<Applied> = Vec::with_capacity(requests.len());
         let mut written = 0;
-        for request in requests {
+        let mut next = 0;
+        while next < requests.len() {
+            // A run of submissions is inserted with one statement.
+            let run = requests[next..]
+                .iter()
+                .take_while(|r| matches!(r.op, Op::Submit(..)))
+                .count();
+            if run > 0 {
+                let submissions: Vec<(&NewJobOwned, UnixMillis)> = requests[next..next + run]
+                    .iter()
+                    .map(|r| match &r.op {
+                        Op::Submit(job, now) => (job, *now),
+                        _ => unreachable!("a run of submissions"),
+                    })
+                    .collect();
+                results.extend(submit_many(&mut tx, tracked, &submissions).await?);
+                next += run;
+                continue;
+            }
+            let request = &requests[next];
             if matches!(request.op, Op::PruneStep { .. }) {
                 // Retention reads the events table: write what is chained so far first.
                 written = flush_events(&mut tx, &results, written).await?;
@@ -208,6 +227,7 @@ async fn apply_batch(
                 return Err(error);
             }
             results.push(result);
+            next += 1;
         }
         flush_events(&mut tx, &results, written).await?;
         let started = Instant::now();
@@ -247,7 +267,10 @@ async fn flush_events(
 /// Applies one change inside the open transaction.
 async fn apply(conn: &mut SqliteConnection, tracked: &mut Tracked, op: &Op) -> Applied {
     match op {
-        Op::Submit(job, now) => submit(conn, tracked, job, *now).await,
+        Op::Submit(job, now) => submit_many(conn, tracked, &[(job, *now)])
+            .await?
+            .pop()
+            .expect("one result per submission"),
         Op::Cancel(id, now) => cancel(conn, tracked, *id, *now).await,
         Op::Claim {
             candidates,
@@ -291,34 +314,85 @@ fn append(tracked: &mut Tracked, events: Vec<AuditEvent<'_>>) -> Vec<AuditRecord
         .collect()
 }
 
-async fn submit(
+/// Rows per multi-row job INSERT (13 parameters each).
+const SUBMIT_CHUNK: usize = 100;
+
+/// Commits a run of submissions: the new ones with one INSERT per [`SUBMIT_CHUNK`] (a known
+/// idempotency key inserts nothing), then, only for those not inserted, a lookup that tells a
+/// resubmission from a reused key. Submissions beyond the queue bound are not inserted.
+async fn submit_many(
     conn: &mut SqliteConnection,
     tracked: &mut Tracked,
-    new: &NewJobOwned,
-    now: UnixMillis,
-) -> Applied {
-    let request = &new.request;
-    let pending = u64::try_from(tracked.pending).unwrap_or(0);
-    let inserted = if pending >= new.max_pending {
-        None
-    } else {
-        // The common case in one statement: a new key inserts; a known key inserts nothing.
-        sqlx::query(include_str!("sql/insert_job.sql"))
-            .bind(new.job_id.to_string())
-            .bind(&new.tenant)
-            .bind(&request.client_id)
-            .bind(&request.idempotency_key)
-            .bind(&request.request_digest)
-            .bind(request.code.expose())
-            .bind(request.code_verifier.expose())
-            .bind(&request.state)
-            .bind(now.0)
-            .bind(now.saturating_add(new.ttl).0)
-            .bind(&new.code_fingerprint)
-            .fetch_optional(&mut *conn)
-            .await?
-    };
-    let Some(row) = inserted else {
+    submissions: &[(&NewJobOwned, UnixMillis)],
+) -> Result<Vec<Applied>, StoreError> {
+    let mut pending = tracked.pending;
+    let admitted: Vec<bool> = submissions
+        .iter()
+        .map(|(new, _)| {
+            let fits = u64::try_from(pending).unwrap_or(0) < new.max_pending;
+            if fits {
+                pending += 1;
+            }
+            fits
+        })
+        .collect();
+    let mut inserted: std::collections::HashMap<String, SqliteRow> =
+        std::collections::HashMap::new();
+    let to_insert: Vec<&(&NewJobOwned, UnixMillis)> = submissions
+        .iter()
+        .zip(&admitted)
+        .filter_map(|(submission, admitted)| admitted.then_some(submission))
+        .collect();
+    for chunk in to_insert.chunks(SUBMIT_CHUNK) {
+        let mut sql = String::from(include_str!("sql/insert_jobs_head.sql").trim_end());
+        for i in 0..chunk.len() {
+            sql.push_str(if i == 0 { " " } else { ", " });
+            sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)");
+        }
+        sql.push(' ');
+        sql.push_str(include_str!("sql/insert_jobs_tail.sql").trim());
+        // Only placeholders are generated; every value is bound.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (new, now) in chunk {
+            let request = &new.request;
+            query = query
+                .bind(new.job_id.to_string())
+                .bind(&new.tenant)
+                .bind(&request.client_id)
+                .bind(&request.idempotency_key)
+                .bind(&request.request_digest)
+                .bind(request.code.expose())
+                .bind(request.code_verifier.expose())
+                .bind(&request.state)
+                .bind(now.0)
+                .bind(now.0)
+                .bind(now.0)
+                .bind(now.saturating_add(new.ttl).0)
+                .bind(&new.code_fingerprint);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            inserted.insert(row.try_get("job_id")?, row);
+        }
+    }
+    let mut results = Vec::with_capacity(submissions.len());
+    for ((new, now), admitted) in submissions.iter().zip(admitted) {
+        let request = &new.request;
+        if let Some(row) = inserted.get(&new.job_id.to_string()) {
+            let job = job_from_row(row)?;
+            let events = append(
+                tracked,
+                vec![AuditEvent::new(&job, AuditKind::JobSubmitted, *now)],
+            );
+            tracked.pending += 1;
+            results.push(Ok((
+                Reply::Submit(SubmitOutcome::Created(job.clone())),
+                Effects {
+                    events,
+                    publish: vec![job],
+                },
+            )));
+            continue;
+        }
         let existing = sqlx::query(include_str!("sql/find_by_key.sql"))
             .bind(&new.tenant)
             .bind(&request.idempotency_key)
@@ -329,23 +403,19 @@ async fn submit(
                 SubmitOutcome::Existing(job_from_row(&row)?)
             }
             Some(_) => SubmitOutcome::KeyConflict,
-            None => SubmitOutcome::QueueFull { pending },
+            None if !admitted => SubmitOutcome::QueueFull {
+                pending: u64::try_from(tracked.pending).unwrap_or(0),
+            },
+            None => {
+                return Err(StoreError::Corrupt(format!(
+                    "job {} was neither inserted nor found by its key",
+                    new.job_id
+                )));
+            }
         };
-        return Ok((Reply::Submit(outcome), Effects::default()));
-    };
-    let job = job_from_row(&row)?;
-    let events = append(
-        tracked,
-        vec![AuditEvent::new(&job, AuditKind::JobSubmitted, now)],
-    );
-    tracked.pending += 1;
-    Ok((
-        Reply::Submit(SubmitOutcome::Created(job.clone())),
-        Effects {
-            events,
-            publish: vec![job],
-        },
-    ))
+        results.push(Ok((Reply::Submit(outcome), Effects::default())));
+    }
+    Ok(results)
 }
 
 async fn cancel(
