@@ -103,8 +103,9 @@ impl ClientLimiter {
         }
     }
 
-    /// Sets the effective rate, rebuilding the limiter. The burst shrinks with the rate so that a
-    /// lowered client does not come back from its pause with a full configured burst.
+    /// Sets the effective rate, rebuilding the limiter. The burst shrinks with the rate, and the
+    /// new limiter starts empty, so that neither a lowered client coming back from its pause nor
+    /// a recovering one sends a burst on each change.
     fn set_effective(&mut self, rps: f64) {
         let Some((_, burst)) = self.configured else {
             return;
@@ -112,6 +113,11 @@ impl ClientLimiter {
         self.effective = rps;
         let burst = burst.min(rps.floor().max(1.0) as u32);
         self.limiter = limiter_for(rps, burst);
+        // A new limiter starts with a full bucket; after a rate change that would send a whole
+        // burst at once, each step. Start it empty: it then admits the new rate, evenly.
+        if let (Some(limiter), Some(cells)) = (&self.limiter, NonZeroU32::new(burst)) {
+            let _ = limiter.check_n(cells);
+        }
     }
 }
 
@@ -397,11 +403,13 @@ mod tests {
             Permit::Granted,
             "others go on"
         );
-        assert_eq!(
-            limits.try_acquire("a", start + Duration::from_secs(2)),
-            Permit::Granted,
-            "the pause ends with Retry-After"
-        );
+        // The pause ends with Retry-After; then the lowered rate applies, evenly (the new
+        // limiter starts empty rather than with a burst).
+        match limits.try_acquire("a", start + Duration::from_secs(2)) {
+            Permit::Granted => {}
+            Permit::ClientBusy(wait) => assert!(wait <= Duration::from_millis(50), "{wait:?}"),
+            other => panic!("unexpected {other:?}"),
+        }
         limits.on_rate_limited("a", None, start + Duration::from_secs(2));
         assert_eq!(rate_of(&limits, "a"), 10.0);
         // The floor: repeated 429s never stop the client altogether.

@@ -4,10 +4,7 @@
 use std::{fs::File, future::Future, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use tokio::{
-    net::TcpListener,
-    sync::{Notify, watch},
-};
+use tokio::{net::TcpListener, sync::watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -19,7 +16,7 @@ use crate::{
     ops_http::{self, OpsState, Readiness},
     store::Store,
     upstream::UpstreamClient,
-    worker::Worker,
+    worker::{WorkSignal, Worker},
 };
 
 /// The listeners the daemon serves on, bound by the caller (port 0 in tests).
@@ -85,12 +82,12 @@ pub async fn run_with_reload(
         .await
         .with_context(|| format!("cannot open storage.path {}", config.storage.path.display()))?;
     let upstream = UpstreamClient::new(&config.upstream).context("cannot set up upstream")?;
-    let wake = Arc::new(Notify::new());
+    let work = WorkSignal::new();
     let worker = Arc::new(Worker::new(
         &config,
         store.clone(),
         upstream,
-        Arc::clone(&wake),
+        Arc::clone(&work),
         Arc::clone(&metrics),
     ));
     worker
@@ -168,7 +165,7 @@ pub async fn run_with_reload(
         store.clone(),
         ApiContext {
             feed,
-            wake,
+            work,
             stop: stop.clone(),
             job_ttl: Duration::from_secs(config.retry.job_ttl_secs),
             max_pending: config.queue.max_pending,

@@ -7,8 +7,8 @@
 //! job nothing.
 
 use std::{
-    collections::HashMap,
-    sync::Arc,
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -35,6 +35,34 @@ const CLAIM_GATHER: Duration = Duration::from_millis(2);
 /// How long the dispatcher pauses after a database error.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
+/// Tells the dispatcher that a client has new waiting work (a submission, a scheduled retry, a
+/// rescued attempt), and wakes it.
+#[derive(Debug, Default)]
+pub struct WorkSignal {
+    notify: Notify,
+    /// Clients announced since the dispatcher last looked.
+    clients: Mutex<Vec<String>>,
+}
+
+impl WorkSignal {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Call after the commit that made the client's job waiting.
+    pub fn announce(&self, client_id: &str) {
+        self.clients
+            .lock()
+            .expect("work signal lock poisoned")
+            .push(client_id.to_string());
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.clients.lock().expect("work signal lock poisoned"))
+    }
+}
+
 /// Everything the dispatcher and its attempts share.
 #[derive(Debug)]
 pub struct Worker {
@@ -55,8 +83,9 @@ pub struct Worker {
     claim_batch: u32,
     /// Safety-net poll interval.
     poll_interval: Duration,
-    /// Woken by submissions and recorded retries, so new work starts without polling.
-    wake: Arc<Notify>,
+    /// Announces clients with new work and wakes the dispatcher, so new work starts without
+    /// polling.
+    work: Arc<WorkSignal>,
     metrics: Arc<Metrics>,
 }
 
@@ -76,7 +105,7 @@ impl Worker {
         config: &Config,
         store: Store,
         upstream: UpstreamClient,
-        wake: Arc<Notify>,
+        work: Arc<WorkSignal>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -93,7 +122,7 @@ impl Worker {
             concurrency: config.worker.concurrency as usize,
             claim_batch: (config.worker.concurrency / 8).max(1),
             poll_interval: Duration::from_millis(config.worker.poll_interval_ms),
-            wake,
+            work,
             metrics,
         }
     }
@@ -110,6 +139,9 @@ impl Worker {
                 .await?;
             if jobs.is_empty() {
                 break;
+            }
+            for job in &jobs {
+                self.work.announce(&job.client_id);
             }
             recovered += jobs.len();
         }
@@ -128,6 +160,9 @@ impl Worker {
         let slots = Arc::new(Semaphore::new(self.concurrency));
         // Clients whose limiter is exhausted, until when.
         let mut throttled: HashMap<String, Instant> = HashMap::new();
+        // Clients with waiting jobs: claiming looks at each of them, so a deep backlog for
+        // one client costs nothing when claiming for another.
+        let mut waiting: Option<HashSet<String>> = None;
         let mut last_sweep: Option<Instant> = None;
         tracing::info!(owner = %self.owner, concurrency = self.concurrency, "worker started");
         while !stop.is_cancelled() {
@@ -148,7 +183,24 @@ impl Worker {
                     tokio::time::timeout(CLAIM_GATHER, slots.acquire_many(self.claim_batch)).await;
                 continue;
             }
-            let pass = match self.dispatch(&slots, &mut throttled, &attempts).await {
+            if waiting.is_none() {
+                match self.store.waiting_clients().await {
+                    Ok(clients) => waiting = Some(clients.into_iter().collect()),
+                    Err(error) => {
+                        tracing::error!(%error, "cannot read the waiting clients; pausing");
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = tokio::time::sleep(ERROR_PAUSE) => {}
+                        }
+                        continue;
+                    }
+                }
+            }
+            let clients = waiting.as_mut().expect("loaded above");
+            let pass = match self
+                .dispatch(&slots, &mut throttled, clients, &attempts)
+                .await
+            {
                 Ok(pass) => pass,
                 Err(error) => {
                     tracing::error!(%error, "dispatch failed; pausing");
@@ -168,7 +220,7 @@ impl Worker {
             };
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = self.wake.notified() => {}
+                _ = self.work.notify.notified() => {}
                 _ = tokio::time::sleep(pause) => {}
             }
         }
@@ -186,6 +238,7 @@ impl Worker {
             .rescue_leases(now, self.policy.max_attempts, now)
             .await?
         {
+            self.work.announce(&job.client_id);
             tracing::warn!(job_id = %job.id, client_id = %job.client_id, attempt = job.attempts,
                 "attempt lease expired; outcome unknown");
         }
@@ -197,6 +250,7 @@ impl Worker {
         self: &Arc<Self>,
         slots: &Arc<Semaphore>,
         throttled: &mut HashMap<String, Instant>,
+        waiting: &mut HashSet<String>,
         attempts: &TaskTracker,
     ) -> Result<Pass, StoreError> {
         let probe = match self.breaker.admit(Instant::now()) {
@@ -210,17 +264,32 @@ impl Worker {
             }
         };
         let free = if probe { 1 } else { slots.available_permits() };
+        waiting.extend(self.work.take());
         let now = Instant::now();
         throttled.retain(|_, until| *until > now);
-        let skip: Vec<&str> = throttled.keys().map(String::as_str).collect();
-        let candidates = self
-            .store
-            .due_candidates(UnixMillis::now(), &skip, free)
-            .await?;
+        let now_ms = UnixMillis::now();
+        let mut candidates = Vec::new();
+        let mut idle = Vec::new();
+        for client in waiting.iter().filter(|c| !throttled.contains_key(*c)) {
+            let due = self.store.due_for_client(client, now_ms, free).await?;
+            if due.is_empty() {
+                idle.push(client.clone());
+            }
+            candidates.extend(due);
+        }
+        // A client with nothing waiting at all leaves the set until it is announced again.
+        for client in idle {
+            if !self.store.client_has_waiting(&client).await? {
+                waiting.remove(&client);
+            }
+        }
+        // Across clients, the job closest to its TTL goes first.
+        candidates.sort_by_key(|c| (c.expires_at, c.row_id));
         let mut pass = Pass {
-            full_batch: candidates.len() == free,
+            full_batch: candidates.len() >= free,
             ..Pass::default()
         };
+        candidates.truncate(free);
         let mut chosen = Vec::with_capacity(candidates.len());
         for candidate in candidates {
             if throttled.contains_key(&candidate.client_id) {
@@ -360,7 +429,9 @@ impl Worker {
                         ),
                     }
                     // A retry may now be due before the dispatcher's next wake-up.
-                    self.wake.notify_one();
+                    if job.state == JobState::RetryWait {
+                        self.work.announce(&job.client_id);
+                    }
                 }
                 Ok(None) => tracing::warn!(
                     "lease lost before the outcome was recorded; the newer attempt's outcome stands"

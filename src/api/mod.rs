@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -19,6 +19,7 @@ use crate::{
     job::{Job, JobId, UnixMillis},
     request::{ExchangeRequest, RawExchange, parse_job_id},
     store::{CancelOutcome, NewJob, Store, SubmitOutcome},
+    worker::WorkSignal,
 };
 
 mod audit_log;
@@ -49,8 +50,8 @@ pub const DEFAULT_TENANT: &str = "default";
 pub struct TokenBrokerApi {
     store: Store,
     feed: Arc<JobFeed>,
-    /// Tells the worker that new work is due.
-    wake: Arc<Notify>,
+    /// Tells the worker that a client has new work.
+    work: Arc<WorkSignal>,
     /// Cancelled at shutdown: long waits return the job as it stands.
     stop: CancellationToken,
     /// Each job's time to live.
@@ -65,7 +66,7 @@ pub struct TokenBrokerApi {
 #[derive(Debug, Clone)]
 pub struct ApiContext {
     pub feed: Arc<JobFeed>,
-    pub wake: Arc<Notify>,
+    pub work: Arc<WorkSignal>,
     pub stop: CancellationToken,
     pub job_ttl: Duration,
     pub max_pending: u64,
@@ -77,7 +78,7 @@ impl TokenBrokerApi {
         Self {
             store,
             feed: context.feed,
-            wake: context.wake,
+            work: context.work,
             stop: context.stop,
             job_ttl: context.job_ttl,
             max_pending: context.max_pending,
@@ -120,7 +121,7 @@ impl TokenBrokerApi {
         match outcome {
             SubmitOutcome::Created(job) => {
                 tracing::info!(job_id = %job.id, client_id = %job.client_id, "job submitted");
-                self.wake.notify_one();
+                self.work.announce(&job.client_id);
                 Ok((job, subscription))
             }
             SubmitOutcome::Existing(job) => {

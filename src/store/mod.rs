@@ -92,6 +92,8 @@ pub struct Candidate {
     pub client_id: String,
     /// When it fell due, so its attempt.started event can say how long it waited.
     pub due_at: UnixMillis,
+    /// When it expires: across clients, the job closest to its TTL goes first.
+    pub expires_at: UnixMillis,
 }
 
 /// What a submission stores.
@@ -197,7 +199,13 @@ impl Store {
             .await?;
         sqlx::migrate!("./migrations").run(&migrations).await?;
         migrations.close().await;
-        let conn = base.clone().connect().await?;
+        // The writer touches every index of a deep queue: give it a page cache that holds them
+        // (32 MiB; the readers keep SQLite's default 2 MiB each).
+        let conn = base
+            .clone()
+            .pragma("cache_size", "-32768")
+            .connect()
+            .await?;
         let writer = WriterHandle::start(conn, feed, metrics).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
@@ -392,17 +400,17 @@ impl Store {
         row.as_ref().map(job_from_row).transpose()
     }
 
-    /// Up to `limit` due jobs in due order, leaving out the clients in `skip_clients`.
-    pub async fn due_candidates(
+    /// Up to `limit` of one client's due jobs, closest to their TTL first (an index seek,
+    /// however deep the client's backlog).
+    pub async fn due_for_client(
         &self,
+        client_id: &str,
         now: UnixMillis,
-        skip_clients: &[&str],
         limit: usize,
     ) -> Result<Vec<Candidate>, StoreError> {
-        let skip = serde_json::to_string(skip_clients).expect("strings serialize");
-        let rows = sqlx::query(include_str!("sql/due_candidates.sql"))
+        let rows = sqlx::query(include_str!("sql/due_for_client.sql"))
+            .bind(client_id)
             .bind(now.0)
-            .bind(skip)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&self.reader)
             .await?;
@@ -412,9 +420,27 @@ impl Store {
                     row_id: row.try_get("id")?,
                     client_id: row.try_get("client_id")?,
                     due_at: UnixMillis(row.try_get("next_attempt_at")?),
+                    expires_at: UnixMillis(row.try_get("expires_at")?),
                 })
             })
             .collect()
+    }
+
+    /// Whether `client_id` has any job waiting, due or not.
+    pub async fn client_has_waiting(&self, client_id: &str) -> Result<bool, StoreError> {
+        Ok(
+            sqlx::query_scalar(include_str!("sql/client_has_waiting.sql"))
+                .bind(client_id)
+                .fetch_one(&self.reader)
+                .await?,
+        )
+    }
+
+    /// Every client with a job waiting.
+    pub async fn waiting_clients(&self) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(include_str!("sql/waiting_clients.sql"))
+            .fetch_all(&self.reader)
+            .await?)
     }
 
     /// When the earliest queued or waiting job is due, if any.

@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""Builds a database holding N queued jobs (default 1,000,000) for one client id, to measure
+claiming, submitting, start-up and memory with a deep queue. The jobs use real migrations and
+valid shapes; their codes are placeholders that upstream would refuse.
+
+Usage: bench/queue_fixture.py PATH [N] [CLIENT_ID]
+"""
+import hashlib
+import os
+import sqlite3
+import sys
+import time
+import uuid
+
+root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+path = sys.argv[1]
+count = int(sys.argv[2]) if len(sys.argv) > 2 else 1_000_000
+client = sys.argv[3] if len(sys.argv) > 3 else "backlog-app"
+for suffix in ("", "-wal", "-shm"):
+    if os.path.exists(path + suffix):
+        os.remove(path + suffix)
+db = sqlite3.connect(path, isolation_level=None)
+db.execute("PRAGMA journal_mode=WAL")
+db.execute(
+    "CREATE TABLE _sqlx_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL,"
+    " installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, success BOOLEAN NOT NULL,"
+    " checksum BLOB NOT NULL, execution_time BIGINT NOT NULL)"
+)
+for name in sorted(os.listdir(os.path.join(root, "migrations"))):
+    with open(os.path.join(root, "migrations", name), "rb") as migration:
+        sql = migration.read()
+    db.executescript(sql.decode())
+    # Recorded as sqlx records them, so the daemon sees the schema as migrated.
+    version, description = name.removesuffix(".sql").split("_", 1)
+    db.execute(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)"
+        " VALUES (?, ?, 1, ?, 0)",
+        (int(version), description.replace("_", " "), hashlib.sha384(sql).digest()),
+    )
+started = time.time()
+now = int(time.time() * 1000)
+ttl = 10 * 365 * 86_400_000
+db.execute("BEGIN")
+db.executemany(
+    "INSERT INTO jobs (job_id, tenant, client_id, idempotency_key, request_digest, code,"
+    " code_verifier, state_param, state, created_at, updated_at, next_attempt_at, expires_at,"
+    " code_fingerprint) VALUES (?,?,?,?,?,?,?,?,'queued',?,?,?,?,?)",
+    (
+        (str(uuid.uuid4()), "default", client, f"key-{n}", "d" * 64, f"code-{n}", "v" * 64, "",
+         now, now, now, now + ttl + n, "f" * 64)
+        for n in range(count)
+    ),
+)
+db.execute("COMMIT")
+db.close()
+print(f"{count} queued jobs for {client} written to {path} in {time.time() - started:.1f} s")
