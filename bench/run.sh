@@ -21,11 +21,12 @@ trap cleanup EXIT
 
 FAKE_PORT=$((20000 + RANDOM % 10000))
 GRPC_PORT=$((30000 + RANDOM % 10000))
+OPS_PORT=$((40000 + RANDOM % 10000))
 FAKE="http://127.0.0.1:$FAKE_PORT"
 "$BIN" fake-upstream --listen "127.0.0.1:$FAKE_PORT" --code-ttl-secs 3600 >"$WORK/fake.log" 2>&1 &
 PIDS+=($!)
 TOKEN_BROKER_SERVER__LISTEN="127.0.0.1:$GRPC_PORT" \
-TOKEN_BROKER_SERVER__METRICS_LISTEN="" \
+TOKEN_BROKER_SERVER__METRICS_LISTEN="127.0.0.1:$OPS_PORT" \
 TOKEN_BROKER_STORAGE__PATH="$WORK/broker.db" \
 TOKEN_BROKER_STORAGE__SYNCHRONOUS=full \
 TOKEN_BROKER_UPSTREAM__TOKEN_URL="$FAKE/v1/token" \
@@ -51,9 +52,20 @@ BEFORE=$(cpu_ticks)
 bench -n "$N" -c "$C" --json "$WORK/daemon.json"
 AFTER=$(cpu_ticks)
 
+batches() {
+    curl -s "127.0.0.1:$OPS_PORT/metrics" | awk '
+        /^token_broker_sqlite_batch_changes_sum/ {sum=$2}
+        /^token_broker_sqlite_batch_changes_count/ {count=$2}
+        END {printf "%d %d\n", sum, count}'
+}
+read -r SUM1 COUNT1 < <(batches)
+
 echo "== latency: $RATE_N exchanges at 200/s"
 bench --direct -n "$RATE_N" -c 64 --rate 200 --json "$WORK/direct-rate.json"
+read -r SUM2 COUNT2 < <(batches)
 bench -n "$RATE_N" -c 64 --rate 200 --json "$WORK/daemon-rate.json"
+read -r SUM3 COUNT3 < <(batches)
+echo "changes per commit: $(( SUM1 / (COUNT1 > 0 ? COUNT1 : 1) )) under full load, $(( (SUM3 - SUM2) / ((COUNT3 - COUNT2) > 0 ? (COUNT3 - COUNT2) : 1) )) at 200/s (means)"
 
 python3 - "$WORK" "$BEFORE" "$AFTER" "$TICK" "$N" <<'PY'
 import json, sys

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub retries: Counter,
     pub outcome_unknown: Counter,
     pub sqlite_commit: Histogram,
+    pub sqlite_batch: Histogram,
     pub queue_depth: Gauge,
     pub oldest_job_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub effective_rate: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -57,6 +58,9 @@ impl Metrics {
             retries: Counter::default(),
             outcome_unknown: Counter::default(),
             sqlite_commit: commit_buckets(),
+            sqlite_batch: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 10),
+            ),
             queue_depth: Gauge::default(),
             oldest_job_age: Gauge::default(),
             effective_rate: Family::default(),
@@ -102,6 +106,11 @@ impl Metrics {
             "sqlite_commit_seconds",
             "Time to commit one write transaction",
             metrics.sqlite_commit.clone(),
+        );
+        registry.register(
+            "sqlite_batch_changes",
+            "Changes committed per write transaction (group commit)",
+            metrics.sqlite_batch.clone(),
         );
         registry.register(
             "queue_depth",

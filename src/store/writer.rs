@@ -235,6 +235,7 @@ async fn apply_batch(
         metrics
             .sqlite_commit
             .observe(started.elapsed().as_secs_f64());
+        metrics.sqlite_batch.observe(requests.len() as f64);
         Ok(results)
     };
     match attempt.await {

@@ -271,3 +271,60 @@ async fn repeated_sigkills_under_load_lose_nothing_and_complete_nothing_twice() 
         "redeemed {redeemed}, succeeded {succeeded}, unknown {unknown}"
     );
 }
+
+#[tokio::test]
+async fn group_commit_acknowledges_no_submission_before_its_commit() {
+    // Many concurrent submitters fill the writer's batches; the process dies at once after
+    // some acknowledgements. Every acknowledged job must be in the file.
+    let fake = start_fake_with(FakeOptions {
+        faults: Faults {
+            latency_ms: 1_000,
+            ..Faults::default()
+        },
+        ..FakeOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker.db");
+    let daemon = Daemon::start(&db, &fake.token_url());
+    let client = daemon.client().await;
+    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut submitters = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let mut client = client.clone();
+        let fake = fake.clone();
+        let acked = acked_tx.clone();
+        submitters.spawn(async move {
+            while let Ok(job) = client.submit_exchange(new_request(&fake, "app")).await {
+                let _ = acked.send(job.into_inner().job_id);
+            }
+        });
+    }
+    drop(acked_tx);
+    let mut acknowledged = Vec::new();
+    while acknowledged.len() < 500 {
+        acknowledged.push(acked_rx.recv().await.expect("acknowledgements"));
+    }
+    // Dies right after the 500th acknowledgement, with submissions in flight.
+    daemon.kill();
+    submitters.join_all().await;
+    while let Ok(id) = acked_rx.try_recv() {
+        acknowledged.push(id);
+    }
+
+    let stored: std::collections::HashSet<String> = all_jobs(&db)
+        .await
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect();
+    let missing: Vec<_> = acknowledged
+        .iter()
+        .filter(|id| !stored.contains(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged jobs missing",
+        missing.len(),
+        acknowledged.len()
+    );
+}
