@@ -52,6 +52,9 @@ pub enum Command {
     Config(ConfigCommand),
     /// Run a fake Truecaller token endpoint for development and tests.
     FakeUpstream(FakeUpstreamArgs),
+    /// API keys for tenants.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Load generator: exchanges through a running daemon, or directly against the upstream.
     Bench(BenchArgs),
     /// Inspect jobs (reads the database read-only; never shows tokens).
@@ -235,6 +238,13 @@ pub enum AuditCommand {
         #[arg(long)]
         key_file: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Print a fresh API key (give it to the tenant) and its SHA-256 (put it in the
+    /// configuration as api_key_sha256).
+    New,
 }
 
 #[derive(Debug, Subcommand)]

@@ -37,6 +37,31 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub breaker: BreakerSettings,
     pub audit: AuditConfig,
+    /// Callers and what they may do. Empty: authentication is off (loopback only).
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// One calling service.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+    /// Hex SHA-256 of the tenant's API key (`token-broker keys new` prints both); the key itself
+    /// never sits in the configuration.
+    pub api_key_sha256: String,
+    /// The Truecaller client ids this tenant may exchange codes for.
+    #[serde(default)]
+    pub client_ids: Vec<String>,
+    /// `submit` (the TokenBroker service, own jobs only) and/or `audit` (the AuditLog service,
+    /// across tenants, never tokens).
+    pub roles: Vec<Role>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Submit,
+    Audit,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -380,10 +405,58 @@ impl Config {
         if self.worker.poll_interval_ms == 0 {
             errors.push("worker.poll_interval_ms: must be greater than 0".to_string());
         }
+        self.validate_tenants(&mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
             Err(ConfigErrors(errors))
+        }
+    }
+
+    fn validate_tenants(&self, errors: &mut Vec<String>) {
+        if self.tenants.is_empty() {
+            if let Ok(addr) = self.server.listen.parse::<SocketAddr>()
+                && !addr.ip().is_loopback()
+            {
+                errors.push(format!(
+                    "server.listen: {addr} is not a loopback address, and no [[tenants]] are \
+                     configured: without tenants authentication is off, so the daemon only \
+                     listens on loopback (add tenants, or listen on 127.0.0.1)"
+                ));
+            }
+            return;
+        }
+        let mut names = HashSet::new();
+        let mut hashes = HashSet::new();
+        for (i, tenant) in self.tenants.iter().enumerate() {
+            let at = format!("tenants[{i}]");
+            if tenant.name.is_empty() || !tenant.name.bytes().all(|b| b.is_ascii_graphic()) {
+                errors.push(format!("{at}.name: must be non-empty visible ASCII"));
+            } else if !names.insert(tenant.name.as_str()) {
+                errors.push(format!(
+                    "{at}.name: {:?} appears more than once",
+                    tenant.name
+                ));
+            }
+            let hash = &tenant.api_key_sha256;
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                errors.push(format!(
+                    "{at}.api_key_sha256: must be 64 hex digits (the SHA-256 of the key; \
+                     `token-broker keys new` prints one)"
+                ));
+            } else if !hashes.insert(hash.to_ascii_lowercase()) {
+                errors.push(format!("{at}.api_key_sha256: shared with another tenant"));
+            }
+            if tenant.roles.is_empty() {
+                errors.push(format!(
+                    "{at}.roles: give at least one of \"submit\", \"audit\""
+                ));
+            }
+            if tenant.roles.contains(&Role::Submit) && tenant.client_ids.is_empty() {
+                errors.push(format!(
+                    "{at}.client_ids: a submit tenant needs the client ids it may exchange for"
+                ));
+            }
         }
     }
 
@@ -488,6 +561,42 @@ mod tests {
             assert_eq!(config.queue, QueueConfig::default());
             Ok(())
         });
+    }
+
+    #[test]
+    fn without_tenants_only_loopback_is_allowed() {
+        let mut config = Config::default();
+        config.server.listen = "0.0.0.0:50051".into();
+        let errors = config.validate().unwrap_err().0;
+        assert!(errors[0].contains("loopback"), "{errors:?}");
+        config.tenants = vec![TenantConfig {
+            name: "shop".into(),
+            api_key_sha256: "a".repeat(64),
+            client_ids: vec!["app".into()],
+            roles: vec![Role::Submit],
+        }];
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn tenants_are_checked_whole() {
+        let mut config = Config::default();
+        let tenant = TenantConfig {
+            name: "shop".into(),
+            api_key_sha256: "a".repeat(64),
+            client_ids: vec![],
+            roles: vec![Role::Submit],
+        };
+        config.tenants = vec![
+            tenant.clone(),
+            TenantConfig {
+                api_key_sha256: "not-hex".into(),
+                roles: vec![],
+                ..tenant
+            },
+        ];
+        let errors = config.validate().unwrap_err().0;
+        assert_eq!(errors.len(), 4, "{errors:#?}");
     }
 
     #[test]

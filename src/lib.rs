@@ -6,6 +6,7 @@
 //! - [`server`]: the single entry point, [`server::run`], used by `main` and the tests alike.
 //! - [`api`]: the gRPC service; the only module that sees protobuf types, and the one place
 //!   where errors become status codes.
+//! - [`tenants`]: who is calling (API keys) and what they may do.
 //! - [`request`]: turns a submission into a checked [`request::ExchangeRequest`].
 //! - [`store`]: the SQLite queue and its audit trail; the only module that runs SQL.
 //! - [`feed`]: publishes committed job changes to waiting callers.
@@ -45,6 +46,7 @@ pub mod secret;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tenants;
 pub mod upstream;
 pub mod worker;
 

@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::Parser;
 use token_broker::{
     Listeners,
-    cli::{Cli, Command, ConfigCommand, FakeUpstreamArgs},
+    cli::{Cli, Command, ConfigCommand, FakeUpstreamArgs, KeysCommand},
     config::Config,
     fake_upstream::{FakeOptions, FakeUpstream, Faults},
     inspect, telemetry,
@@ -60,6 +60,15 @@ fn main() -> ExitCode {
             }
         },
         Command::FakeUpstream(args) => report(runtime.block_on(fake_upstream(args))),
+        Command::Keys(KeysCommand::New) => {
+            let (key, digest) = token_broker::tenants::new_key();
+            println!("api_key        = {key}");
+            println!("api_key_sha256 = \"{digest}\"");
+            eprintln!(
+                "Give the key to the tenant (it is not stored anywhere); put api_key_sha256 in its [[tenants]] entry."
+            );
+            ExitCode::SUCCESS
+        }
         Command::Bench(args) => report(runtime.block_on(bench(args))),
         Command::Jobs(command) => report(runtime.block_on(inspect::jobs(command))),
         Command::Audit(command) => match runtime.block_on(inspect::audit(command)) {

@@ -15,6 +15,7 @@ use crate::{
     metrics::Metrics,
     ops_http::{self, OpsState, Readiness},
     store::Store,
+    tenants::TenantRegistry,
     upstream::UpstreamClient,
     worker::{WorkSignal, Worker},
 };
@@ -83,6 +84,10 @@ pub async fn run_with_reload(
         .with_context(|| format!("cannot open storage.path {}", config.storage.path.display()))?;
     let upstream = UpstreamClient::new(&config.upstream).context("cannot set up upstream")?;
     let work = WorkSignal::new();
+    let tenants = TenantRegistry::new(&config.tenants);
+    if config.tenants.is_empty() {
+        tracing::warn!("no tenants configured: authentication is off (loopback only)");
+    }
     let worker = Arc::new(Worker::new(
         &config,
         store.clone(),
@@ -101,6 +106,7 @@ pub async fn run_with_reload(
 
     let reload_task = {
         let worker = Arc::clone(&worker);
+        let tenants = Arc::clone(&tenants);
         let stop = stop.clone();
         let mut current = config.clone();
         tokio::spawn(async move {
@@ -111,17 +117,20 @@ pub async fn run_with_reload(
                 }
                 let new = reloads.borrow_and_update().clone();
                 worker.reload_limits(&new.limits);
+                tenants.replace(&new.tenants);
                 let others_changed = Config {
                     limits: current.limits.clone(),
+                    tenants: current.tenants.clone(),
                     ..new.clone()
                 } != current;
                 if others_changed {
                     tracing::warn!(
-                        "the reloaded configuration changes more than the rate limits; \
+                        "the reloaded configuration changes more than the rate limits and tenants; \
                          those other changes take effect at the next restart"
                     );
                 }
                 current.limits = new.limits;
+                current.tenants = new.tenants;
             }
         })
     };
@@ -170,6 +179,7 @@ pub async fn run_with_reload(
             job_ttl: Duration::from_secs(config.retry.job_ttl_secs),
             max_pending: config.queue.max_pending,
             fingerprinter: fingerprinter.clone(),
+            tenants: Arc::clone(&tenants),
         },
     );
 
@@ -202,7 +212,7 @@ pub async fn run_with_reload(
         .add_service(reflection_v1alpha)
         .add_service(proto::token_broker_server::TokenBrokerServer::new(api))
         .add_service(proto::audit_log_server::AuditLogServer::new(
-            AuditLogApi::new(store.clone(), fingerprinter.clone()),
+            AuditLogApi::new(store.clone(), fingerprinter.clone(), Arc::clone(&tenants)),
         ))
         .serve_with_incoming_shutdown(incoming(listeners.grpc), drain)
         .await;

@@ -4,12 +4,16 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use tonic::{Request, Response, Status};
 
 use super::{ApiError, convert, proto};
+use std::sync::Arc;
+
 use crate::{
     audit::AuditRecord,
+    config::Role,
     fingerprint::Fingerprinter,
     job::{JobState, UnixMillis},
     request::{FieldViolation, InvalidRequest, MAX_CODE_LEN},
     store::{EventQuery, JobQuery, Store},
+    tenants::TenantRegistry,
 };
 
 /// Page size when the caller gives none, and the most a page may hold.
@@ -20,14 +24,23 @@ const MAX_PAGE: u32 = 1_000;
 pub struct AuditLogApi {
     store: Store,
     fingerprinter: Fingerprinter,
+    /// Only tenants with the audit role may call.
+    tenants: Arc<TenantRegistry>,
 }
 
 impl AuditLogApi {
-    pub fn new(store: Store, fingerprinter: Fingerprinter) -> Self {
+    pub fn new(store: Store, fingerprinter: Fingerprinter, tenants: Arc<TenantRegistry>) -> Self {
         Self {
             store,
             fingerprinter,
+            tenants,
         }
+    }
+
+    /// Refuses callers without the audit role.
+    fn authorize(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), ApiError> {
+        self.tenants.authenticate(metadata)?.require(Role::Audit)?;
+        Ok(())
     }
 }
 
@@ -112,6 +125,7 @@ impl proto::audit_log_server::AuditLog for AuditLogApi {
         &self,
         request: Request<proto::ListJobsRequest>,
     ) -> Result<Response<proto::ListJobsResponse>, Status> {
+        self.authorize(request.metadata())?;
         let request = request.into_inner();
         let query = JobQuery {
             state: state(request.state)?,
@@ -141,6 +155,7 @@ impl proto::audit_log_server::AuditLog for AuditLogApi {
         &self,
         request: Request<proto::ListAuditEventsRequest>,
     ) -> Result<Response<proto::ListAuditEventsResponse>, Status> {
+        self.authorize(request.metadata())?;
         let request = request.into_inner();
         let after_seq = match decode_token("events", &request.page_token)? {
             Some(seq) => Some(seq),
@@ -174,8 +189,9 @@ impl proto::audit_log_server::AuditLog for AuditLogApi {
 
     async fn verify_audit_log(
         &self,
-        _request: Request<proto::VerifyAuditLogRequest>,
+        request: Request<proto::VerifyAuditLogRequest>,
     ) -> Result<Response<proto::VerifyAuditLogResponse>, Status> {
+        self.authorize(request.metadata())?;
         let report = self
             .store
             .verify_audit_log()
@@ -199,6 +215,7 @@ impl proto::audit_log_server::AuditLog for AuditLogApi {
         &self,
         request: Request<proto::FingerprintCodeRequest>,
     ) -> Result<Response<proto::FingerprintCodeResponse>, Status> {
+        self.authorize(request.metadata())?;
         let code = &request.get_ref().code;
         if code.is_empty()
             || code.len() > MAX_CODE_LEN

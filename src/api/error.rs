@@ -6,7 +6,7 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
-use crate::{job::JobState, request::InvalidRequest, store::StoreError};
+use crate::{job::JobState, request::InvalidRequest, store::StoreError, tenants::AccessError};
 
 /// Everything an RPC can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +21,8 @@ pub enum ApiError {
     QueueFull { pending: u64 },
     #[error("the job is {}; only queued or waiting jobs can be cancelled", .0.as_str())]
     NotCancellable(JobState),
+    #[error(transparent)]
+    Access(#[from] AccessError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -50,6 +52,10 @@ impl From<ApiError> for Status {
                 ErrorDetails::with_retry_info(Some(QUEUE_FULL_RETRY)),
             ),
             ApiError::NotCancellable(_) => Status::failed_precondition(error.to_string()),
+            ApiError::Access(AccessError::Unauthenticated) => {
+                Status::unauthenticated(error.to_string())
+            }
+            ApiError::Access(AccessError::Denied(reason)) => Status::permission_denied(reason),
             ApiError::Store(StoreError::Corrupt(detail)) => {
                 tracing::error!(%detail, "stored data is unreadable");
                 Status::internal("stored data is unreadable; the daemon logged the cause")

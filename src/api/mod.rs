@@ -14,11 +14,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
+    config::Role,
     feed::{FeedEvent, JobFeed, JobSubscription},
     fingerprint::Fingerprinter,
     job::{Job, JobId, UnixMillis},
     request::{ExchangeRequest, RawExchange, parse_job_id},
     store::{CancelOutcome, NewJob, Store, SubmitOutcome},
+    tenants::{Caller, TenantRegistry},
     worker::WorkSignal,
 };
 
@@ -42,9 +44,6 @@ pub mod proto {
 
 use proto::token_broker_server::TokenBroker;
 
-/// The tenant of every job while tenants are not configured.
-pub const DEFAULT_TENANT: &str = "default";
-
 /// The `TokenBroker` service.
 #[derive(Debug, Clone)]
 pub struct TokenBrokerApi {
@@ -60,6 +59,8 @@ pub struct TokenBrokerApi {
     max_pending: u64,
     /// Fingerprints codes for the audit trail.
     fingerprinter: Fingerprinter,
+    /// Who may call, and for which client ids.
+    tenants: Arc<TenantRegistry>,
 }
 
 /// What the API needs besides the store.
@@ -71,6 +72,7 @@ pub struct ApiContext {
     pub job_ttl: Duration,
     pub max_pending: u64,
     pub fingerprinter: Fingerprinter,
+    pub tenants: Arc<TenantRegistry>,
 }
 
 impl TokenBrokerApi {
@@ -83,6 +85,7 @@ impl TokenBrokerApi {
             job_ttl: context.job_ttl,
             max_pending: context.max_pending,
             fingerprinter: context.fingerprinter,
+            tenants: context.tenants,
         }
     }
 
@@ -91,9 +94,11 @@ impl TokenBrokerApi {
     /// needs no re-read.
     async fn submit(
         &self,
+        caller: &Caller,
         request: &proto::SubmitExchangeRequest,
         watch: bool,
     ) -> Result<(Job, Option<JobSubscription>), ApiError> {
+        caller.require(Role::Submit)?;
         let request = ExchangeRequest::parse(RawExchange {
             client_id: &request.client_id,
             code: &request.code,
@@ -101,6 +106,7 @@ impl TokenBrokerApi {
             state: &request.state,
             idempotency_key: &request.idempotency_key,
         })?;
+        caller.may_exchange_for(&request.client_id)?;
         let code_fingerprint = self.fingerprinter.fingerprint(request.code.expose());
         let job_id = JobId::new();
         let subscription = watch.then(|| self.feed.subscribe(job_id));
@@ -109,7 +115,7 @@ impl TokenBrokerApi {
             .submit(
                 &NewJob {
                     job_id,
-                    tenant: DEFAULT_TENANT,
+                    tenant: caller.tenant(),
                     request: &request,
                     code_fingerprint: &code_fingerprint,
                     ttl: self.job_ttl,
@@ -136,6 +142,22 @@ impl TokenBrokerApi {
 
     async fn load(&self, id: JobId) -> Result<Job, ApiError> {
         self.store.get(id).await?.ok_or(ApiError::NotFound)
+    }
+
+    /// The job, if `caller` may see it: another tenant's job is NOT_FOUND, exactly as a job that
+    /// does not exist, so its existence is not revealed.
+    async fn load_for(&self, caller: &Caller, id: JobId) -> Result<Job, ApiError> {
+        match self.load(id).await? {
+            job if caller.owns(&job.tenant) => Ok(job),
+            _ => Err(ApiError::NotFound),
+        }
+    }
+
+    /// Authenticates the caller of a TokenBroker RPC.
+    fn caller(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Caller, ApiError> {
+        let caller = self.tenants.authenticate(metadata)?;
+        caller.require(Role::Submit)?;
+        Ok(caller)
     }
 
     /// Waits until the job is terminal, `deadline` passes, or the daemon stops; returns the job
@@ -191,7 +213,8 @@ impl TokenBroker for TokenBrokerApi {
         &self,
         request: Request<proto::SubmitExchangeRequest>,
     ) -> Result<Response<proto::Job>, Status> {
-        let (job, _) = self.submit(request.get_ref(), false).await?;
+        let caller = self.caller(request.metadata())?;
+        let (job, _) = self.submit(&caller, request.get_ref(), false).await?;
         Ok(Response::new(convert::job(&job)))
     }
 
@@ -199,8 +222,9 @@ impl TokenBroker for TokenBrokerApi {
         &self,
         request: Request<proto::SubmitExchangeRequest>,
     ) -> Result<Response<proto::Job>, Status> {
+        let caller = self.caller(request.metadata())?;
         let deadline = deadline::answer_by(request.metadata(), Instant::now());
-        let (job, changes) = self.submit(request.get_ref(), true).await?;
+        let (job, changes) = self.submit(&caller, request.get_ref(), true).await?;
         let job = self.wait_terminal(job, changes, deadline).await?;
         Ok(Response::new(convert::job(&job)))
     }
@@ -209,8 +233,9 @@ impl TokenBroker for TokenBrokerApi {
         &self,
         request: Request<proto::GetJobRequest>,
     ) -> Result<Response<proto::Job>, Status> {
+        let caller = self.caller(request.metadata())?;
         let id = parse_job_id(&request.get_ref().job_id).map_err(ApiError::from)?;
-        let job = self.load(id).await?;
+        let job = self.load_for(&caller, id).await?;
         Ok(Response::new(convert::job(&job)))
     }
 
@@ -220,9 +245,10 @@ impl TokenBroker for TokenBrokerApi {
         &self,
         request: Request<proto::GetJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let caller = self.caller(request.metadata())?;
         let id = parse_job_id(&request.get_ref().job_id).map_err(ApiError::from)?;
         let mut changes = self.feed.subscribe(id);
-        let mut current = self.load(id).await?;
+        let mut current = self.load_for(&caller, id).await?;
         let (tx, rx) = mpsc::channel(8);
         let api = self.clone();
         tokio::spawn(async move {
@@ -264,10 +290,13 @@ impl TokenBroker for TokenBrokerApi {
         &self,
         request: Request<proto::GetJobRequest>,
     ) -> Result<Response<proto::Job>, Status> {
+        let caller = self.caller(request.metadata())?;
         let id = parse_job_id(&request.get_ref().job_id).map_err(ApiError::from)?;
+        // Ownership first: another tenant's job is NOT_FOUND and is left untouched.
+        self.load_for(&caller, id).await?;
         match self
             .store
-            .cancel(id, UnixMillis::now())
+            .cancel(id, caller.tenant(), UnixMillis::now())
             .await
             .map_err(ApiError::from)?
         {

@@ -277,9 +277,15 @@ impl Store {
         }
     }
 
-    /// Cancels a queued or waiting job.
-    pub async fn cancel(&self, id: JobId, now: UnixMillis) -> Result<CancelOutcome, StoreError> {
-        match self.write(Op::Cancel(id, now)).await? {
+    /// Cancels a queued or waiting job on behalf of `actor` (a tenant name, recorded in the
+    /// audit trail).
+    pub async fn cancel(
+        &self,
+        id: JobId,
+        actor: &str,
+        now: UnixMillis,
+    ) -> Result<CancelOutcome, StoreError> {
+        match self.write(Op::Cancel(id, actor.to_string(), now)).await? {
             Reply::Cancel(outcome) => Ok(outcome),
             other => unreachable!("cancel answered {other:?}"),
         }

@@ -42,7 +42,7 @@ const PRUNE_BATCH: i64 = 10_000;
 #[derive(Debug)]
 pub(super) enum Op {
     Submit(NewJobOwned, UnixMillis),
-    Cancel(JobId, UnixMillis),
+    Cancel(JobId, String, UnixMillis),
     Claim {
         candidates: Vec<Candidate>,
         owner: Arc<str>,
@@ -272,7 +272,7 @@ async fn apply(conn: &mut SqliteConnection, tracked: &mut Tracked, op: &Op) -> A
             .await?
             .pop()
             .expect("one result per submission"),
-        Op::Cancel(id, now) => cancel(conn, tracked, *id, *now).await,
+        Op::Cancel(id, actor, now) => cancel(conn, tracked, *id, actor, *now).await,
         Op::Claim {
             candidates,
             owner,
@@ -423,6 +423,7 @@ async fn cancel(
     conn: &mut SqliteConnection,
     tracked: &mut Tracked,
     id: JobId,
+    actor: &str,
     now: UnixMillis,
 ) -> Applied {
     let row = sqlx::query(include_str!("sql/cancel_job.sql"))
@@ -444,7 +445,10 @@ async fn cancel(
     let job = job_from_row(&row)?;
     let events = append(
         tracked,
-        vec![AuditEvent::new(&job, AuditKind::JobCancelled, now).detail("cancelled by request")],
+        vec![
+            AuditEvent::new(&job, AuditKind::JobCancelled, now)
+                .detail(format!("cancelled by tenant {actor:?}")),
+        ],
     );
     tracked.pending -= 1;
     Ok((

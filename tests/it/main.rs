@@ -9,5 +9,6 @@ mod fake;
 mod helpers;
 mod operations;
 mod resilience;
+mod tenants;
 mod validation;
 mod watching;

@@ -318,6 +318,42 @@ async fn a_reload_changes_the_rate_limits_without_dropping_connections() {
     assert!(job.token.is_some());
     assert_eq!(series(&http_get(ops_addr, "/metrics").await, rate), 40.0);
 
+    // Tenants reload too: from now on a key is required.
+    let (key, digest) = token_broker::tenants::new_key();
+    let mut with_tenants = reload.borrow().clone();
+    with_tenants.tenants = vec![token_broker::config::TenantConfig {
+        name: "shop".into(),
+        api_key_sha256: digest,
+        client_ids: vec!["app".into()],
+        roles: vec![token_broker::config::Role::Submit],
+    }];
+    reload.send(with_tenants).unwrap();
+    tokio::task::yield_now().await;
+    let status = loop {
+        match client
+            .submit_exchange(crate::helpers::new_request(&fake, "app"))
+            .await
+        {
+            // The reload task may not have run yet.
+            Ok(_) => tokio::task::yield_now().await,
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    let mut request = tonic::Request::new(crate::helpers::new_request(&fake, "app"));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    assert!(
+        client
+            .exchange(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+            .is_some()
+    );
+
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
