@@ -245,6 +245,13 @@ pub enum KeysCommand {
     /// Print a fresh API key (give it to the tenant) and its SHA-256 (put it in the
     /// configuration as api_key_sha256).
     New,
+    /// Add a fresh encryption key to the key file and re-encrypt every stored secret with it.
+    /// Run it with the daemon stopped; older keys stay in the file until no secret uses them.
+    Rotate {
+        /// The configuration naming the database and the key file.
+        #[arg(long, env = "TOKEN_BROKER_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

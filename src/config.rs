@@ -37,6 +37,7 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub breaker: BreakerSettings,
     pub audit: AuditConfig,
+    pub security: SecurityConfig,
     /// Callers and what they may do. Empty: authentication is off (loopback only).
     pub tenants: Vec<TenantConfig>,
 }
@@ -274,6 +275,15 @@ pub struct AuditConfig {
     pub retention_days: u64,
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// The AES-256-GCM key ring sealing codes, verifiers and tokens at rest; empty means
+    /// `<storage.path>.key` (created on first start, mode 0600). TOKEN_BROKER_ENCRYPTION_KEYS
+    /// overrides the file.
+    pub key_file: PathBuf,
+}
+
 /// Every problem found in a configuration.
 #[derive(Debug)]
 pub struct ConfigErrors(pub Vec<String>);
@@ -308,7 +318,7 @@ impl Config {
             Env::prefixed(ENV_PREFIX)
                 .split("__")
                 // Read by the command line, not configuration.
-                .ignore(&["config", "log_format", "database"]),
+                .ignore(&["config", "log_format", "database", "encryption_keys"]),
         );
         let config: Config = figment
             .extract()
@@ -476,6 +486,17 @@ impl Config {
                 .parse()
                 .expect("validated metrics address")
         })
+    }
+
+    /// The encryption key ring file.
+    pub fn key_file_path(&self) -> PathBuf {
+        if self.security.key_file.as_os_str().is_empty() {
+            let mut path = self.storage.path.clone().into_os_string();
+            path.push(".key");
+            PathBuf::from(path)
+        } else {
+            self.security.key_file.clone()
+        }
     }
 
     /// The fingerprint key file.

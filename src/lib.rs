@@ -16,7 +16,7 @@
 //! - [`breaker`]: the circuit breaker that pauses attempts while upstream fails.
 //! - [`upstream`]: the HTTP call to Truecaller's token endpoint.
 //! - [`retry`]: the pure retry decision: classification and delays.
-//! - [`job`], [`secret`]: domain types.
+//! - [`job`], [`secret`]: domain types; [`crypto`]: secrets encrypted at rest.
 //! - [`config`]: layered configuration, checked as a whole.
 //! - [`fake_upstream`]: a fake Truecaller for development and tests.
 //! - [`ops_http`]: `/metrics`, `/healthz` and `/readyz`; [`metrics`]: the Prometheus series.
@@ -32,6 +32,7 @@ pub mod bench;
 pub mod breaker;
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod fake_upstream;
 pub mod feed;
 pub mod fingerprint;

@@ -69,6 +69,16 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Command::Keys(KeysCommand::Rotate { config }) => {
+            let config = match Config::load(config.as_deref()) {
+                Ok(config) => config,
+                Err(errors) => {
+                    eprint!("{errors}");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            report(runtime.block_on(rotate_keys(config)))
+        }
         Command::Bench(args) => report(runtime.block_on(bench(args))),
         Command::Jobs(command) => report(runtime.block_on(inspect::jobs(command))),
         Command::Audit(command) => match runtime.block_on(inspect::audit(command)) {
@@ -169,6 +179,36 @@ async fn bench(args: token_broker::cli::BenchArgs) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
     }
     anyhow::ensure!(report.failed == 0, "{} exchanges failed", report.failed);
+    Ok(())
+}
+
+/// Adds a key to the key file and re-seals every stored secret with it.
+async fn rotate_keys(config: Config) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use token_broker::{crypto::KeyRing, feed::JobFeed, metrics::Metrics, store::Store};
+    anyhow::ensure!(
+        std::env::var_os(token_broker::crypto::KEYS_ENV).is_none(),
+        "{} is set: rotate the keys there (append a new id:key), then run this command without it",
+        token_broker::crypto::KEYS_ENV
+    );
+    let _lock = token_broker::server::lock_database(&config.storage.path)?;
+    let key_file = config.key_file_path();
+    anyhow::ensure!(key_file.is_file(), "no key file at {}", key_file.display());
+    let id = KeyRing::add_key_to_file(&key_file)?;
+    let (keys, _) = KeyRing::load_or_create(&key_file)?;
+    let store = Store::open(
+        &config.storage,
+        Arc::new(keys),
+        JobFeed::new(),
+        Metrics::new(),
+    )
+    .await?;
+    let rows = store.reencrypt_all().await?;
+    store.close().await;
+    println!(
+        "new key {id} added to {}; {rows} jobs re-encrypted",
+        key_file.display()
+    );
     Ok(())
 }
 

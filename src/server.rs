@@ -10,6 +10,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     api::{ApiContext, AuditLogApi, TokenBrokerApi, proto},
     config::Config,
+    crypto::KeyRing,
     feed::JobFeed,
     fingerprint::Fingerprinter,
     metrics::Metrics,
@@ -77,11 +78,25 @@ pub async fn run_with_reload(
              computed under another key match nothing"
         );
     }
+    let key_file = config.key_file_path();
+    let (keys, created) = KeyRing::load_or_create(&key_file)?;
+    if created {
+        tracing::warn!(
+            path = %key_file.display(),
+            "created a new encryption key for codes, verifiers and tokens at rest; back it up \
+             apart from the database: without it the stored secrets cannot be read"
+        );
+    }
     let feed = JobFeed::new();
     let metrics = Metrics::new();
-    let store = Store::open(&config.storage, Arc::clone(&feed), Arc::clone(&metrics))
-        .await
-        .with_context(|| format!("cannot open storage.path {}", config.storage.path.display()))?;
+    let store = Store::open(
+        &config.storage,
+        Arc::new(keys),
+        Arc::clone(&feed),
+        Arc::clone(&metrics),
+    )
+    .await
+    .with_context(|| format!("cannot open storage.path {}", config.storage.path.display()))?;
     let upstream = UpstreamClient::new(&config.upstream).context("cannot set up upstream")?;
     let work = WorkSignal::new();
     let tenants = TenantRegistry::new(&config.tenants);
@@ -279,7 +294,7 @@ fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
 
 /// Takes an exclusive lock beside the database, so two daemons never share one: every lease
 /// found at start-up is then known to be dead.
-fn lock_database(path: &std::path::Path) -> anyhow::Result<File> {
+pub fn lock_database(path: &std::path::Path) -> anyhow::Result<File> {
     let mut lock_path = PathBuf::from(path.as_os_str());
     lock_path.as_mut_os_string().push(".lock");
     if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {

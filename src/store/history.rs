@@ -98,7 +98,7 @@ impl Store {
             .await?;
         let items = rows
             .iter()
-            .map(|row| Ok((row.try_get::<i64, _>("id")?, job_from_row(row)?)))
+            .map(|row| Ok((row.try_get::<i64, _>("id")?, job_from_row(row, None)?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
         let next = (items.len() as i64 == limit)
             .then(|| items.last().map(|(id, _)| *id))

@@ -21,6 +21,7 @@ use sqlx::{
 
 use crate::{
     config::{StorageConfig, Synchronous},
+    crypto::KeyRing,
     feed::JobFeed,
     job::{FailureReason, Job, JobId, JobState, Token, UnixMillis},
     metrics::Metrics,
@@ -52,6 +53,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    #[error("{0}")]
+    Keys(String),
 }
 
 /// The durable job queue.
@@ -61,6 +64,8 @@ pub struct Store {
     writer: Option<WriterHandle>,
     /// Read-only connections for lookups.
     reader: SqlitePool,
+    /// Opens sealed tokens; `None` for auditors' read-only stores, which never show tokens.
+    keys: Option<Arc<KeyRing>>,
 }
 
 /// What a submission did.
@@ -126,6 +131,8 @@ pub(crate) struct NewJobOwned {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     row_id: i64,
+    /// The job's id, which the outcome's sealed token is bound to.
+    job_id: JobId,
     pub owner: Arc<str>,
     pub attempt: u32,
 }
@@ -169,6 +176,7 @@ impl Store {
     /// Opens (creating if needed) the database, applies the migrations, and returns the store.
     pub async fn open(
         config: &StorageConfig,
+        keys: Arc<KeyRing>,
         feed: Arc<JobFeed>,
         metrics: Arc<Metrics>,
     ) -> Result<Store, StoreError> {
@@ -206,16 +214,19 @@ impl Store {
             .pragma("cache_size", "-32768")
             .connect()
             .await?;
-        let writer = WriterHandle::start(conn, feed, metrics).await?;
+        let writer = WriterHandle::start(conn, Arc::clone(&keys), feed, metrics).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(busy_timeout + Duration::from_secs(5))
             .connect_with(base.read_only(true))
             .await?;
-        Ok(Store {
+        let store = Store {
             writer: Some(writer),
             reader,
-        })
+            keys: Some(keys),
+        };
+        store.check_keys().await?;
+        Ok(store)
     }
 
     /// Opens an existing database read-only, for auditors' tools: no migrations, no writes
@@ -238,6 +249,7 @@ impl Store {
         Ok(Store {
             writer: None,
             reader,
+            keys: None,
         })
     }
 
@@ -245,6 +257,50 @@ impl Store {
     /// once every handle to it is dropped.
     pub async fn close(&self) {
         self.reader.close().await;
+    }
+
+    /// Refuses to start when the key ring cannot open the secrets already stored: a wrong key
+    /// fails here, with a clear message, before anything is read or written with it.
+    async fn check_keys(&self) -> Result<(), StoreError> {
+        let Some(keys) = &self.keys else {
+            return Ok(());
+        };
+        let rows = sqlx::query(include_str!("sql/sealed_samples.sql"))
+            .fetch_all(&self.reader)
+            .await?;
+        for row in &rows {
+            let job_id: String = row.try_get("job_id")?;
+            for column in ["code", "code_verifier", "access_token"] {
+                if let Some(sealed) = row.try_get::<Option<String>, _>(column)? {
+                    keys.open(&sealed, &job_id, column).map_err(|error| {
+                        StoreError::Keys(format!(
+                            "the encryption keys do not open the stored secrets ({error}); \
+                             start with the key file the database was written with"
+                        ))
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-encrypts every stored secret with the key ring's current key (after `keys rotate`),
+    /// in batches. Returns how many jobs were rewritten.
+    pub async fn reencrypt_all(&self) -> Result<u64, StoreError> {
+        let mut after = 0;
+        let mut total = 0;
+        loop {
+            match self.write(Op::Reencrypt { after }).await? {
+                Reply::Reencrypted { rows, last } => {
+                    total += rows;
+                    match last {
+                        Some(last) => after = last,
+                        None => return Ok(total),
+                    }
+                }
+                other => unreachable!("reencrypt answered {other:?}"),
+            }
+        }
     }
 
     /// Applies one change through the writer, waiting for its commit.
@@ -403,7 +459,9 @@ impl Store {
             .bind(id.to_string())
             .fetch_optional(&self.reader)
             .await?;
-        row.as_ref().map(job_from_row).transpose()
+        row.as_ref()
+            .map(|row| job_from_row(row, self.keys.as_deref()))
+            .transpose()
     }
 
     /// Up to `limit` of one client's due jobs, closest to their TTL first (an index seek,
@@ -459,15 +517,18 @@ impl Store {
 }
 
 /// Reads a job row. Unknown enum values are reported, not guessed.
-fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
+/// Tokens are opened with `keys`; without keys (auditors' tools) a job carries no token.
+fn job_from_row(row: &SqliteRow, keys: Option<&KeyRing>) -> Result<Job, StoreError> {
     let corrupt = |error: crate::job::UnknownValue| StoreError::Corrupt(error.to_string());
     let job_id: String = row.try_get("job_id")?;
     let state: String = row.try_get("state")?;
     let failure_reason: Option<String> = row.try_get("failure_reason")?;
     let access_token: Option<String> = row.try_get("access_token")?;
-    let token = match access_token {
-        Some(access_token) => Some(Token {
-            access_token: Secret::new(access_token),
+    let token = match (access_token, keys) {
+        (Some(sealed), Some(keys)) => Some(Token {
+            access_token: keys
+                .open(&sealed, &job_id, "access_token")
+                .map_err(|error| StoreError::Corrupt(format!("job {job_id}: {error}")))?,
             token_type: row
                 .try_get::<Option<String>, _>("token_type")?
                 .unwrap_or_default(),
@@ -479,7 +540,7 @@ fn job_from_row(row: &SqliteRow) -> Result<Job, StoreError> {
                     .unwrap_or_default(),
             ),
         }),
-        None => None,
+        _ => None,
     };
     Ok(Job {
         id: JobId::from_str(&job_id)

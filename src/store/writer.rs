@@ -25,10 +25,10 @@ use super::{
 };
 use crate::{
     audit::{AuditKind, AuditRecord},
+    crypto::KeyRing,
     feed::JobFeed,
     job::{Job, JobId, UnixMillis},
     metrics::Metrics,
-    secret::Secret,
 };
 
 /// Changes applied in one transaction at most.
@@ -60,6 +60,10 @@ pub(super) enum Op {
         cutoff: UnixMillis,
         now: UnixMillis,
     },
+    /// Re-seals the secrets of the next jobs after row `after` with the current key.
+    Reencrypt {
+        after: i64,
+    },
 }
 
 /// A change's result.
@@ -72,6 +76,11 @@ pub(super) enum Reply {
     Jobs(Vec<Job>),
     /// Rows deleted and the checkpoint's seq, or `None` when nothing was left to prune.
     Pruned(Option<(u64, i64)>),
+    /// Jobs re-sealed, and the last row done (`None` when there were no more).
+    Reencrypted {
+        rows: u64,
+        last: Option<i64>,
+    },
 }
 
 /// What becomes visible once the transaction commits.
@@ -86,21 +95,27 @@ struct Request {
     reply: oneshot::Sender<Result<Reply, StoreError>>,
 }
 
-/// The cached facts, valid at the start of the next transaction.
+/// What the writer carries from change to change: the cached facts (valid at the start of the
+/// next transaction, re-read after a rollback) and the keys that seal secrets.
 #[derive(Debug, Clone)]
 struct Tracked {
     head: ChainHead,
     /// Jobs not yet terminal.
     pending: i64,
+    keys: Arc<KeyRing>,
 }
 
 impl Tracked {
-    async fn read(conn: &mut SqliteConnection) -> Result<Tracked, sqlx::Error> {
+    async fn read(conn: &mut SqliteConnection, keys: Arc<KeyRing>) -> Result<Tracked, sqlx::Error> {
         let head = ChainHead::read(conn).await?;
         let pending: i64 = sqlx::query_scalar(include_str!("sql/count_pending.sql"))
             .fetch_one(&mut *conn)
             .await?;
-        Ok(Tracked { head, pending })
+        Ok(Tracked {
+            head,
+            pending,
+            keys,
+        })
     }
 }
 
@@ -114,10 +129,11 @@ impl WriterHandle {
     /// Starts the writer task on `conn`.
     pub(super) async fn start(
         mut conn: SqliteConnection,
+        keys: Arc<KeyRing>,
         feed: Arc<JobFeed>,
         metrics: Arc<Metrics>,
     ) -> Result<WriterHandle, StoreError> {
-        let tracked = Tracked::read(&mut conn).await?;
+        let tracked = Tracked::read(&mut conn, keys).await?;
         let (requests, receiver) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(run(conn, receiver, tracked, feed, metrics));
         Ok(WriterHandle { requests })
@@ -241,7 +257,7 @@ async fn apply_batch(
     match attempt.await {
         Ok(results) => Ok(results),
         Err(error) => {
-            *tracked = match Tracked::read(conn).await {
+            *tracked = match Tracked::read(conn, Arc::clone(&before.keys)).await {
                 Ok(fresh) => fresh,
                 Err(_) => before,
             };
@@ -303,6 +319,7 @@ async fn apply(conn: &mut SqliteConnection, tracked: &mut Tracked, op: &Op) -> A
             sweep(tracked, &rows, AuditKind::AttemptUnknown, *now).await
         }
         Op::PruneStep { cutoff, now } => prune_step(conn, tracked, *cutoff, *now).await,
+        Op::Reencrypt { after } => reencrypt(conn, tracked, *after).await,
     }
 }
 
@@ -356,14 +373,19 @@ async fn submit_many(
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (new, now) in chunk {
             let request = &new.request;
+            let job_id = new.job_id.to_string();
             query = query
-                .bind(new.job_id.to_string())
+                .bind(job_id.clone())
                 .bind(&new.tenant)
                 .bind(&request.client_id)
                 .bind(&request.idempotency_key)
                 .bind(&request.request_digest)
-                .bind(request.code.expose())
-                .bind(request.code_verifier.expose())
+                .bind(tracked.keys.seal(request.code.expose(), &job_id, "code"))
+                .bind(
+                    tracked
+                        .keys
+                        .seal(request.code_verifier.expose(), &job_id, "code_verifier"),
+                )
                 .bind(&request.state)
                 .bind(now.0)
                 .bind(now.0)
@@ -379,7 +401,7 @@ async fn submit_many(
     for ((new, now), admitted) in submissions.iter().zip(admitted) {
         let request = &new.request;
         if let Some(row) = inserted.get(&new.job_id.to_string()) {
-            let job = job_from_row(row)?;
+            let job = job_from_row(row, Some(&tracked.keys))?;
             let events = append(
                 tracked,
                 vec![AuditEvent::new(&job, AuditKind::JobSubmitted, *now)],
@@ -401,7 +423,7 @@ async fn submit_many(
             .await?;
         let outcome = match existing {
             Some(row) if row.try_get::<String, _>("request_digest")? == request.request_digest => {
-                SubmitOutcome::Existing(job_from_row(&row)?)
+                SubmitOutcome::Existing(job_from_row(&row, Some(&tracked.keys))?)
             }
             Some(_) => SubmitOutcome::KeyConflict,
             None if !admitted => SubmitOutcome::QueueFull {
@@ -437,12 +459,12 @@ async fn cancel(
             .fetch_optional(&mut *conn)
             .await?;
         let outcome = match current {
-            Some(row) => CancelOutcome::NotCancellable(job_from_row(&row)?),
+            Some(row) => CancelOutcome::NotCancellable(job_from_row(&row, Some(&tracked.keys))?),
             None => CancelOutcome::NotFound,
         };
         return Ok((Reply::Cancel(outcome), Effects::default()));
     };
-    let job = job_from_row(&row)?;
+    let job = job_from_row(&row, Some(&tracked.keys))?;
     let events = append(
         tracked,
         vec![
@@ -479,7 +501,7 @@ async fn claim(
         .await?;
     let mut claims = Vec::with_capacity(rows.len());
     for row in &rows {
-        let job = job_from_row(row)?;
+        let job = job_from_row(row, Some(&tracked.keys))?;
         let code: Option<String> = row.try_get("code")?;
         let code_verifier: Option<String> = row.try_get("code_verifier")?;
         let (Some(code), Some(code_verifier)) = (code, code_verifier) else {
@@ -488,15 +510,24 @@ async fn claim(
                 job.id
             )));
         };
+        let id = job.id.to_string();
+        let unreadable =
+            |error: crate::crypto::DecryptError| StoreError::Corrupt(format!("job {id}: {error}"));
+        let code = tracked.keys.open(&code, &id, "code").map_err(unreadable)?;
+        let code_verifier = tracked
+            .keys
+            .open(&code_verifier, &id, "code_verifier")
+            .map_err(unreadable)?;
         claims.push(Claim {
             lease: Lease {
                 row_id: row.try_get("id")?,
+                job_id: job.id,
                 owner: Arc::clone(owner),
                 attempt: job.attempts,
             },
             job,
-            code: Secret::new(code),
-            code_verifier: Secret::new(code_verifier),
+            code,
+            code_verifier,
         });
     }
     let events = claims
@@ -540,7 +571,11 @@ async fn record_attempt(
             let lifetime =
                 std::time::Duration::from_secs(u64::try_from(grant.expires_in).unwrap_or(0));
             guarded(include_str!("sql/finish_succeeded.sql"))
-                .bind(grant.access_token.expose())
+                .bind(tracked.keys.seal(
+                    grant.access_token.expose(),
+                    &lease.job_id.to_string(),
+                    "access_token",
+                ))
                 .bind(&grant.token_type)
                 .bind(grant.expires_in)
                 .bind(now.saturating_add(lifetime).0)
@@ -587,7 +622,7 @@ async fn record_attempt(
         // The lease was lost: a newer attempt owns the job. Nothing is written.
         return Ok((Reply::Record(None), Effects::default()));
     };
-    let job = job_from_row(&row)?;
+    let job = job_from_row(&row, Some(&tracked.keys))?;
     let events = append(
         tracked,
         audit::attempt_events(&job, lease.attempt, record, now),
@@ -612,7 +647,7 @@ async fn sweep(
 ) -> Applied {
     let jobs = rows
         .iter()
-        .map(job_from_row)
+        .map(|row| job_from_row(row, Some(&tracked.keys)))
         .collect::<Result<Vec<_>, _>>()?;
     let events = jobs
         .iter()
@@ -626,6 +661,49 @@ async fn sweep(
             events,
             publish: jobs,
         },
+    ))
+}
+
+/// Jobs re-sealed per transaction.
+const RESEAL_BATCH: i64 = 1_000;
+
+async fn reencrypt(conn: &mut SqliteConnection, tracked: &mut Tracked, after: i64) -> Applied {
+    let rows = sqlx::query(include_str!("sql/sealed_batch.sql"))
+        .bind(after)
+        .bind(RESEAL_BATCH)
+        .fetch_all(&mut *conn)
+        .await?;
+    let keys = Arc::clone(&tracked.keys);
+    let mut last = None;
+    for row in &rows {
+        let id: i64 = row.try_get("id")?;
+        let job_id: String = row.try_get("job_id")?;
+        let reseal = |column: &str| -> Result<Option<String>, StoreError> {
+            match row.try_get::<Option<String>, _>(column)? {
+                Some(sealed) => {
+                    let plain = keys
+                        .open(&sealed, &job_id, column)
+                        .map_err(|error| StoreError::Keys(format!("job {job_id}: {error}")))?;
+                    Ok(Some(keys.seal(plain.expose(), &job_id, column)))
+                }
+                None => Ok(None),
+            }
+        };
+        sqlx::query(include_str!("sql/reseal.sql"))
+            .bind(id)
+            .bind(reseal("code")?)
+            .bind(reseal("code_verifier")?)
+            .bind(reseal("access_token")?)
+            .execute(&mut *conn)
+            .await?;
+        last = Some(id);
+    }
+    Ok((
+        Reply::Reencrypted {
+            rows: rows.len() as u64,
+            last,
+        },
+        Effects::default(),
     ))
 }
 

@@ -10,10 +10,8 @@ use token_broker::{
     },
     audit::AuditRecord,
     fake_upstream::{Faults, Scripted},
-    feed::JobFeed,
     inspect::{Format, parse_export},
     job::UnixMillis,
-    metrics::Metrics,
     store::Store,
 };
 use tonic::transport::Channel;
@@ -555,9 +553,7 @@ async fn retention_leaves_a_checkpoint_and_the_chain_still_verifies() {
     let (config, fake, dir) = app.stop().await;
 
     // Prune everything before the third job's first event.
-    let store = Store::open(&config.storage, JobFeed::new(), Metrics::new())
-        .await
-        .unwrap();
+    let store = crate::helpers::open_store(&config).await;
     let events = stored_events(&store).await;
     let cutoff = UnixMillis(events[8].at);
     let pruned = store

@@ -4,9 +4,7 @@ use std::sync::Arc;
 
 use token_broker::{
     api::proto::{FailureReason, JobState},
-    feed::JobFeed,
     job::UnixMillis,
-    metrics::Metrics,
     request::{ExchangeRequest, RawExchange},
     store::{AttemptRecord, NewJob, Store},
 };
@@ -63,9 +61,7 @@ async fn an_attempt_whose_lease_expired_is_picked_up_again() {
     let config = test_config(&dir, &fake);
 
     // A previous daemon claimed the job and died mid-attempt: its lease has run out.
-    let store = Store::open(&config.storage, JobFeed::new(), Metrics::new())
-        .await
-        .unwrap();
+    let store = crate::helpers::open_store(&config).await;
     let now = UnixMillis::now();
     let submitted = store
         .submit(&new_job(&request_for(&fake)), now)
@@ -128,9 +124,7 @@ async fn a_stale_worker_cannot_overwrite_a_newer_outcome() {
     let fake = start_fake().await;
     let dir = tempfile::tempdir().unwrap();
     let config = test_config(&dir, &fake);
-    let store = Store::open(&config.storage, JobFeed::new(), Metrics::new())
-        .await
-        .unwrap();
+    let store = crate::helpers::open_store(&config).await;
     let now = UnixMillis::now();
     store
         .submit(&new_job(&request_for(&fake)), now)

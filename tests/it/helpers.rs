@@ -272,6 +272,21 @@ pub fn is_terminal(job: &Job) -> bool {
     )
 }
 
+/// The daemon's store opened directly (as the daemon would, with its key file), for tests that
+/// set up or inspect state the API cannot reach.
+pub async fn open_store(config: &Config) -> token_broker::store::Store {
+    let (keys, _) =
+        token_broker::crypto::KeyRing::load_or_create(&config.key_file_path()).expect("key ring");
+    token_broker::store::Store::open(
+        &config.storage,
+        Arc::new(keys),
+        token_broker::feed::JobFeed::new(),
+        token_broker::metrics::Metrics::new(),
+    )
+    .await
+    .expect("store opens")
+}
+
 /// A separate read-only connection to a daemon's database file, for inspecting what it stored.
 pub async fn read_only(path: &std::path::Path) -> sqlx::SqliteConnection {
     use sqlx::{Connection, sqlite::SqliteConnectOptions};

@@ -9,6 +9,7 @@ mod fake;
 mod helpers;
 mod operations;
 mod resilience;
+mod security;
 mod tenants;
 mod validation;
 mod watching;

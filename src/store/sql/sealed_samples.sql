@@ -1,0 +1,7 @@
+-- The newest and the oldest jobs still holding sealed secrets: enough to tell at start-up
+-- whether the key ring opens what is stored.
+SELECT * FROM (SELECT job_id, code, code_verifier, access_token FROM jobs
+               WHERE code IS NOT NULL OR access_token IS NOT NULL ORDER BY id DESC LIMIT 1)
+UNION ALL
+SELECT * FROM (SELECT job_id, code, code_verifier, access_token FROM jobs
+               WHERE code IS NOT NULL OR access_token IS NOT NULL ORDER BY id LIMIT 1)
