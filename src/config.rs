@@ -74,6 +74,12 @@ pub struct ServerConfig {
     pub metrics_listen: String,
     /// How long running attempts may take to finish after SIGINT or SIGTERM.
     pub shutdown_grace_ms: u64,
+    /// Largest request message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Open WatchJob streams per tenant.
+    pub max_watches_per_tenant: usize,
 }
 
 impl Default for ServerConfig {
@@ -82,6 +88,9 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:50051".to_string(),
             metrics_listen: "127.0.0.1:9464".to_string(),
             shutdown_grace_ms: 15_000,
+            max_message_bytes: 16 * 1024,
+            max_concurrent_streams: 1024,
+            max_watches_per_tenant: 10_000,
         }
     }
 }
@@ -343,6 +352,15 @@ impl Config {
                 "server.metrics_listen: {:?} is not an IP address and port (empty disables it)",
                 self.server.metrics_listen
             ));
+        }
+        if self.server.max_message_bytes < 4096 {
+            errors.push("server.max_message_bytes: must be at least 4096".to_string());
+        }
+        if self.server.max_concurrent_streams == 0 {
+            errors.push("server.max_concurrent_streams: must be greater than 0".to_string());
+        }
+        if self.server.max_watches_per_tenant == 0 {
+            errors.push("server.max_watches_per_tenant: must be greater than 0".to_string());
         }
         if self.storage.path.as_os_str().is_empty() {
             errors.push("storage.path: must not be empty".to_string());

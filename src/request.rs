@@ -253,4 +253,39 @@ mod tests {
         let id = JobId::new();
         assert_eq!(parse_job_id(&id.to_string()).unwrap(), id);
     }
+
+    proptest::proptest! {
+        /// The parser is total: any input (any Unicode, any length) yields a checked request
+        /// or field violations, never a panic; and what it accepts satisfies the limits.
+        #[test]
+        fn parsing_never_panics_and_accepts_only_valid_requests(
+            client_id in ".{0,300}",
+            code in "(.|[A-Za-z0-9]){0,2100}",
+            code_verifier in "[A-Za-z0-9._~+/-]{0,140}|.{0,140}",
+            state in ".{0,1100}",
+            idempotency_key in ".{0,140}",
+        ) {
+            let raw = RawExchange {
+                client_id: &client_id,
+                code: &code,
+                code_verifier: &code_verifier,
+                state: &state,
+                idempotency_key: &idempotency_key,
+            };
+            match ExchangeRequest::parse(raw) {
+                Ok(request) => {
+                    proptest::prop_assert!((1..=MAX_CLIENT_ID_LEN).contains(&request.client_id.len()));
+                    proptest::prop_assert!((1..=MAX_CODE_LEN).contains(&request.code.expose().len()));
+                    proptest::prop_assert!(
+                        (MIN_VERIFIER_LEN..=MAX_VERIFIER_LEN).contains(&request.code_verifier.expose().len())
+                    );
+                    proptest::prop_assert!(request.code_verifier.expose().bytes().all(
+                        |b| b.is_ascii_alphanumeric() || b"-._~".contains(&b)
+                    ));
+                    proptest::prop_assert!(request.idempotency_key.len() <= MAX_IDEMPOTENCY_KEY_LEN.max(64));
+                }
+                Err(InvalidRequest(violations)) => proptest::prop_assert!(!violations.is_empty()),
+            }
+        }
+    }
 }

@@ -195,6 +195,7 @@ pub async fn run_with_reload(
             max_pending: config.queue.max_pending,
             fingerprinter: fingerprinter.clone(),
             tenants: Arc::clone(&tenants),
+            max_watches_per_tenant: config.server.max_watches_per_tenant,
         },
     );
 
@@ -221,14 +222,26 @@ pub async fn run_with_reload(
             stop.cancel();
         }
     };
+    let max_message = config.server.max_message_bytes;
     let served = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(config.server.max_concurrent_streams))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(proto::token_broker_server::TokenBrokerServer::new(api))
-        .add_service(proto::audit_log_server::AuditLogServer::new(
-            AuditLogApi::new(store.clone(), fingerprinter.clone(), Arc::clone(&tenants)),
-        ))
+        .add_service(
+            proto::token_broker_server::TokenBrokerServer::new(api)
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            proto::audit_log_server::AuditLogServer::new(AuditLogApi::new(
+                store.clone(),
+                fingerprinter.clone(),
+                Arc::clone(&tenants),
+            ))
+            .max_decoding_message_size(max_message),
+        )
         .serve_with_incoming_shutdown(incoming(listeners.grpc), drain)
         .await;
     // Whatever ended serving, stop everything else too.

@@ -276,4 +276,31 @@ mod tests {
         assert!(!hint.contains("SECRET123"));
         assert_eq!(refusal_hint(b"something else"), None);
     }
+
+    proptest::proptest! {
+        /// Whatever upstream sends (any bytes, any header), reading it never panics, and a
+        /// hint is always one of the fixed texts, never a piece of the body.
+        #[test]
+        fn hostile_answers_are_classified_never_trusted(
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..4096),
+            header in ".{0,64}",
+            status in 100u16..600,
+        ) {
+            let _ = parse_token(&body);
+            if let Some(hint) = refusal_hint(&body) {
+                proptest::prop_assert!(REFUSALS.iter().any(|(_, fixed)| *fixed == hint));
+            }
+            let _ = parse_retry_after(&header, SystemTime::now());
+            let answer = AttemptOutcome::Answered(Answer {
+                status,
+                retry_after: parse_retry_after(&header, SystemTime::now()),
+                token: parse_token(&body),
+                hint: refusal_hint(&body),
+            });
+            let verdict = crate::retry::classify(&answer);
+            if let crate::retry::Verdict::Fail { detail, .. } = verdict {
+                proptest::prop_assert!(detail.len() < 200);
+            }
+        }
+    }
 }

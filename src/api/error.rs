@@ -21,6 +21,8 @@ pub enum ApiError {
     QueueFull { pending: u64 },
     #[error("the job is {}; only queued or waiting jobs can be cancelled", .0.as_str())]
     NotCancellable(JobState),
+    #[error("too many open WatchJob streams for this tenant")]
+    TooManyWatches,
     #[error(transparent)]
     Access(#[from] AccessError),
     #[error(transparent)]
@@ -52,6 +54,11 @@ impl From<ApiError> for Status {
                 ErrorDetails::with_retry_info(Some(QUEUE_FULL_RETRY)),
             ),
             ApiError::NotCancellable(_) => Status::failed_precondition(error.to_string()),
+            ApiError::TooManyWatches => Status::with_error_details(
+                Code::ResourceExhausted,
+                error.to_string(),
+                ErrorDetails::with_retry_info(Some(QUEUE_FULL_RETRY)),
+            ),
             ApiError::Access(AccessError::Unauthenticated) => {
                 Status::unauthenticated(error.to_string())
             }

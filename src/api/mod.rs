@@ -61,6 +61,9 @@ pub struct TokenBrokerApi {
     fingerprinter: Fingerprinter,
     /// Who may call, and for which client ids.
     tenants: Arc<TenantRegistry>,
+    /// Open WatchJob streams per tenant, bounded by `max_watches_per_tenant`.
+    watches: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    max_watches_per_tenant: usize,
 }
 
 /// What the API needs besides the store.
@@ -73,6 +76,7 @@ pub struct ApiContext {
     pub max_pending: u64,
     pub fingerprinter: Fingerprinter,
     pub tenants: Arc<TenantRegistry>,
+    pub max_watches_per_tenant: usize,
 }
 
 impl TokenBrokerApi {
@@ -86,6 +90,8 @@ impl TokenBrokerApi {
             max_pending: context.max_pending,
             fingerprinter: context.fingerprinter,
             tenants: context.tenants,
+            watches: Arc::default(),
+            max_watches_per_tenant: context.max_watches_per_tenant,
         }
     }
 
@@ -198,6 +204,43 @@ impl TokenBrokerApi {
     }
 }
 
+/// One open WatchJob stream of a tenant; released on drop.
+struct WatchSlot {
+    watches: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    tenant: String,
+}
+
+impl WatchSlot {
+    fn take(
+        watches: &Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+        tenant: &str,
+        limit: usize,
+    ) -> Result<WatchSlot, ApiError> {
+        let mut open = watches.lock().expect("watch counts lock poisoned");
+        let count = open.entry(tenant.to_string()).or_default();
+        if *count >= limit {
+            return Err(ApiError::TooManyWatches);
+        }
+        *count += 1;
+        Ok(WatchSlot {
+            watches: Arc::clone(watches),
+            tenant: tenant.to_string(),
+        })
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut open = self.watches.lock().expect("watch counts lock poisoned");
+        if let Some(count) = open.get_mut(&self.tenant) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.tenant);
+            }
+        }
+    }
+}
+
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -249,9 +292,12 @@ impl TokenBroker for TokenBrokerApi {
         let id = parse_job_id(&request.get_ref().job_id).map_err(ApiError::from)?;
         let mut changes = self.feed.subscribe(id);
         let mut current = self.load_for(&caller, id).await?;
+        let slot = WatchSlot::take(&self.watches, caller.tenant(), self.max_watches_per_tenant)?;
         let (tx, rx) = mpsc::channel(8);
         let api = self.clone();
         tokio::spawn(async move {
+            // Held until the stream ends, however it ends.
+            let _slot = slot;
             if tx.send(Ok(convert::job(&current))).await.is_err() {
                 return;
             }

@@ -168,3 +168,52 @@ async fn a_full_queue_refuses_with_a_retry_hint_and_keeps_what_it_accepted() {
     // Room again once they are done.
     app.submit(app.new_request("client-a")).await;
 }
+
+#[tokio::test]
+async fn oversized_messages_are_refused_before_anything_happens() {
+    let mut app = TestApp::spawn().await;
+    let mut huge = app.new_request("client-a");
+    huge.state = "s".repeat(64 * 1024);
+    let status = app.client.submit_exchange(huge).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{status:?}"
+    );
+    assert_eq!(app.count_rows("jobs").await, 0);
+    assert_eq!(app.fake.stats().token_requests, 0);
+}
+
+#[tokio::test]
+async fn watch_streams_are_bounded_per_tenant_and_released_when_closed() {
+    let mut app = TestApp::spawn_with(|config| {
+        config.server.max_watches_per_tenant = 2;
+        config.retry.initial_delay_ms = 60_000;
+        config.retry.max_delay_ms = 60_000;
+        config.retry.job_ttl_secs = 600;
+    })
+    .await;
+    app.fake
+        .script([token_broker::fake_upstream::Scripted::Status(503)]);
+    let job = app.submit(app.new_request("client-a")).await;
+    let watch = || GetJobRequest {
+        job_id: job.job_id.clone(),
+    };
+    let first = app.client.watch_job(watch()).await.unwrap().into_inner();
+    let _second = app.client.watch_job(watch()).await.unwrap().into_inner();
+    let status = app.client.watch_job(watch()).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.get_error_details().retry_info().is_some());
+
+    // Closing a stream frees its slot (the server notices the cancelled stream).
+    drop(first);
+    let reopened = tokio::time::timeout(crate::helpers::PATIENCE, async {
+        loop {
+            match app.client.watch_job(watch()).await {
+                Ok(stream) => return stream,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    assert!(reopened.is_ok(), "a closed stream's slot is released");
+}
