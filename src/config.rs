@@ -80,6 +80,21 @@ pub struct ServerConfig {
     pub max_concurrent_streams: u32,
     /// Open WatchJob streams per tenant.
     pub max_watches_per_tenant: usize,
+    /// TLS for the gRPC listener; absent means plaintext.
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS (and, with a client CA, mutual TLS) for the gRPC listener.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
+    /// PEM CA certificates; when set, callers must present a certificate it signed (mTLS).
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -91,6 +106,7 @@ impl Default for ServerConfig {
             max_message_bytes: 16 * 1024,
             max_concurrent_streams: 1024,
             max_watches_per_tenant: 10_000,
+            tls: None,
         }
     }
 }
@@ -361,6 +377,23 @@ impl Config {
         }
         if self.server.max_watches_per_tenant == 0 {
             errors.push("server.max_watches_per_tenant: must be greater than 0".to_string());
+        }
+        if let Some(tls) = &self.server.tls {
+            let files = [
+                ("cert_file", Some(&tls.cert_file)),
+                ("key_file", Some(&tls.key_file)),
+            ];
+            let ca = [("client_ca_file", tls.client_ca_file.as_ref())];
+            for (name, path) in files.into_iter().chain(ca) {
+                if let Some(path) = path
+                    && !path.is_file()
+                {
+                    errors.push(format!(
+                        "server.tls.{name}: {} does not exist or is not a file",
+                        path.display()
+                    ));
+                }
+            }
         }
         if self.storage.path.as_os_str().is_empty() {
             errors.push("storage.path: must not be empty".to_string());

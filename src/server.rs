@@ -223,7 +223,13 @@ pub async fn run_with_reload(
         }
     };
     let max_message = config.server.max_message_bytes;
-    let served = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.server.tls {
+        builder = builder
+            .tls_config(tls_config(tls)?)
+            .context("cannot configure TLS for the gRPC listener")?;
+    }
+    let served = builder
         .max_concurrent_streams(Some(config.server.max_concurrent_streams))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -270,6 +276,28 @@ pub async fn run_with_reload(
     served.context("gRPC server failed")?;
     tracing::info!("token-broker stopped");
     Ok(())
+}
+
+/// The listener's TLS settings, from the PEM files the configuration names.
+fn tls_config(tls: &crate::config::TlsConfig) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path)
+            .with_context(|| format!("cannot read the TLS {what} {}", path.display()))
+    };
+    let identity = tonic::transport::Identity::from_pem(
+        read(&tls.cert_file, "certificate")?,
+        read(&tls.key_file, "key")?,
+    );
+    let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca_file {
+        config = config
+            .client_ca_root(tonic::transport::Certificate::from_pem(read(
+                ca,
+                "client CA",
+            )?))
+            .client_auth_optional(false);
+    }
+    Ok(config)
 }
 
 /// How often retention looks for audit events to prune.

@@ -98,9 +98,13 @@ impl TestApp {
                 let _ = shutdown_rx.await;
             },
         ));
-        let client = TokenBrokerClient::connect(format!("http://{grpc_addr}"))
-            .await
-            .expect("connect to the daemon");
+        wait_ready(ops_addr).await;
+        // Lazy: a TLS listener refuses this plaintext channel, which some tests check.
+        let client = TokenBrokerClient::new(
+            tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
+                .expect("endpoint")
+                .connect_lazy(),
+        );
         TestApp {
             client,
             grpc_addr,
@@ -240,6 +244,30 @@ impl Drop for TestApp {
             server.abort();
         }
     }
+}
+
+/// Waits until the daemon's `/readyz` answers 200 (it has taken the database, migrated and
+/// started its worker).
+async fn wait_ready(ops: SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ready = async {
+        loop {
+            if let Ok(mut stream) = tokio::net::TcpStream::connect(ops).await {
+                let _ = stream
+                    .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    .await;
+                let mut answer = String::new();
+                let _ = stream.read_to_string(&mut answer).await;
+                if answer.starts_with("HTTP/1.1 200") {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, ready)
+        .await
+        .expect("the daemon becomes ready");
 }
 
 pub async fn start_fake() -> FakeUpstream {

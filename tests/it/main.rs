@@ -11,5 +11,6 @@ mod operations;
 mod resilience;
 mod security;
 mod tenants;
+mod tls;
 mod validation;
 mod watching;
