@@ -56,6 +56,9 @@ pub struct TenantConfig {
     /// `submit` (the TokenBroker service, own jobs only) and/or `audit` (the AuditLog service,
     /// across tenants, never tokens).
     pub roles: Vec<Role>,
+    /// This tenant's own bound on jobs not yet terminal (within queue.max_pending).
+    #[serde(default)]
+    pub max_pending: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
@@ -646,6 +649,7 @@ mod tests {
             api_key_sha256: "a".repeat(64),
             client_ids: vec!["app".into()],
             roles: vec![Role::Submit],
+            max_pending: None,
         }];
         config.validate().unwrap();
     }
@@ -658,12 +662,14 @@ mod tests {
             api_key_sha256: "a".repeat(64),
             client_ids: vec![],
             roles: vec![Role::Submit],
+            max_pending: None,
         };
         config.tenants = vec![
             tenant.clone(),
             TenantConfig {
                 api_key_sha256: "not-hex".into(),
                 roles: vec![],
+                max_pending: None,
                 ..tenant
             },
         ];

@@ -29,6 +29,8 @@ pub struct Tenant {
     key_digest: [u8; 32],
     client_ids: HashSet<String>,
     roles: HashSet<Role>,
+    /// The tenant's own queue bound.
+    max_pending: Option<u64>,
 }
 
 /// The authenticated caller of one RPC.
@@ -85,6 +87,14 @@ impl Caller {
         }
     }
 
+    /// The caller's own queue bound, if any.
+    pub fn max_pending(&self) -> Option<u64> {
+        match self {
+            Caller::Anonymous => None,
+            Caller::Tenant(tenant) => tenant.max_pending,
+        }
+    }
+
     /// Whether the caller may see a job stored under `tenant`.
     pub fn owns(&self, tenant: &str) -> bool {
         self.tenant() == tenant
@@ -122,6 +132,7 @@ fn build(configs: &[TenantConfig]) -> Vec<Arc<Tenant>> {
                 key_digest,
                 client_ids: config.client_ids.iter().cloned().collect(),
                 roles: config.roles.iter().copied().collect(),
+                max_pending: config.max_pending,
             })
         })
         .collect()
@@ -178,6 +189,7 @@ mod tests {
             api_key_sha256: hex::encode(key_digest(key)),
             client_ids: vec!["app".into()],
             roles: vec![Role::Submit],
+            max_pending: None,
         }])
     }
 

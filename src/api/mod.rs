@@ -126,6 +126,7 @@ impl TokenBrokerApi {
                     code_fingerprint: &code_fingerprint,
                     ttl: self.job_ttl,
                     max_pending: self.max_pending,
+                    max_pending_tenant: caller.max_pending(),
                 },
                 UnixMillis::now(),
             )

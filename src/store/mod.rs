@@ -114,6 +114,8 @@ pub struct NewJob<'a> {
     pub ttl: Duration,
     /// The queue's bound.
     pub max_pending: u64,
+    /// The tenant's own bound, if it has one.
+    pub max_pending_tenant: Option<u64>,
 }
 
 /// [`NewJob`], owned, as it travels to the writer.
@@ -125,6 +127,7 @@ pub(crate) struct NewJobOwned {
     code_fingerprint: String,
     ttl: Duration,
     max_pending: u64,
+    max_pending_tenant: Option<u64>,
 }
 
 /// The right to record the outcome of one attempt: only its holder's writes land.
@@ -326,6 +329,7 @@ impl Store {
             code_fingerprint: job.code_fingerprint.to_string(),
             ttl: job.ttl,
             max_pending: job.max_pending,
+            max_pending_tenant: job.max_pending_tenant,
         };
         match self.write(Op::Submit(owned, now)).await? {
             Reply::Submit(outcome) => Ok(outcome),

@@ -13,7 +13,7 @@
 //! the audit chain, and the number of jobs not yet terminal (for the queue bound). Both are
 //! re-read from the database whenever a transaction does not commit.
 
-use std::{sync::Arc, time::Instant};
+use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use sqlx::{Connection, Row, SqliteConnection, sqlite::SqliteRow};
 use tokio::sync::{mpsc, oneshot};
@@ -102,6 +102,8 @@ struct Tracked {
     head: ChainHead,
     /// Jobs not yet terminal.
     pending: i64,
+    /// The same, per tenant.
+    pending_by_tenant: HashMap<String, i64>,
     keys: Arc<KeyRing>,
 }
 
@@ -111,11 +113,32 @@ impl Tracked {
         let pending: i64 = sqlx::query_scalar(include_str!("sql/count_pending.sql"))
             .fetch_one(&mut *conn)
             .await?;
+        let mut pending_by_tenant = HashMap::new();
+        for row in sqlx::query(include_str!("sql/pending_by_tenant.sql"))
+            .fetch_all(&mut *conn)
+            .await?
+        {
+            pending_by_tenant.insert(row.try_get("tenant")?, row.try_get("pending")?);
+        }
         Ok(Tracked {
             head,
             pending,
+            pending_by_tenant,
             keys,
         })
+    }
+
+    /// A job of `tenant` became pending (`+1`) or terminal (`-1`).
+    fn count(&mut self, tenant: &str, delta: i64) {
+        self.pending += delta;
+        *self
+            .pending_by_tenant
+            .entry(tenant.to_string())
+            .or_default() += delta;
+    }
+
+    fn pending_of(&self, tenant: &str) -> u64 {
+        u64::try_from(self.pending_by_tenant.get(tenant).copied().unwrap_or(0)).unwrap_or(0)
     }
 }
 
@@ -344,12 +367,20 @@ async fn submit_many(
     submissions: &[(&NewJobOwned, UnixMillis)],
 ) -> Result<Vec<Applied>, StoreError> {
     let mut pending = tracked.pending;
+    let mut by_tenant: HashMap<&str, u64> = HashMap::new();
     let admitted: Vec<bool> = submissions
         .iter()
         .map(|(new, _)| {
-            let fits = u64::try_from(pending).unwrap_or(0) < new.max_pending;
+            let tenant_pending = by_tenant
+                .entry(new.tenant.as_str())
+                .or_insert_with(|| tracked.pending_of(&new.tenant));
+            let fits = u64::try_from(pending).unwrap_or(0) < new.max_pending
+                && new
+                    .max_pending_tenant
+                    .is_none_or(|limit| *tenant_pending < limit);
             if fits {
                 pending += 1;
+                *tenant_pending += 1;
             }
             fits
         })
@@ -406,7 +437,7 @@ async fn submit_many(
                 tracked,
                 vec![AuditEvent::new(&job, AuditKind::JobSubmitted, *now)],
             );
-            tracked.pending += 1;
+            tracked.count(&job.tenant, 1);
             results.push(Ok((
                 Reply::Submit(SubmitOutcome::Created(job.clone())),
                 Effects {
@@ -472,7 +503,7 @@ async fn cancel(
                 .detail(format!("cancelled by tenant {actor:?}")),
         ],
     );
-    tracked.pending -= 1;
+    tracked.count(&job.tenant, -1);
     Ok((
         Reply::Cancel(CancelOutcome::Cancelled(job.clone())),
         Effects {
@@ -628,7 +659,7 @@ async fn record_attempt(
         audit::attempt_events(&job, lease.attempt, record, now),
     );
     if job.state.is_terminal() {
-        tracked.pending -= 1;
+        tracked.count(&job.tenant, -1);
     }
     Ok((
         Reply::Record(Some(job.clone())),
@@ -654,7 +685,9 @@ async fn sweep(
         .flat_map(|job| audit::sweep_events(job, kind, now))
         .collect();
     let events = append(tracked, events);
-    tracked.pending -= jobs.iter().filter(|job| job.state.is_terminal()).count() as i64;
+    for job in jobs.iter().filter(|job| job.state.is_terminal()) {
+        tracked.count(&job.tenant, -1);
+    }
     Ok((
         Reply::Jobs(jobs.clone()),
         Effects {

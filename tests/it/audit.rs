@@ -205,15 +205,18 @@ async fn every_path_leaves_exactly_its_event_sequence_and_the_chain_verifies() {
     config.limits.default_client_rps = 1;
     config.limits.default_client_burst = 1;
     let mut app = TestApp::start(config, fake, dir).await;
-    let first = app.submit(app.new_request("slow-app")).await;
-    let second = app.submit(app.new_request("slow-app")).await;
-    let third = app.submit(app.new_request("slow-app")).await;
-    for job in [&first, &second, &third] {
+    // One permit per second and two seconds to live: the fourth job's turn comes a second
+    // after its TTL.
+    let mut jobs = Vec::new();
+    for _ in 0..4 {
+        jobs.push(app.submit(app.new_request("slow-app")).await);
+    }
+    for job in &jobs {
         app.wait_terminal(&job.job_id).await;
     }
     let mut audit = audit_client(&app).await;
     assert_eq!(
-        kinds(&mut audit, &third.job_id).await,
+        kinds(&mut audit, &jobs[3].job_id).await,
         ["job.submitted", "job.expired"]
     );
 

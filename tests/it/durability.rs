@@ -116,6 +116,7 @@ fn new_job(request: &ExchangeRequest) -> NewJob<'_> {
         code_fingerprint: "not-a-real-fingerprint",
         ttl: std::time::Duration::from_secs(60),
         max_pending: 100,
+        max_pending_tenant: None,
     }
 }
 

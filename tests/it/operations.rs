@@ -326,6 +326,7 @@ async fn a_reload_changes_the_rate_limits_without_dropping_connections() {
         api_key_sha256: digest,
         client_ids: vec!["app".into()],
         roles: vec![token_broker::config::Role::Submit],
+        max_pending: None,
     }];
     reload.send(with_tenants).unwrap();
     tokio::task::yield_now().await;

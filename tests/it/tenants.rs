@@ -21,6 +21,11 @@ struct Keys {
 }
 
 async fn spawn() -> (TestApp, Keys) {
+    spawn_bounded(None).await
+}
+
+/// The three tenants; `shop` with its own queue bound when given.
+async fn spawn_bounded(shop_max_pending: Option<u64>) -> (TestApp, Keys) {
     let (shop, shop_hash) = new_key();
     let (bank, bank_hash) = new_key();
     let (auditor, auditor_hash) = new_key();
@@ -31,18 +36,21 @@ async fn spawn() -> (TestApp, Keys) {
                 api_key_sha256: shop_hash,
                 client_ids: vec!["shop-app".into()],
                 roles: vec![Role::Submit],
+                max_pending: shop_max_pending,
             },
             TenantConfig {
                 name: "bank".into(),
                 api_key_sha256: bank_hash,
                 client_ids: vec!["bank-app".into()],
                 roles: vec![Role::Submit],
+                max_pending: None,
             },
             TenantConfig {
                 name: "auditors".into(),
                 api_key_sha256: auditor_hash,
                 client_ids: vec![],
                 roles: vec![Role::Audit],
+                max_pending: None,
             },
         ];
     })
@@ -318,4 +326,32 @@ async fn a_cancellation_records_which_tenant_cancelled() {
     let cancelled = events.last().unwrap();
     assert_eq!(cancelled.kind, "job.cancelled");
     assert_eq!(cancelled.detail, "cancelled by tenant \"shop\"");
+}
+
+#[tokio::test]
+async fn a_tenant_at_its_own_queue_bound_is_refused_while_others_go_on() {
+    let (mut app, keys) = spawn_bounded(Some(2)).await;
+    // Slow answers keep the shop's jobs pending while the test submits.
+    app.fake.set_faults(token_broker::fake_upstream::Faults {
+        latency_ms: 1_000,
+        ..Default::default()
+    });
+    for _ in 0..2 {
+        app.client
+            .submit_exchange(as_key(app.new_request("shop-app"), Some(&keys.shop)))
+            .await
+            .unwrap();
+    }
+    let status = app
+        .client
+        .submit_exchange(as_key(app.new_request("shop-app"), Some(&keys.shop)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    // Another tenant is not affected by the shop's bound.
+    app.client
+        .submit_exchange(as_key(app.new_request("bank-app"), Some(&keys.bank)))
+        .await
+        .unwrap();
+    assert_eq!(app.count_rows("jobs").await, 3);
 }

@@ -1,0 +1,4 @@
+-- Jobs not yet terminal per tenant, read once when the writer starts.
+SELECT tenant, COUNT(*) AS pending FROM jobs
+WHERE state IN ('queued', 'retry_wait', 'running')
+GROUP BY tenant
