@@ -124,6 +124,9 @@ pub struct StorageConfig {
     pub synchronous: Synchronous,
     /// How long a statement waits for a lock held by another connection.
     pub busy_timeout_ms: u64,
+    /// Cap on the database file's size in MiB (SQLite's max_page_count); 0 means no cap. When
+    /// it is reached, writes fail cleanly (UNAVAILABLE) until space is freed or the cap raised.
+    pub max_size_mb: u64,
 }
 
 impl Default for StorageConfig {
@@ -132,6 +135,7 @@ impl Default for StorageConfig {
             path: PathBuf::from("token-broker.db"),
             synchronous: Synchronous::Full,
             busy_timeout_ms: 5_000,
+            max_size_mb: 0,
         }
     }
 }

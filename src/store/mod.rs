@@ -212,11 +212,13 @@ impl Store {
         migrations.close().await;
         // The writer touches every index of a deep queue: give it a page cache that holds them
         // (32 MiB; the readers keep SQLite's default 2 MiB each).
-        let conn = base
-            .clone()
-            .pragma("cache_size", "-32768")
-            .connect()
-            .await?;
+        let mut writer_options = base.clone().pragma("cache_size", "-32768");
+        if config.max_size_mb > 0 {
+            // 4 KiB pages (SQLite's default page size).
+            writer_options =
+                writer_options.pragma("max_page_count", (config.max_size_mb * 256).to_string());
+        }
+        let conn = writer_options.connect().await?;
         let writer = WriterHandle::start(conn, Arc::clone(&keys), feed, metrics).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)

@@ -6,6 +6,7 @@ mod crash;
 mod durability;
 mod exchange;
 mod fake;
+mod faults;
 mod helpers;
 mod operations;
 mod resilience;
