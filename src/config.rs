@@ -307,13 +307,25 @@ pub struct AuditConfig {
     pub retention_days: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SecurityConfig {
     /// The AES-256-GCM key ring sealing codes, verifiers and tokens at rest; empty means
     /// `<storage.path>.key` (created on first start, mode 0600). TOKEN_BROKER_ENCRYPTION_KEYS
     /// overrides the file.
     pub key_file: PathBuf,
+    /// How long a token stays stored after it was first delivered to its caller (so a caller
+    /// whose answer was lost can fetch it again); an expired token is erased at once.
+    pub token_retention_secs: u64,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        Self {
+            key_file: PathBuf::new(),
+            token_retention_secs: 300,
+        }
+    }
 }
 
 /// Every problem found in a configuration.

@@ -18,7 +18,7 @@ use crate::{
     store::Store,
     tenants::TenantRegistry,
     upstream::UpstreamClient,
-    worker::{WorkSignal, Worker},
+    worker::{Deliveries, WorkSignal, Worker},
 };
 
 /// The listeners the daemon serves on, bound by the caller (port 0 in tests).
@@ -99,6 +99,7 @@ pub async fn run_with_reload(
     .with_context(|| format!("cannot open storage.path {}", config.storage.path.display()))?;
     let upstream = UpstreamClient::new(&config.upstream).context("cannot set up upstream")?;
     let work = WorkSignal::new();
+    let deliveries = Deliveries::new();
     let tenants = TenantRegistry::new(&config.tenants);
     if config.tenants.is_empty() {
         tracing::warn!("no tenants configured: authentication is off (loopback only)");
@@ -109,6 +110,7 @@ pub async fn run_with_reload(
         upstream,
         Arc::clone(&work),
         Arc::clone(&metrics),
+        Arc::clone(&deliveries),
     ));
     worker
         .recover()
@@ -196,6 +198,7 @@ pub async fn run_with_reload(
             fingerprinter: fingerprinter.clone(),
             tenants: Arc::clone(&tenants),
             max_watches_per_tenant: config.server.max_watches_per_tenant,
+            deliveries,
         },
     );
 

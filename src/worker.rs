@@ -63,6 +63,28 @@ impl WorkSignal {
     }
 }
 
+/// Jobs whose tokens the API handed to their callers, noted in the store by the next sweep
+/// (a crash in between only keeps those tokens until they expire).
+#[derive(Debug, Default)]
+pub struct Deliveries(Mutex<Vec<String>>);
+
+impl Deliveries {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn record(&self, job_id: &str) {
+        self.0
+            .lock()
+            .expect("deliveries lock poisoned")
+            .push(job_id.to_string());
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().expect("deliveries lock poisoned"))
+    }
+}
+
 /// Everything the dispatcher and its attempts share.
 #[derive(Debug)]
 pub struct Worker {
@@ -87,6 +109,9 @@ pub struct Worker {
     /// polling.
     work: Arc<WorkSignal>,
     metrics: Arc<Metrics>,
+    /// Tokens handed out, and how long they are kept afterwards.
+    deliveries: Arc<Deliveries>,
+    token_retention: Duration,
 }
 
 /// What one dispatch pass did, so the loop knows whether to go again at once.
@@ -107,6 +132,7 @@ impl Worker {
         upstream: UpstreamClient,
         work: Arc<WorkSignal>,
         metrics: Arc<Metrics>,
+        deliveries: Arc<Deliveries>,
     ) -> Self {
         Self {
             store,
@@ -124,6 +150,8 @@ impl Worker {
             poll_interval: Duration::from_millis(config.worker.poll_interval_ms),
             work,
             metrics,
+            deliveries,
+            token_retention: Duration::from_secs(config.security.token_retention_secs),
         }
     }
 
@@ -227,9 +255,17 @@ impl Worker {
         tracing::info!("worker stopped claiming");
     }
 
-    /// Expires overdue jobs and rescues attempts whose lease ran out.
+    /// Expires overdue jobs, rescues attempts whose lease ran out, and erases tokens that were
+    /// delivered (after the retention) or expired.
     async fn sweep(&self) -> Result<(), StoreError> {
         let now = UnixMillis::now();
+        self.store
+            .mark_delivered(self.deliveries.take(), now)
+            .await?;
+        let erased = self.store.erase_tokens(now, self.token_retention).await?;
+        if erased > 0 {
+            tracing::debug!(tokens = erased, "erased delivered or expired tokens");
+        }
         for job in self.store.expire_overdue(now).await? {
             tracing::warn!(job_id = %job.id, client_id = %job.client_id, "job expired before it could succeed");
         }

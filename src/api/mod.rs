@@ -21,7 +21,7 @@ use crate::{
     request::{ExchangeRequest, RawExchange, parse_job_id},
     store::{CancelOutcome, NewJob, Store, SubmitOutcome},
     tenants::{Caller, TenantRegistry},
-    worker::WorkSignal,
+    worker::{Deliveries, WorkSignal},
 };
 
 mod audit_log;
@@ -64,6 +64,8 @@ pub struct TokenBrokerApi {
     /// Open WatchJob streams per tenant, bounded by `max_watches_per_tenant`.
     watches: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
     max_watches_per_tenant: usize,
+    /// Notes tokens handed to callers, for retention.
+    deliveries: Arc<Deliveries>,
 }
 
 /// What the API needs besides the store.
@@ -77,6 +79,7 @@ pub struct ApiContext {
     pub fingerprinter: Fingerprinter,
     pub tenants: Arc<TenantRegistry>,
     pub max_watches_per_tenant: usize,
+    pub deliveries: Arc<Deliveries>,
 }
 
 impl TokenBrokerApi {
@@ -92,6 +95,7 @@ impl TokenBrokerApi {
             tenants: context.tenants,
             watches: Arc::default(),
             max_watches_per_tenant: context.max_watches_per_tenant,
+            deliveries: context.deliveries,
         }
     }
 
@@ -158,6 +162,14 @@ impl TokenBrokerApi {
             job if caller.owns(&job.tenant) => Ok(job),
             _ => Err(ApiError::NotFound),
         }
+    }
+
+    /// The job as sent to its owner, noting a delivered token for retention.
+    fn deliver(&self, job: &Job) -> proto::Job {
+        if job.token.is_some() {
+            self.deliveries.record(&job.id.to_string());
+        }
+        convert::job(job)
     }
 
     /// Authenticates the caller of a TokenBroker RPC.
@@ -259,7 +271,7 @@ impl TokenBroker for TokenBrokerApi {
     ) -> Result<Response<proto::Job>, Status> {
         let caller = self.caller(request.metadata())?;
         let (job, _) = self.submit(&caller, request.get_ref(), false).await?;
-        Ok(Response::new(convert::job(&job)))
+        Ok(Response::new(self.deliver(&job)))
     }
 
     async fn exchange(
@@ -270,7 +282,7 @@ impl TokenBroker for TokenBrokerApi {
         let deadline = deadline::answer_by(request.metadata(), Instant::now());
         let (job, changes) = self.submit(&caller, request.get_ref(), true).await?;
         let job = self.wait_terminal(job, changes, deadline).await?;
-        Ok(Response::new(convert::job(&job)))
+        Ok(Response::new(self.deliver(&job)))
     }
 
     async fn get_job(
@@ -280,7 +292,7 @@ impl TokenBroker for TokenBrokerApi {
         let caller = self.caller(request.metadata())?;
         let id = parse_job_id(&request.get_ref().job_id).map_err(ApiError::from)?;
         let job = self.load_for(&caller, id).await?;
-        Ok(Response::new(convert::job(&job)))
+        Ok(Response::new(self.deliver(&job)))
     }
 
     type WatchJobStream = JobStream;
@@ -299,7 +311,7 @@ impl TokenBroker for TokenBrokerApi {
         tokio::spawn(async move {
             // Held until the stream ends, however it ends.
             let _slot = slot;
-            if tx.send(Ok(convert::job(&current))).await.is_err() {
+            if tx.send(Ok(api.deliver(&current))).await.is_err() {
                 return;
             }
             while !current.state.is_terminal() {
@@ -325,7 +337,7 @@ impl TokenBroker for TokenBrokerApi {
                     continue;
                 }
                 current = next;
-                if tx.send(Ok(convert::job(&current))).await.is_err() {
+                if tx.send(Ok(api.deliver(&current))).await.is_err() {
                     return;
                 }
             }

@@ -308,6 +308,42 @@ impl Store {
         }
     }
 
+    /// Notes that these jobs' tokens reached their callers; retention then erases them.
+    pub async fn mark_delivered(
+        &self,
+        job_ids: Vec<String>,
+        now: UnixMillis,
+    ) -> Result<u64, StoreError> {
+        if job_ids.is_empty() {
+            return Ok(0);
+        }
+        match self.write(Op::MarkDelivered { job_ids, now }).await? {
+            Reply::Count(rows) => Ok(rows),
+            other => unreachable!("mark delivered answered {other:?}"),
+        }
+    }
+
+    /// Erases tokens that expired, or were delivered longer than `retention` ago. Returns how
+    /// many (up to a sweep's batch).
+    pub async fn erase_tokens(
+        &self,
+        now: UnixMillis,
+        retention: Duration,
+    ) -> Result<u64, StoreError> {
+        let delivered_before =
+            UnixMillis(now.0 - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+        match self
+            .write(Op::EraseTokens {
+                now,
+                delivered_before,
+            })
+            .await?
+        {
+            Reply::Count(rows) => Ok(rows),
+            other => unreachable!("erase answered {other:?}"),
+        }
+    }
+
     /// Applies one change through the writer, waiting for its commit.
     async fn write(&self, op: Op) -> Result<Reply, StoreError> {
         match &self.writer {

@@ -64,6 +64,16 @@ pub(super) enum Op {
     Reencrypt {
         after: i64,
     },
+    /// Notes that these jobs' tokens reached their callers.
+    MarkDelivered {
+        job_ids: Vec<String>,
+        now: UnixMillis,
+    },
+    /// Erases tokens that expired, or were delivered before `delivered_before`.
+    EraseTokens {
+        now: UnixMillis,
+        delivered_before: UnixMillis,
+    },
 }
 
 /// A change's result.
@@ -81,6 +91,8 @@ pub(super) enum Reply {
         rows: u64,
         last: Option<i64>,
     },
+    /// Rows changed.
+    Count(u64),
 }
 
 /// What becomes visible once the transaction commits.
@@ -343,6 +355,28 @@ async fn apply(conn: &mut SqliteConnection, tracked: &mut Tracked, op: &Op) -> A
         }
         Op::PruneStep { cutoff, now } => prune_step(conn, tracked, *cutoff, *now).await,
         Op::Reencrypt { after } => reencrypt(conn, tracked, *after).await,
+        Op::MarkDelivered { job_ids, now } => {
+            let ids = serde_json::to_string(job_ids).expect("strings serialize");
+            let rows = sqlx::query(include_str!("sql/mark_delivered.sql"))
+                .bind(ids)
+                .bind(now.0)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            Ok((Reply::Count(rows), Effects::default()))
+        }
+        Op::EraseTokens {
+            now,
+            delivered_before,
+        } => {
+            let rows = sqlx::query(include_str!("sql/erase_tokens.sql"))
+                .bind(now.0)
+                .bind(delivered_before.0)
+                .bind(SWEEP_BATCH)
+                .fetch_all(&mut *conn)
+                .await?;
+            Ok((Reply::Count(rows.len() as u64), Effects::default()))
+        }
     }
 }
 

@@ -209,3 +209,59 @@ async fn snapshot(db: &Path) -> Vec<String> {
     assert!(!rows.is_empty());
     rows
 }
+
+/// Polls GetJob until the job's token is gone (the sweep runs every second).
+async fn wait_token_erased(app: &mut TestApp, job_id: &str) -> token_broker::api::proto::Job {
+    tokio::time::timeout(crate::helpers::PATIENCE, async {
+        loop {
+            let job = app.get(job_id).await;
+            if job.token.is_none() {
+                return job;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the token is erased")
+}
+
+#[tokio::test]
+async fn a_delivered_token_is_erased_after_the_retention() {
+    let mut app = TestApp::spawn_with(|config| config.security.token_retention_secs = 0).await;
+    let job = app.exchange(app.new_request("app")).await;
+    assert!(job.token.is_some(), "delivered once");
+    let erased = wait_token_erased(&mut app, &job.job_id).await;
+    assert_eq!(erased.state(), JobState::Succeeded, "the outcome stays");
+}
+
+#[tokio::test]
+async fn an_expired_token_is_erased_even_if_never_delivered() {
+    let fake = start_fake_with(FakeOptions {
+        token_lifetime_secs: 1,
+        ..FakeOptions::default()
+    })
+    .await;
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let config = crate::helpers::test_config(&dir, &fake);
+    let mut app = TestApp::start(config, fake, dir).await;
+    let job = app.submit(app.new_request("app")).await;
+    // Wait for the outcome without receiving the token (ListJobs-like: the audit view).
+    let done = tokio::time::timeout(crate::helpers::PATIENCE, async {
+        loop {
+            let mut conn = crate::helpers::read_only(&app.db_path()).await;
+            let state: String = sqlx::query_scalar("SELECT state FROM jobs WHERE job_id = ?1")
+                .bind(&job.job_id)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+            if state == "succeeded" {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(done.is_ok());
+    let erased = wait_token_erased(&mut app, &job.job_id).await;
+    assert_eq!(erased.state(), JobState::Succeeded);
+}
