@@ -1,7 +1,11 @@
--- Erases tokens that expired (?1: now) or were delivered more than the retention ago (?2).
+-- Erases tokens that expired (?1: now) or were delivered more than the retention ago (?2),
+-- each found through its own partial index.
 UPDATE jobs SET access_token = NULL, version = version + 1, updated_at = ?1
 WHERE id IN (SELECT id FROM jobs
-             WHERE access_token IS NOT NULL
-               AND (token_expires_at <= ?1 OR token_delivered_at <= ?2)
+             WHERE access_token IS NOT NULL AND token_expires_at <= ?1
              LIMIT ?3)
-RETURNING *
+   OR id IN (SELECT id FROM jobs
+             WHERE access_token IS NOT NULL AND token_delivered_at IS NOT NULL
+               AND token_delivered_at <= ?2
+             LIMIT ?3)
+RETURNING id
