@@ -33,6 +33,25 @@ pub enum AuditKind {
 }
 
 impl AuditKind {
+    /// Every kind, for looking one up by name.
+    const ALL: [AuditKind; 10] = [
+        AuditKind::JobSubmitted,
+        AuditKind::JobCancelled,
+        AuditKind::AttemptStarted,
+        AuditKind::AttemptFinished,
+        AuditKind::AttemptUnknown,
+        AuditKind::JobRetryScheduled,
+        AuditKind::JobSucceeded,
+        AuditKind::JobFailed,
+        AuditKind::JobExpired,
+        AuditKind::Checkpoint,
+    ];
+
+    /// The kind a stored name stands for.
+    pub fn parse(name: &str) -> Option<AuditKind> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             AuditKind::JobSubmitted => "job.submitted",

@@ -328,6 +328,22 @@ impl Default for SecurityConfig {
     }
 }
 
+/// `path + suffix`: the files kept beside the database (lock, keys).
+pub fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut beside = path.as_os_str().to_owned();
+    beside.push(suffix);
+    PathBuf::from(beside)
+}
+
+/// `configured`, or the file beside the database when it is empty.
+fn or_beside(configured: &Path, database: &Path, suffix: &str) -> PathBuf {
+    if configured.as_os_str().is_empty() {
+        beside(database, suffix)
+    } else {
+        configured.to_path_buf()
+    }
+}
+
 /// Every problem found in a configuration.
 #[derive(Debug)]
 pub struct ConfigErrors(pub Vec<String>);
@@ -560,24 +576,16 @@ impl Config {
 
     /// The encryption key ring file.
     pub fn key_file_path(&self) -> PathBuf {
-        if self.security.key_file.as_os_str().is_empty() {
-            let mut path = self.storage.path.clone().into_os_string();
-            path.push(".key");
-            PathBuf::from(path)
-        } else {
-            self.security.key_file.clone()
-        }
+        or_beside(&self.security.key_file, &self.storage.path, ".key")
     }
 
     /// The fingerprint key file.
     pub fn fingerprint_key_path(&self) -> PathBuf {
-        if self.audit.fingerprint_key_file.as_os_str().is_empty() {
-            let mut path = self.storage.path.clone().into_os_string();
-            path.push(".audit-key");
-            PathBuf::from(path)
-        } else {
-            self.audit.fingerprint_key_file.clone()
-        }
+        or_beside(
+            &self.audit.fingerprint_key_file,
+            &self.storage.path,
+            ".audit-key",
+        )
     }
 
     /// How long a claimed attempt may run before another worker may presume it dead: the

@@ -200,10 +200,6 @@ impl KeyRing {
         self.keys.iter().map(|(id, _)| id.as_str()).collect()
     }
 
-    pub fn current_key_id(&self) -> &str {
-        &self.keys.last().expect("a ring has keys").0
-    }
-
     /// Encrypts `plaintext` for the given job and column with the current key.
     pub fn seal(&self, plaintext: &str, job_id: &str, column: &str) -> String {
         let (id, cipher) = self.keys.last().expect("a ring has keys");
@@ -262,15 +258,6 @@ impl KeyRing {
         String::from_utf8(plain)
             .map(Secret::new)
             .map_err(|_| DecryptError::Format)
-    }
-
-    /// The key id a stored value names.
-    pub fn key_id_of(stored: &str) -> Option<&str> {
-        let mut parts = stored.splitn(3, ':');
-        match (parts.next(), parts.next()) {
-            (Some("v1"), Some(id)) => Some(id),
-            _ => None,
-        }
     }
 }
 

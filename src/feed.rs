@@ -60,11 +60,6 @@ impl JobFeed {
             let _ = sender.send(job.clone());
         }
     }
-
-    /// Jobs with at least one watcher.
-    pub fn watched_jobs(&self) -> usize {
-        self.watched.lock().expect("feed lock poisoned").len()
-    }
 }
 
 /// A watcher's handle on one job's changes.

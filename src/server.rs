@@ -1,7 +1,7 @@
 //! The daemon's single entry point, [`run`]: `main` and the integration tests both call it with
 //! listeners they bound and a shutdown future.
 
-use std::{fs::File, future::Future, path::PathBuf, sync::Arc, time::Duration};
+use std::{fs::File, future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use tokio::{net::TcpListener, sync::watch};
@@ -339,8 +339,7 @@ fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
 /// Takes an exclusive lock beside the database, so two daemons never share one: every lease
 /// found at start-up is then known to be dead.
 pub fn lock_database(path: &std::path::Path) -> anyhow::Result<File> {
-    let mut lock_path = PathBuf::from(path.as_os_str());
-    lock_path.as_mut_os_string().push(".lock");
+    let lock_path = crate::config::beside(path, ".lock");
     if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the directory {}", dir.display()))?;

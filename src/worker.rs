@@ -117,8 +117,6 @@ pub struct Worker {
 /// What one dispatch pass did, so the loop knows whether to go again at once.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Pass {
-    /// Attempts started.
-    started: usize,
     /// The candidate query returned a full batch: more may be due.
     full_batch: bool,
     /// Nothing may start for this long: the global limit is exhausted or the breaker is open.
@@ -362,7 +360,6 @@ impl Worker {
         if probe && claims.is_empty() {
             self.breaker.probe_not_sent();
         }
-        pass.started = claims.len();
         for candidate in &chosen {
             self.metrics
                 .limiter_wait

@@ -320,14 +320,19 @@ pub async fn audit(command: AuditCommand) -> anyhow::Result<bool> {
                 None => {
                     let config = Config::load(database.config.as_deref())
                         .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    match &database.database {
-                        Some(db) => {
-                            let mut path = db.clone().into_os_string();
-                            path.push(".audit-key");
-                            PathBuf::from(path)
-                        }
-                        None => config.fingerprint_key_path(),
+                    // --database names the file whose neighbouring key to use.
+                    let storage = database
+                        .database
+                        .clone()
+                        .unwrap_or(config.storage.path.clone());
+                    Config {
+                        storage: crate::config::StorageConfig {
+                            path: storage,
+                            ..config.storage.clone()
+                        },
+                        ..config
                     }
+                    .fingerprint_key_path()
                 }
             };
             let fingerprinter = Fingerprinter::load(&key_path)?;

@@ -165,21 +165,21 @@ pub(super) fn emit_checkpoint(record: &AuditRecord) {
 /// log pipeline holds a copy of the chain outside the database; and counts it, so logs and
 /// metrics never disagree.
 pub(super) fn emit(record: &AuditRecord, metrics: &Metrics) {
-    match record.kind.as_str() {
-        "job.submitted" => {
+    match AuditKind::parse(&record.kind) {
+        Some(AuditKind::JobSubmitted) => {
             metrics.jobs_submitted.inc();
         }
-        "job.retry_scheduled" => {
+        Some(AuditKind::JobRetryScheduled) => {
             metrics.retries.inc();
         }
-        "attempt.unknown" => {
+        Some(AuditKind::AttemptUnknown) => {
             metrics.outcome_unknown.inc();
         }
-        "job.succeeded" => metrics.job_finished("succeeded", None),
-        "job.cancelled" => metrics.job_finished("cancelled", None),
-        "job.expired" => metrics.job_finished("failed", Some("expired".to_string())),
+        Some(AuditKind::JobSucceeded) => metrics.job_finished("succeeded", None),
+        Some(AuditKind::JobCancelled) => metrics.job_finished("cancelled", None),
+        Some(AuditKind::JobExpired) => metrics.job_finished("failed", Some("expired".to_string())),
         // A job.failed event's detail is the failure reason.
-        "job.failed" => metrics.job_finished("failed", record.detail.clone()),
+        Some(AuditKind::JobFailed) => metrics.job_finished("failed", record.detail.clone()),
         _ => {}
     }
     tracing::info!(

@@ -54,28 +54,64 @@ pub struct Pruned {
     pub checkpoint_seq: i64,
 }
 
+impl<T> Page<T> {
+    fn empty() -> Self {
+        Page {
+            items: Vec::new(),
+            next: None,
+        }
+    }
+
+    /// A page of at most `limit` items; a full page continues after its last item's key.
+    fn of(items: Vec<T>, limit: i64, key: impl Fn(&T) -> i64) -> Self {
+        let next = (items.len() as i64 == limit)
+            .then(|| items.last().map(key))
+            .flatten();
+        Page { items, next }
+    }
+}
+
 impl Store {
+    /// The key range (row ids or seqs) of a time range, through `sql` (a `lo`/`hi` query over a
+    /// time index); every key when the range is unbounded, `None` when nothing falls in it.
+    async fn key_bounds(
+        &self,
+        sql: &'static str,
+        from: i64,
+        to: i64,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        if from == i64::MIN && to == i64::MAX {
+            return Ok(Some((i64::MIN, i64::MAX)));
+        }
+        let bounds = sqlx::query(sql)
+            .bind(from)
+            .bind(to)
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(
+            match (
+                bounds.try_get::<Option<i64>, _>("lo")?,
+                bounds.try_get::<Option<i64>, _>("hi")?,
+            ) {
+                (Some(lo), Some(hi)) => Some((lo, hi)),
+                _ => None,
+            },
+        )
+    }
+
     /// One page of jobs, in creation order.
     pub async fn list_jobs(&self, query: &JobQuery) -> Result<Page<(i64, Job)>, StoreError> {
         let (from, to) = (
             query.created_after.map_or(i64::MIN, |t| t.0),
             query.created_before.map_or(i64::MAX, |t| t.0),
         );
-        let bounds = sqlx::query(include_str!("sql/job_id_bounds.sql"))
-            .bind(from)
-            .bind(to)
-            .fetch_one(&self.reader)
-            .await?;
-        let (Some(lo), Some(hi)) = (
-            bounds.try_get::<Option<i64>, _>("lo")?,
-            bounds.try_get::<Option<i64>, _>("hi")?,
-        ) else {
-            return Ok(Page {
-                items: Vec::new(),
-                next: None,
-            });
+        let Some((lo, hi)) = self
+            .key_bounds(include_str!("sql/job_id_bounds.sql"), from, to)
+            .await?
+        else {
+            return Ok(Page::empty());
         };
-        let after = query.after.unwrap_or(i64::MIN).max(lo - 1);
+        let after = query.after.unwrap_or(i64::MIN).max(lo.saturating_sub(1));
         let sql = if query.code_fingerprint.is_some() {
             include_str!("sql/list_jobs_by_fingerprint.sql")
         } else if query.client_id.is_some() {
@@ -100,10 +136,7 @@ impl Store {
             .iter()
             .map(|row| Ok((row.try_get::<i64, _>("id")?, job_from_row(row, None)?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
-        let next = (items.len() as i64 == limit)
-            .then(|| items.last().map(|(id, _)| *id))
-            .flatten();
-        Ok(Page { items, next })
+        Ok(Page::of(items, limit, |(id, _)| *id))
     }
 
     /// One page of audit events, in seq order.
@@ -112,26 +145,11 @@ impl Store {
             query.after.map_or(i64::MIN, |t| t.0),
             query.before.map_or(i64::MAX, |t| t.0),
         );
-        let (lo, hi) = if query.after.is_none() && query.before.is_none() {
-            (i64::MIN, i64::MAX)
-        } else {
-            let bounds = sqlx::query(include_str!("sql/event_seq_bounds.sql"))
-                .bind(from)
-                .bind(to)
-                .fetch_one(&self.reader)
-                .await?;
-            match (
-                bounds.try_get::<Option<i64>, _>("lo")?,
-                bounds.try_get::<Option<i64>, _>("hi")?,
-            ) {
-                (Some(lo), Some(hi)) => (lo, hi),
-                _ => {
-                    return Ok(Page {
-                        items: Vec::new(),
-                        next: None,
-                    });
-                }
-            }
+        let Some((lo, hi)) = self
+            .key_bounds(include_str!("sql/event_seq_bounds.sql"), from, to)
+            .await?
+        else {
+            return Ok(Page::empty());
         };
         let after = query
             .after_seq
@@ -159,10 +177,7 @@ impl Store {
             .iter()
             .map(audit::record_from_row)
             .collect::<Result<Vec<_>, _>>()?;
-        let next = (items.len() as i64 == limit)
-            .then(|| items.last().map(|e| e.seq))
-            .flatten();
-        Ok(Page { items, next })
+        Ok(Page::of(items, limit, |event| event.seq))
     }
 
     /// Recomputes the whole chain, page by page, and checks that no event after the last one

@@ -595,13 +595,11 @@ async fn claim(
             code_verifier,
         });
     }
+    let due: HashMap<i64, UnixMillis> = candidates.iter().map(|c| (c.row_id, c.due_at)).collect();
     let events = claims
         .iter()
         .map(|claim| {
-            let waited = candidates
-                .iter()
-                .find(|c| c.row_id == claim.lease.row_id)
-                .map_or(0, |c| now.0 - c.due_at.0);
+            let waited = due.get(&claim.lease.row_id).map_or(0, |due| now.0 - due.0);
             AuditEvent::new(&claim.job, AuditKind::AttemptStarted, now)
                 .attempt(claim.lease.attempt)
                 .detail(format!(

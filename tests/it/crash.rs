@@ -8,19 +8,14 @@ use token_broker::{
     fake_upstream::{FakeOptions, Faults},
 };
 
-use crate::helpers::{Daemon, PATIENCE, is_terminal, new_request, read_only, start_fake_with};
+use crate::helpers::{
+    Daemon, PATIENCE, is_terminal, new_request, read_only, start_fake_with, start_slow_fake,
+};
 
 #[tokio::test]
 async fn sigkill_loses_no_acknowledged_job_and_redeems_no_code_twice() {
     // Slow answers, so attempts are in flight when the process dies.
-    let fake = start_fake_with(FakeOptions {
-        faults: Faults {
-            latency_ms: 300,
-            ..Faults::default()
-        },
-        ..FakeOptions::default()
-    })
-    .await;
+    let fake = start_slow_fake(300).await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("broker.db");
 
@@ -87,14 +82,7 @@ async fn sigkill_loses_no_acknowledged_job_and_redeems_no_code_twice() {
 
 #[tokio::test]
 async fn sigterm_lets_running_attempts_finish_and_leaves_the_rest_queued() {
-    let fake = start_fake_with(FakeOptions {
-        faults: Faults {
-            latency_ms: 500,
-            ..Faults::default()
-        },
-        ..FakeOptions::default()
-    })
-    .await;
+    let fake = start_slow_fake(500).await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("broker.db");
 
@@ -276,14 +264,7 @@ async fn repeated_sigkills_under_load_lose_nothing_and_complete_nothing_twice() 
 async fn group_commit_acknowledges_no_submission_before_its_commit() {
     // Many concurrent submitters fill the writer's batches; the process dies at once after
     // some acknowledgements. Every acknowledged job must be in the file.
-    let fake = start_fake_with(FakeOptions {
-        faults: Faults {
-            latency_ms: 1_000,
-            ..Faults::default()
-        },
-        ..FakeOptions::default()
-    })
-    .await;
+    let fake = start_slow_fake(1_000).await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("broker.db");
     let daemon = Daemon::start(&db, &fake.token_url());

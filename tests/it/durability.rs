@@ -14,15 +14,8 @@ use crate::helpers::{TestApp, audit_kinds, new_request, start_fake, test_config}
 #[tokio::test]
 async fn a_restart_completes_the_jobs_left_queued() {
     // One request per second: most jobs are still queued when the daemon stops.
-    let mut app = TestApp::spawn_with(|config| {
-        config.limits.global_rps = 1;
-        config.limits.global_burst = 1;
-    })
-    .await;
-    let mut ids = Vec::new();
-    for _ in 0..4 {
-        ids.push(app.submit(app.new_request("client-a")).await.job_id);
-    }
+    let mut app = TestApp::spawn_one_per_second().await;
+    let ids = app.submit_many(4, "client-a").await;
     let (mut config, fake, dir) = app.stop().await;
     let before = fake.stats().token_requests;
     assert!(

@@ -66,18 +66,7 @@ async fn a_corrupt_database_file_fails_start_up_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let config = crate::helpers::test_config(&dir, &fake);
     std::fs::write(&config.storage.path, vec![0x42u8; 64 * 1024]).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let error = token_broker::run(
-        config.clone(),
-        token_broker::Listeners {
-            grpc: listener,
-            ops: None,
-        },
-        std::future::pending(),
-    )
-    .await
-    .unwrap_err();
-    let message = format!("{error:#}");
+    let message = crate::helpers::start_up_error(config).await;
     assert!(message.contains("cannot open storage.path"), "{message}");
     assert!(message.contains("not a database"), "{message}");
 }

@@ -69,6 +69,15 @@ impl TestApp {
         Self::spawn_with(|_| {}).await
     }
 
+    /// A daemon that sends one request per second, so most submissions stay queued.
+    pub async fn spawn_one_per_second() -> TestApp {
+        Self::spawn_with(|config| {
+            config.limits.global_rps = 1;
+            config.limits.global_burst = 1;
+        })
+        .await
+    }
+
     /// A daemon whose test configuration `adjust` changes first.
     pub async fn spawn_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
         let fake = start_fake().await;
@@ -180,8 +189,9 @@ impl TestApp {
             .into_inner()
     }
 
-    /// Follows the job with WatchJob until it reaches `state`.
-    pub async fn wait_for_state(&mut self, job_id: &str, state: JobState) -> Job {
+    /// Follows the job with WatchJob until a snapshot satisfies `done`; panics if the stream
+    /// ends first.
+    async fn watch_until(&mut self, job_id: &str, done: impl Fn(&Job) -> bool) -> Job {
         let mut stream = self
             .client
             .watch_job(GetJobRequest {
@@ -193,43 +203,35 @@ impl TestApp {
         let wait = async {
             let mut last = None;
             while let Some(job) = stream.message().await.expect("watch stream healthy") {
-                if job.state() == state {
+                if done(&job) {
                     return job;
                 }
                 last = Some(job);
             }
-            panic!("the job became terminal without reaching {state:?}: {last:?}");
+            panic!("the stream ended without the awaited snapshot; last: {last:?}");
         };
         tokio::time::timeout(PATIENCE, wait)
             .await
-            .expect("the job reaches the state within the patience bound")
+            .expect("the awaited snapshot arrives within the patience bound")
+    }
+
+    /// Follows the job with WatchJob until it reaches `state`.
+    pub async fn wait_for_state(&mut self, job_id: &str, state: JobState) -> Job {
+        self.watch_until(job_id, |job| job.state() == state).await
     }
 
     /// Follows the job with WatchJob until it is terminal.
     pub async fn wait_terminal(&mut self, job_id: &str) -> Job {
-        let mut stream = self
-            .client
-            .watch_job(GetJobRequest {
-                job_id: job_id.to_string(),
-            })
-            .await
-            .expect("watch accepted")
-            .into_inner();
-        let wait = async {
-            let mut last = None;
-            while let Some(job) = stream.message().await.expect("watch stream healthy") {
-                last = Some(job);
-            }
-            last.expect("the stream sent the job at least once")
-        };
-        let job = tokio::time::timeout(PATIENCE, wait)
-            .await
-            .expect("the job becomes terminal within the patience bound");
-        assert!(
-            is_terminal(&job),
-            "the stream ended on a terminal job: {job:?}"
-        );
-        job
+        self.watch_until(job_id, is_terminal).await
+    }
+
+    /// Submits `count` jobs for `client_id` and returns their ids.
+    pub async fn submit_many(&mut self, count: usize, client_id: &str) -> Vec<String> {
+        let mut ids = Vec::new();
+        for _ in 0..count {
+            ids.push(self.submit(self.new_request(client_id)).await.job_id);
+        }
+        ids
     }
 
     /// Rows in a table of the daemon's database, read from the file itself.
@@ -268,6 +270,34 @@ async fn wait_ready(ops: SocketAddr) {
     tokio::time::timeout(PATIENCE, ready)
         .await
         .expect("the daemon becomes ready");
+}
+
+/// What `run` says when it refuses to start on `config`.
+pub async fn start_up_error(config: Config) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
+    let error = token_broker::run(
+        config,
+        Listeners {
+            grpc: listener,
+            ops: None,
+        },
+        std::future::pending(),
+    )
+    .await
+    .expect_err("the daemon refuses to start");
+    format!("{error:#}")
+}
+
+/// A fake upstream that answers every token request after `latency_ms`.
+pub async fn start_slow_fake(latency_ms: u64) -> FakeUpstream {
+    start_fake_with(FakeOptions {
+        faults: token_broker::fake_upstream::Faults {
+            latency_ms,
+            ..Default::default()
+        },
+        ..FakeOptions::default()
+    })
+    .await
 }
 
 pub async fn start_fake() -> FakeUpstream {

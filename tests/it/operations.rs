@@ -87,21 +87,8 @@ async fn reflection_lists_the_services_in_both_versions() {
 #[tokio::test]
 async fn a_second_daemon_on_the_same_database_is_refused() {
     let app = TestApp::spawn().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let error = token_broker::run(
-        app.config.clone(),
-        token_broker::Listeners {
-            grpc: listener,
-            ops: None,
-        },
-        std::future::pending(),
-    )
-    .await
-    .unwrap_err();
-    assert!(
-        error.to_string().contains("another token-broker"),
-        "{error:#}"
-    );
+    let message = crate::helpers::start_up_error(app.config.clone()).await;
+    assert!(message.contains("another token-broker"), "{message}");
 }
 
 /// The value of one series in a scrape, 0 when absent.

@@ -99,15 +99,8 @@ fn key_file(db: &Path) -> std::path::PathBuf {
 #[tokio::test]
 async fn after_a_key_rotation_every_pending_job_is_still_read_and_completed() {
     // One request per second: most jobs are still queued when the daemon stops.
-    let mut app = TestApp::spawn_with(|config| {
-        config.limits.global_rps = 1;
-        config.limits.global_burst = 1;
-    })
-    .await;
-    let mut ids = Vec::new();
-    for _ in 0..4 {
-        ids.push(app.submit(app.new_request("app")).await.job_id);
-    }
+    let mut app = TestApp::spawn_one_per_second().await;
+    let ids = app.submit_many(4, "app").await;
     let (mut config, fake, dir) = app.stop().await;
     let db = config.storage.path.clone();
 
@@ -134,31 +127,14 @@ async fn after_a_key_rotation_every_pending_job_is_still_read_and_completed() {
 
 #[tokio::test]
 async fn a_wrong_key_fails_start_up_clearly_and_changes_nothing() {
-    let mut app = TestApp::spawn_with(|config| {
-        config.limits.global_rps = 1;
-        config.limits.global_burst = 1;
-    })
-    .await;
-    for _ in 0..3 {
-        app.submit(app.new_request("app")).await;
-    }
+    let mut app = TestApp::spawn_one_per_second().await;
+    app.submit_many(3, "app").await;
     let (config, _, _dir) = app.stop().await;
     let db = config.storage.path.clone();
     let before = snapshot(&db).await;
     std::fs::write(key_file(&db), format!("k1 {}\n", "5a".repeat(32))).unwrap();
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let error = token_broker::run(
-        config,
-        token_broker::Listeners {
-            grpc: listener,
-            ops: None,
-        },
-        std::future::pending(),
-    )
-    .await
-    .unwrap_err();
-    let message = format!("{error:#}");
+    let message = crate::helpers::start_up_error(config).await;
     assert!(
         message.contains("encryption keys do not open the stored secrets"),
         "{message}"

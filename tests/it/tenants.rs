@@ -24,6 +24,16 @@ async fn spawn() -> (TestApp, Keys) {
     spawn_bounded(None).await
 }
 
+fn tenant(name: &str, api_key_sha256: String, client_id: Option<&str>, role: Role) -> TenantConfig {
+    TenantConfig {
+        name: name.into(),
+        api_key_sha256,
+        client_ids: client_id.map(String::from).into_iter().collect(),
+        roles: vec![role],
+        max_pending: None,
+    }
+}
+
 /// The three tenants; `shop` with its own queue bound when given.
 async fn spawn_bounded(shop_max_pending: Option<u64>) -> (TestApp, Keys) {
     let (shop, shop_hash) = new_key();
@@ -32,26 +42,11 @@ async fn spawn_bounded(shop_max_pending: Option<u64>) -> (TestApp, Keys) {
     let app = TestApp::spawn_with(|config| {
         config.tenants = vec![
             TenantConfig {
-                name: "shop".into(),
-                api_key_sha256: shop_hash,
-                client_ids: vec!["shop-app".into()],
-                roles: vec![Role::Submit],
                 max_pending: shop_max_pending,
+                ..tenant("shop", shop_hash, Some("shop-app"), Role::Submit)
             },
-            TenantConfig {
-                name: "bank".into(),
-                api_key_sha256: bank_hash,
-                client_ids: vec!["bank-app".into()],
-                roles: vec![Role::Submit],
-                max_pending: None,
-            },
-            TenantConfig {
-                name: "auditors".into(),
-                api_key_sha256: auditor_hash,
-                client_ids: vec![],
-                roles: vec![Role::Audit],
-                max_pending: None,
-            },
+            tenant("bank", bank_hash, Some("bank-app"), Role::Submit),
+            tenant("auditors", auditor_hash, None, Role::Audit),
         ];
     })
     .await;
