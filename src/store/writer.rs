@@ -9,9 +9,10 @@
 //! If any change of a batch fails, the whole transaction is rolled back and each change is
 //! retried in a transaction of its own, so one bad change cannot fail its neighbours.
 //!
-//! The writer also keeps two facts that would otherwise cost a query per change: the head of
-//! the audit chain, and the number of jobs not yet terminal (for the queue bound). Both are
-//! re-read from the database whenever a transaction does not commit.
+//! The writer also keeps facts that would otherwise cost a query per change: the head of the
+//! audit chain, and the number of jobs not yet terminal, overall and per tenant (for the queue
+//! bounds). They are read once at start; a transaction that does not commit restores them as
+//! they were before it.
 
 use std::{collections::HashMap, sync::Arc, time::Instant};
 
@@ -108,7 +109,7 @@ struct Request {
 }
 
 /// What the writer carries from change to change: the cached facts (valid at the start of the
-/// next transaction, re-read after a rollback) and the keys that seal secrets.
+/// next transaction, restored after a rollback) and the keys that seal secrets.
 #[derive(Debug, Clone)]
 struct Tracked {
     head: ChainHead,
@@ -122,9 +123,6 @@ struct Tracked {
 impl Tracked {
     async fn read(conn: &mut SqliteConnection, keys: Arc<KeyRing>) -> Result<Tracked, sqlx::Error> {
         let head = ChainHead::read(conn).await?;
-        let pending: i64 = sqlx::query_scalar(include_str!("sql/count_pending.sql"))
-            .fetch_one(&mut *conn)
-            .await?;
         let mut pending_by_tenant = HashMap::new();
         for row in sqlx::query(include_str!("sql/pending_by_tenant.sql"))
             .fetch_all(&mut *conn)
@@ -134,7 +132,7 @@ impl Tracked {
         }
         Ok(Tracked {
             head,
-            pending,
+            pending: pending_by_tenant.values().sum(),
             pending_by_tenant,
             keys,
         })
@@ -237,7 +235,7 @@ async fn run(
 type Applied = Result<(Reply, Effects), StoreError>;
 
 /// Applies `requests` in one transaction. `Ok` when it committed (each change's own result
-/// inside); `Err` when it did not, after which `tracked` is re-read.
+/// inside); `Err` when it did not, after which `tracked` is as it was before.
 async fn apply_batch(
     conn: &mut SqliteConnection,
     tracked: &mut Tracked,
@@ -292,10 +290,9 @@ async fn apply_batch(
     match attempt.await {
         Ok(results) => Ok(results),
         Err(error) => {
-            *tracked = match Tracked::read(conn, Arc::clone(&before.keys)).await {
-                Ok(fresh) => fresh,
-                Err(_) => before,
-            };
+            // The rollback undid exactly what the batch did, and nothing else writes: the
+            // facts as they stood before the batch are the facts now.
+            *tracked = before;
             Err(error)
         }
     }
