@@ -7,10 +7,9 @@
 //! While the breaker is open, jobs wait in the queue (their TTL still running). Every
 //! transition is logged. Time is an argument, so the state machine is tested without a clock.
 
-use std::{
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use crate::upstream::AttemptOutcome;
 
@@ -88,7 +87,7 @@ impl Breaker {
     }
 
     pub fn state(&self) -> BreakerState {
-        match *self.state.lock().expect("breaker lock poisoned") {
+        match *self.state.lock() {
             State::Closed { .. } => BreakerState::Closed,
             State::Open { .. } => BreakerState::Open,
             State::HalfOpen { .. } => BreakerState::HalfOpen,
@@ -97,7 +96,7 @@ impl Breaker {
 
     /// May attempts start at `now`?
     pub fn admit(&self, now: Instant) -> Admission {
-        let mut state = self.state.lock().expect("breaker lock poisoned");
+        let mut state = self.state.lock();
         match *state {
             State::Closed { .. } => Admission::Open,
             State::Open { until } if now < until => Admission::Wait(until - now),
@@ -121,7 +120,7 @@ impl Breaker {
 
     /// The admitted probe could not start (nothing was due): admit another later.
     pub fn probe_not_sent(&self) {
-        let mut state = self.state.lock().expect("breaker lock poisoned");
+        let mut state = self.state.lock();
         if let State::HalfOpen { probe_in_flight } = &mut *state {
             *probe_in_flight = false;
         }
@@ -132,7 +131,7 @@ impl Breaker {
         if self.config.failure_threshold == 0 {
             return;
         }
-        let mut state = self.state.lock().expect("breaker lock poisoned");
+        let mut state = self.state.lock();
         match (&mut *state, signal) {
             (State::Closed { failures }, Signal::Healthy) => *failures = 0,
             (State::Closed { failures }, Signal::Unhealthy) => {
@@ -144,7 +143,7 @@ impl Breaker {
                         "circuit breaker opened: upstream is failing; attempts paused"
                     );
                     *state = State::Open {
-                        until: now + self.config.cool_down,
+                        until: crate::job::instant_after(now, self.config.cool_down),
                     };
                 }
             }
@@ -160,7 +159,7 @@ impl Breaker {
                     "circuit breaker re-opened: the probe failed"
                 );
                 *state = State::Open {
-                    until: now + self.config.cool_down,
+                    until: crate::job::instant_after(now, self.config.cool_down),
                 };
             }
         }

@@ -159,6 +159,10 @@ pub struct UpstreamConfig {
     pub connect_timeout_ms: u64,
     /// Answers larger than this are not read; the attempt counts as a protocol failure.
     pub max_response_bytes: usize,
+    /// The longest pause upstream's `Retry-After` can impose, in seconds: a longer value (or a
+    /// far-future date) is clamped to this, both for the job's next attempt and for the
+    /// client's pause.
+    pub max_retry_after_secs: u64,
 }
 
 impl Default for UpstreamConfig {
@@ -168,6 +172,7 @@ impl Default for UpstreamConfig {
             timeout_ms: 10_000,
             connect_timeout_ms: 3_000,
             max_response_bytes: 64 * 1024,
+            max_retry_after_secs: 120,
         }
     }
 }
@@ -328,6 +333,45 @@ impl Default for SecurityConfig {
     }
 }
 
+/// Requests per second any limit may be set to.
+const RATE: std::ops::RangeInclusive<u32> = 1..=1_000_000;
+/// Burst sizes (0 means "equal to the rate").
+const BURST: std::ops::RangeInclusive<u32> = 0..=1_000_000;
+
+/// Records an error when `value` lies outside `range`.
+fn check_range<T>(
+    errors: &mut Vec<String>,
+    name: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) where
+    T: PartialOrd + fmt::Display,
+{
+    if !range.contains(&value) {
+        errors.push(format!(
+            "{name}: {value} is out of range (allowed: {} to {})",
+            range.start(),
+            range.end()
+        ));
+    }
+}
+
+impl AuditConfig {
+    /// Retention beyond this many days (about 27 centuries) is "keep forever": the cutoff
+    /// would lie before the epoch anyway.
+    const MAX_RETENTION_DAYS: u64 = 1_000_000;
+
+    /// How long audit events are kept; `None` keeps them forever (0, or a value too large to
+    /// mean anything else).
+    pub fn retention(&self) -> Option<Duration> {
+        match self.retention_days {
+            0 => None,
+            days if days > Self::MAX_RETENTION_DAYS => None,
+            days => Some(Duration::from_secs(days * 86_400)),
+        }
+    }
+}
+
 /// `path + suffix`: the files kept beside the database (lock, keys).
 pub fn beside(path: &Path, suffix: &str) -> PathBuf {
     let mut beside = path.as_os_str().to_owned();
@@ -404,15 +448,7 @@ impl Config {
                 self.server.metrics_listen
             ));
         }
-        if self.server.max_message_bytes < 4096 {
-            errors.push("server.max_message_bytes: must be at least 4096".to_string());
-        }
-        if self.server.max_concurrent_streams == 0 {
-            errors.push("server.max_concurrent_streams: must be greater than 0".to_string());
-        }
-        if self.server.max_watches_per_tenant == 0 {
-            errors.push("server.max_watches_per_tenant: must be greater than 0".to_string());
-        }
+        self.validate_ranges(&mut errors);
         if let Some(tls) = &self.server.tls {
             let files = [
                 ("cert_file", Some(&tls.cert_file)),
@@ -440,15 +476,6 @@ impl Config {
                 self.upstream.token_url
             )),
         }
-        if self.upstream.timeout_ms == 0 {
-            errors.push("upstream.timeout_ms: must be greater than 0".to_string());
-        }
-        if self.upstream.connect_timeout_ms == 0 {
-            errors.push("upstream.connect_timeout_ms: must be greater than 0".to_string());
-        }
-        if self.upstream.max_response_bytes < 1024 {
-            errors.push("upstream.max_response_bytes: must be at least 1024".to_string());
-        }
         if self.limits.global_rps > 0 && self.limits.global_burst == 0 {
             errors.push(
                 "limits.global_burst: must be at least 1 when limits.global_rps is set".to_string(),
@@ -456,6 +483,18 @@ impl Config {
         }
         let mut seen = HashSet::new();
         for (i, client) in self.limits.client.iter().enumerate() {
+            check_range(
+                &mut errors,
+                &format!("limits.client[{i}].rps"),
+                client.rps,
+                RATE,
+            );
+            check_range(
+                &mut errors,
+                &format!("limits.client[{i}].burst"),
+                client.burst,
+                BURST,
+            );
             if client.client_id.is_empty() {
                 errors.push(format!("limits.client[{i}].client_id: must not be empty"));
             } else if !seen.insert(client.client_id.as_str()) {
@@ -464,9 +503,6 @@ impl Config {
                     client.client_id
                 ));
             }
-            if client.rps == 0 {
-                errors.push(format!("limits.client[{i}].rps: must be greater than 0"));
-            }
         }
         if !(self.limits.decrease_factor > 0.0 && self.limits.decrease_factor < 1.0) {
             errors.push("limits.decrease_factor: must be between 0 and 1 (exclusive)".to_string());
@@ -474,32 +510,14 @@ impl Config {
         if !(self.limits.recovery_step > 0.0 && self.limits.recovery_step <= 1.0) {
             errors.push("limits.recovery_step: must be greater than 0 and at most 1".to_string());
         }
-        if self.retry.max_attempts == 0 {
-            errors.push("retry.max_attempts: must be at least 1".to_string());
-        }
-        if self.retry.initial_delay_ms == 0 {
-            errors.push("retry.initial_delay_ms: must be greater than 0".to_string());
-        }
         if self.retry.max_delay_ms < self.retry.initial_delay_ms {
             errors.push(format!(
                 "retry.max_delay_ms: must be at least retry.initial_delay_ms ({})",
                 self.retry.initial_delay_ms
             ));
         }
-        if self.retry.job_ttl_secs == 0 {
-            errors.push("retry.job_ttl_secs: must be greater than 0".to_string());
-        }
-        if self.queue.max_pending == 0 {
-            errors.push("queue.max_pending: must be greater than 0".to_string());
-        }
-        if self.worker.concurrency == 0 {
-            errors.push("worker.concurrency: must be greater than 0".to_string());
-        }
         if self.breaker.failure_threshold > 0 && self.breaker.cool_down_ms == 0 {
             errors.push("breaker.cool_down_ms: must be greater than 0".to_string());
-        }
-        if self.worker.poll_interval_ms == 0 {
-            errors.push("worker.poll_interval_ms: must be greater than 0".to_string());
         }
         self.validate_tenants(&mut errors);
         if errors.is_empty() {
@@ -507,6 +525,128 @@ impl Config {
         } else {
             Err(ConfigErrors(errors))
         }
+    }
+
+    /// Every numeric setting against its documented range (README, "Configuration"), so that
+    /// whatever `config check` accepts, `serve` can run: no duration overflows, no value a
+    /// library refuses at start-up.
+    fn validate_ranges(&self, errors: &mut Vec<String>) {
+        const HOUR_MS: u64 = 3_600_000;
+        const DAY_MS: u64 = 86_400_000;
+        let (s, st, u, l, r) = (
+            &self.server,
+            &self.storage,
+            &self.upstream,
+            &self.limits,
+            &self.retry,
+        );
+        let e = &mut *errors;
+        check_range(
+            e,
+            "server.shutdown_grace_ms",
+            s.shutdown_grace_ms,
+            0..=HOUR_MS,
+        );
+        check_range(
+            e,
+            "server.max_message_bytes",
+            s.max_message_bytes,
+            4096..=16 << 20,
+        );
+        check_range(
+            e,
+            "server.max_concurrent_streams",
+            s.max_concurrent_streams,
+            1..=65_536,
+        );
+        check_range(
+            e,
+            "server.max_watches_per_tenant",
+            s.max_watches_per_tenant,
+            1..=1_000_000,
+        );
+        // SQLite takes the busy timeout as a C int of milliseconds.
+        check_range(
+            e,
+            "storage.busy_timeout_ms",
+            st.busy_timeout_ms,
+            0..=600_000,
+        );
+        // SQLite's largest database: 4,294,967,294 pages of 64 KiB.
+        check_range(e, "storage.max_size_mb", st.max_size_mb, 0..=(1 << 28));
+        check_range(e, "upstream.timeout_ms", u.timeout_ms, 1..=600_000);
+        check_range(
+            e,
+            "upstream.connect_timeout_ms",
+            u.connect_timeout_ms,
+            1..=600_000,
+        );
+        check_range(
+            e,
+            "upstream.max_response_bytes",
+            u.max_response_bytes,
+            1024..=16 << 20,
+        );
+        check_range(
+            e,
+            "upstream.max_retry_after_secs",
+            u.max_retry_after_secs,
+            1..=86_400,
+        );
+        check_range(e, "limits.global_rps", l.global_rps, 0..=*RATE.end());
+        check_range(e, "limits.global_burst", l.global_burst, BURST);
+        check_range(
+            e,
+            "limits.default_client_rps",
+            l.default_client_rps,
+            0..=*RATE.end(),
+        );
+        check_range(
+            e,
+            "limits.default_client_burst",
+            l.default_client_burst,
+            BURST,
+        );
+        check_range(
+            e,
+            "limits.recovery_quiet_secs",
+            l.recovery_quiet_secs,
+            0..=86_400,
+        );
+        check_range(e, "retry.max_attempts", r.max_attempts, 1..=100);
+        check_range(e, "retry.initial_delay_ms", r.initial_delay_ms, 1..=DAY_MS);
+        check_range(e, "retry.max_delay_ms", r.max_delay_ms, 1..=DAY_MS);
+        check_range(e, "retry.job_ttl_secs", r.job_ttl_secs, 1..=7 * 86_400);
+        check_range(
+            e,
+            "queue.max_pending",
+            self.queue.max_pending,
+            1..=100_000_000,
+        );
+        check_range(e, "worker.concurrency", self.worker.concurrency, 1..=10_000);
+        check_range(
+            e,
+            "worker.poll_interval_ms",
+            self.worker.poll_interval_ms,
+            1..=HOUR_MS,
+        );
+        let b = &self.breaker;
+        check_range(
+            e,
+            "breaker.failure_threshold",
+            b.failure_threshold,
+            0..=1_000_000,
+        );
+        check_range(e, "breaker.cool_down_ms", b.cool_down_ms, 0..=HOUR_MS);
+        let retention = self.security.token_retention_secs;
+        check_range(
+            e,
+            "security.token_retention_secs",
+            retention,
+            0..=30 * 86_400,
+        );
+        // audit.retention_days takes any value: one too large to represent keeps everything
+        // (see [`AuditConfig::retention`]).
     }
 
     fn validate_tenants(&self, errors: &mut Vec<String>) {

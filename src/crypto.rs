@@ -20,7 +20,7 @@ use aes_gcm::{
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 
-use crate::secret::Secret;
+use crate::secret::{ExposeSecret, SecretString};
 
 /// The environment variable that can hold the key ring instead of the key file.
 pub const KEYS_ENV: &str = "TOKEN_BROKER_ENCRYPTION_KEYS";
@@ -86,13 +86,13 @@ fn parse_entries(
                 "key id {id:?} must be letters, digits or '-'"
             )));
         }
-        let bytes = Secret::new(
+        let bytes = zeroize::Zeroizing::new(
             hex::decode(hex_key.trim()).map_err(|_| malformed(format!("key {id:?} is not hex")))?,
         );
-        if bytes.expose().len() != 32 {
+        if bytes.len() != 32 {
             return Err(malformed(format!("key {id:?} is not 32 bytes")));
         }
-        let cipher = Aes256Gcm::new_from_slice(bytes.expose())
+        let cipher = Aes256Gcm::new_from_slice(&bytes)
             .map_err(|_| malformed(format!("key {id:?} is not a valid AES-256 key")))?;
         keys.push((id, cipher));
     }
@@ -102,8 +102,8 @@ fn parse_entries(
     Ok(KeyRing { keys })
 }
 
-fn new_key_hex() -> Secret<String> {
-    Secret::new(hex::encode(rand::random::<[u8; 32]>()))
+fn new_key_hex() -> SecretString {
+    SecretString::from(hex::encode(rand::random::<[u8; 32]>()))
 }
 
 fn write_key_file(path: &Path, contents: &str, create_new: bool) -> std::io::Result<()> {
@@ -146,7 +146,7 @@ impl KeyRing {
             Ok(text) => Ok((Self::parse_file(path, &text)?, false)),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 let key = new_key_hex();
-                let contents = format!("k1 {}\n", key.expose());
+                let contents = format!("k1 {}\n", key.expose_secret());
                 write_key_file(path, &contents, true).map_err(|source| KeyRingError::Write {
                     path: path.to_path_buf(),
                     source,
@@ -188,7 +188,7 @@ impl KeyRing {
         if !contents.ends_with('\n') {
             contents.push('\n');
         }
-        contents.push_str(&format!("{id} {}\n", new_key_hex().expose()));
+        contents.push_str(&format!("{id} {}\n", new_key_hex().expose_secret()));
         write_key_file(path, &contents, false).map_err(|source| KeyRingError::Write {
             path: path.to_path_buf(),
             source,
@@ -227,7 +227,7 @@ impl KeyRing {
         stored: &str,
         job_id: &str,
         column: &str,
-    ) -> Result<Secret<String>, DecryptError> {
+    ) -> Result<SecretString, DecryptError> {
         let mut parts = stored.splitn(3, ':');
         let (Some("v1"), Some(id), Some(data)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(DecryptError::Format);
@@ -256,7 +256,7 @@ impl KeyRing {
             )
             .map_err(|_| DecryptError::Failed(id.to_string()))?;
         String::from_utf8(plain)
-            .map(Secret::new)
+            .map(SecretString::from)
             .map_err(|_| DecryptError::Format)
     }
 }
@@ -287,7 +287,7 @@ mod tests {
             "fresh nonce each time"
         );
         assert_eq!(
-            ring.open(&sealed, "job-1", "code").unwrap().expose(),
+            ring.open(&sealed, "job-1", "code").unwrap().expose_secret(),
             "the-code"
         );
         assert!(matches!(
@@ -299,8 +299,8 @@ mod tests {
             Err(DecryptError::Failed(_))
         ));
         assert_eq!(
-            ring.open("plain", "job-1", "code"),
-            Err(DecryptError::Format)
+            ring.open("plain", "job-1", "code").err(),
+            Some(DecryptError::Format)
         );
     }
 
@@ -310,19 +310,22 @@ mod tests {
         let sealed = old.seal("token", "j", "access_token");
         let rotated = ring(&[("k1", &"01".repeat(32)), ("k2", &"02".repeat(32))]);
         assert_eq!(
-            rotated.open(&sealed, "j", "access_token").unwrap().expose(),
+            rotated
+                .open(&sealed, "j", "access_token")
+                .unwrap()
+                .expose_secret(),
             "token"
         );
         assert!(rotated.seal("x", "j", "code").starts_with("v1:k2:"));
         let other = ring(&[("k2", &"02".repeat(32))]);
         assert_eq!(
-            other.open(&sealed, "j", "access_token"),
-            Err(DecryptError::UnknownKey("k1".into()))
+            other.open(&sealed, "j", "access_token").err(),
+            Some(DecryptError::UnknownKey("k1".into()))
         );
         let wrong = ring(&[("k1", &"03".repeat(32))]);
         assert_eq!(
-            wrong.open(&sealed, "j", "access_token"),
-            Err(DecryptError::Failed("k1".into()))
+            wrong.open(&sealed, "j", "access_token").err(),
+            Some(DecryptError::Failed("k1".into()))
         );
     }
 

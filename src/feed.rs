@@ -4,11 +4,9 @@
 //! Only jobs someone is watching have a channel; publishing for an unwatched job is one map
 //! lookup.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-};
+use std::{collections::HashMap, sync::Arc};
 
+use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
 use crate::job::{Job, JobId};
@@ -40,7 +38,7 @@ impl JobFeed {
     /// Starts receiving the changes of `id` committed from now on. Subscribe before reading
     /// the job's current state, so that no change falls between the read and the subscription.
     pub fn subscribe(self: &Arc<Self>, id: JobId) -> JobSubscription {
-        let mut watched = self.watched.lock().expect("feed lock poisoned");
+        let mut watched = self.watched.lock();
         let receiver = watched
             .entry(id)
             .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
@@ -54,7 +52,7 @@ impl JobFeed {
 
     /// Publishes a committed change. Called by the store after each commit.
     pub fn publish(&self, job: &Job) {
-        let watched = self.watched.lock().expect("feed lock poisoned");
+        let watched = self.watched.lock();
         if let Some(sender) = watched.get(&job.id) {
             // An error only means every receiver is gone; the entry is removed on their drop.
             let _ = sender.send(job.clone());
@@ -83,7 +81,7 @@ impl JobSubscription {
 
 impl Drop for JobSubscription {
     fn drop(&mut self) {
-        let mut watched = self.feed.watched.lock().expect("feed lock poisoned");
+        let mut watched = self.feed.watched.lock();
         // This receiver still counts while it is being dropped.
         if watched
             .get(&self.id)

@@ -14,7 +14,7 @@ use std::{
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
-use crate::secret::Secret;
+use crate::secret::{ExposeSecret, SecretBox};
 
 /// Key length in bytes.
 const KEY_LEN: usize = 32;
@@ -38,13 +38,14 @@ pub enum FingerprintKeyError {
 /// Computes code fingerprints.
 #[derive(Debug, Clone)]
 pub struct Fingerprinter {
-    key: Secret<[u8; KEY_LEN]>,
+    /// Shared by every clone; zeroized when the last one drops.
+    key: std::sync::Arc<SecretBox<[u8; KEY_LEN]>>,
 }
 
 impl Fingerprinter {
     pub fn from_key(key: [u8; KEY_LEN]) -> Self {
         Self {
-            key: Secret::new(key),
+            key: std::sync::Arc::new(SecretBox::new(Box::new(key))),
         }
     }
 
@@ -90,8 +91,8 @@ impl Fingerprinter {
 
     /// The fingerprint of `code`: hex HMAC-SHA256.
     pub fn fingerprint(&self, code: &str) -> String {
-        let mut mac =
-            <Hmac<Sha256> as KeyInit>::new_from_slice(self.key.expose()).expect("any key length");
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(self.key.expose_secret())
+            .expect("any key length");
         mac.update(b"token-broker/code-fingerprint/v1\0");
         mac.update(code.as_bytes());
         hex::encode(mac.finalize().into_bytes())

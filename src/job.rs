@@ -6,7 +6,7 @@ use std::{fmt, str::FromStr, time::SystemTime};
 
 use uuid::Uuid;
 
-use crate::secret::Secret;
+use crate::secret::SecretString;
 
 /// Milliseconds since the Unix epoch, the one time representation in the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -22,10 +22,37 @@ impl UnixMillis {
         Self(self.0.saturating_add(millis))
     }
 
+    pub fn saturating_sub(self, duration: std::time::Duration) -> Self {
+        let millis = i64::try_from(duration.as_millis()).unwrap_or(i64::MAX);
+        Self(self.0.saturating_sub(millis))
+    }
+
     /// The time from `self` until `later`, zero when `later` is not later.
     pub fn until(self, later: UnixMillis) -> std::time::Duration {
-        std::time::Duration::from_millis(u64::try_from(later.0 - self.0).unwrap_or(0))
+        std::time::Duration::from_millis(u64::try_from(later.0.saturating_sub(self.0)).unwrap_or(0))
     }
+
+    /// A caller's timestamp (seconds and nanoseconds since the epoch, as in
+    /// `google.protobuf.Timestamp`), or `None` when it lies outside what milliseconds in an
+    /// `i64` represent or the nanoseconds are not within a second.
+    pub fn from_unix_parts(seconds: i64, nanos: i32) -> Option<Self> {
+        if !(0..1_000_000_000).contains(&nanos) {
+            return None;
+        }
+        seconds
+            .checked_mul(1000)?
+            .checked_add(i64::from(nanos) / 1_000_000)
+            .map(Self)
+    }
+}
+
+/// `now + by` for monotonic instants, never panicking: an instant too far to represent is
+/// replaced by one a day from now (every pause and cool-down here is bounded by a day anyway).
+pub fn instant_after(now: std::time::Instant, by: std::time::Duration) -> std::time::Instant {
+    const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+    now.checked_add(by)
+        .or_else(|| now.checked_add(DAY))
+        .unwrap_or(now)
 }
 
 impl From<SystemTime> for UnixMillis {
@@ -165,16 +192,27 @@ impl FromStr for FailureReason {
 #[error("unknown stored value {0:?}")]
 pub struct UnknownValue(pub String);
 
-/// An access token as upstream issued it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An access token as upstream issued it. Equality compares the token in constant time.
+#[derive(Debug, Clone)]
 pub struct Token {
-    pub access_token: Secret<String>,
+    pub access_token: SecretString,
     pub token_type: String,
     /// Lifetime in seconds, as upstream sent it.
     pub expires_in: i64,
     /// When the answer arrived plus `expires_in`: `expires_in` alone is meaningless later.
     pub expires_at: UnixMillis,
 }
+
+impl PartialEq for Token {
+    fn eq(&self, other: &Self) -> bool {
+        crate::secret::constant_time_eq(&self.access_token, &other.access_token)
+            && self.token_type == other.token_type
+            && self.expires_in == other.expires_in
+            && self.expires_at == other.expires_at
+    }
+}
+
+impl Eq for Token {}
 
 /// A job as stored, without its request secrets.
 #[derive(Debug, Clone, PartialEq, Eq)]

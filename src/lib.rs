@@ -22,6 +22,8 @@
 //! - [`ops_http`]: `/metrics`, `/healthz` and `/readyz`; [`metrics`]: the Prometheus series.
 //! - [`inspect`]: the auditors' command line (`jobs`, `audit`), reading the database read-only.
 //! - [`bench`]: the load generator (`token-broker bench`).
+//! - [`supervisor`]: watches the long-lived tasks; a failed one makes the daemon unready and
+//!   exit non-zero.
 //! - [`cli`], [`telemetry`]: the command line and logging set-up.
 
 #![forbid(unsafe_code)]
@@ -46,6 +48,7 @@ pub mod retry;
 pub mod secret;
 pub mod server;
 pub mod store;
+pub mod supervisor;
 pub mod telemetry;
 pub mod tenants;
 pub mod upstream;

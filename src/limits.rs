@@ -14,9 +14,11 @@
 use std::{
     collections::HashMap,
     num::NonZeroU32,
-    sync::{Arc, Mutex, RwLock},
+    sync::Arc,
     time::{Duration, Instant},
 };
+
+use parking_lot::{Mutex, RwLock};
 
 use governor::{
     DefaultDirectRateLimiter, Quota, RateLimiter,
@@ -81,11 +83,18 @@ struct ClientLimiter {
     last_recovery: Option<Instant>,
 }
 
+/// A limiter admitting `rps` per second with bursts of `burst`; `None` when the rate cannot be
+/// represented (not positive, not finite, or a period too long for a `Duration`).
 fn limiter_for(rps: f64, burst: u32) -> Option<DefaultDirectRateLimiter> {
-    let period = Duration::from_secs_f64(1.0 / rps);
-    let burst = NonZeroU32::new(burst.max(1)).expect("at least one");
+    let period = Duration::try_from_secs_f64(1.0 / rps).ok()?;
+    let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
     Quota::with_period(period).map(|quota| RateLimiter::direct(quota.allow_burst(burst)))
 }
+
+/// The longest pause a 429 can impose, whatever upstream's `Retry-After` says. The upstream
+/// client already clamps `Retry-After` to `upstream.max_retry_after_secs` (at most a day); this
+/// bound keeps the limiter's own arithmetic safe whatever it is handed.
+const MAX_PAUSE: Duration = Duration::from_secs(86_400);
 
 impl ClientLimiter {
     fn new(configured: Option<(f64, u32)>) -> Self {
@@ -178,15 +187,15 @@ impl RateLimits {
     }
 
     fn rules(&self) -> Arc<Rules> {
-        Arc::clone(&self.rules.read().expect("limits lock poisoned"))
+        Arc::clone(&self.rules.read())
     }
 
     /// Replaces the configured limits (SIGHUP). Every client starts again from its newly
     /// configured rate; adaptation to 429s starts over.
     pub fn reconfigure(&self, config: &LimitsConfig) {
         let rules = Arc::new(Rules::new(config));
-        *self.rules.write().expect("limits lock poisoned") = rules;
-        self.clients.lock().expect("limits lock poisoned").clear();
+        *self.rules.write() = rules;
+        self.clients.lock().clear();
         tracing::info!(
             global_rps = config.global_rps,
             default_client_rps = config.default_client_rps,
@@ -204,7 +213,7 @@ impl RateLimits {
     pub fn try_acquire(&self, client_id: &str, now: Instant) -> Permit {
         let rules = self.rules();
         {
-            let mut clients = self.clients.lock().expect("limits lock poisoned");
+            let mut clients = self.clients.lock();
             let client = clients
                 .entry(client_id.to_string())
                 .or_insert_with(|| ClientLimiter::new(rules.configured(client_id)));
@@ -236,12 +245,17 @@ impl RateLimits {
         if !adaptive.enabled {
             return;
         }
-        let mut clients = self.clients.lock().expect("limits lock poisoned");
+        let mut clients = self.clients.lock();
         let client = clients
             .entry(client_id.to_string())
             .or_insert_with(|| ClientLimiter::new(rules.configured(client_id)));
-        let pause = retry_after.unwrap_or(adaptive.default_pause);
-        let until = now + pause;
+        let pause = retry_after.unwrap_or(adaptive.default_pause).min(MAX_PAUSE);
+        // `Instant + Duration` panics on overflow; a pause that cannot be represented is no
+        // pause (the retry itself is still scheduled by the retry policy).
+        let Some(until) = now.checked_add(pause) else {
+            tracing::warn!(client_id, "pause after a 429 is not representable; ignored");
+            return;
+        };
         // 429s that arrive while the client is paused answer requests sent before the pause:
         // they extend it but do not lower the rate again.
         let already_paused = client.paused_until.is_some_and(|p| p > now);
@@ -274,7 +288,7 @@ impl RateLimits {
 
     /// The effective rate of every client seen so far (infinite when unlimited).
     pub fn effective_rates(&self) -> Vec<(String, f64)> {
-        let clients = self.clients.lock().expect("limits lock poisoned");
+        let clients = self.clients.lock();
         let mut rates: Vec<_> = clients
             .iter()
             .map(|(id, client)| (id.clone(), client.effective))

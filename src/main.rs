@@ -196,13 +196,14 @@ async fn rotate_keys(config: Config) -> anyhow::Result<()> {
     anyhow::ensure!(key_file.is_file(), "no key file at {}", key_file.display());
     let id = KeyRing::add_key_to_file(&key_file)?;
     let (keys, _) = KeyRing::load_or_create(&key_file)?;
-    let store = Store::open(
+    let (store, writer) = Store::open(
         &config.storage,
         Arc::new(keys),
         JobFeed::new(),
         Metrics::new(),
     )
     .await?;
+    tokio::spawn(writer);
     let rows = store.reencrypt_all().await?;
     store.close().await;
     println!(

@@ -5,7 +5,7 @@ use std::fmt;
 
 use sha2::{Digest, Sha256};
 
-use crate::{job::JobId, secret::Secret};
+use crate::{job::JobId, secret::SecretString};
 
 /// Field limits. They bound what a caller can make the daemon store.
 pub const MAX_CLIENT_ID_LEN: usize = 256;
@@ -19,8 +19,8 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
 #[derive(Debug, Clone)]
 pub struct ExchangeRequest {
     pub client_id: String,
-    pub code: Secret<String>,
-    pub code_verifier: Secret<String>,
+    pub code: SecretString,
+    pub code_verifier: SecretString,
     /// The app's OAuth `state`; not secret, not sent upstream.
     pub state: String,
     /// Given by the caller, or the default digest of client id and code.
@@ -99,8 +99,8 @@ impl ExchangeRequest {
         );
         Ok(Self {
             client_id: raw.client_id.to_string(),
-            code: Secret::new(raw.code.to_string()),
-            code_verifier: Secret::new(raw.code_verifier.to_string()),
+            code: SecretString::from(raw.code.to_string()),
+            code_verifier: SecretString::from(raw.code_verifier.to_string()),
             state: raw.state.to_string(),
             idempotency_key,
             request_digest,
@@ -167,6 +167,7 @@ fn pkce_verifier(value: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::ExposeSecret;
 
     const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk0123456789abcdefghijkl";
 
@@ -184,7 +185,7 @@ mod tests {
     fn a_valid_request_parses_with_a_default_key() {
         let request = ExchangeRequest::parse(raw()).unwrap();
         assert_eq!(request.client_id, "client-a");
-        assert_eq!(request.code.expose(), "code-1");
+        assert_eq!(request.code.expose_secret(), "code-1");
         assert_eq!(request.idempotency_key.len(), 64);
         assert_eq!(
             request.idempotency_key,
@@ -275,11 +276,11 @@ mod tests {
             match ExchangeRequest::parse(raw) {
                 Ok(request) => {
                     proptest::prop_assert!((1..=MAX_CLIENT_ID_LEN).contains(&request.client_id.len()));
-                    proptest::prop_assert!((1..=MAX_CODE_LEN).contains(&request.code.expose().len()));
+                    proptest::prop_assert!((1..=MAX_CODE_LEN).contains(&request.code.expose_secret().len()));
                     proptest::prop_assert!(
-                        (MIN_VERIFIER_LEN..=MAX_VERIFIER_LEN).contains(&request.code_verifier.expose().len())
+                        (MIN_VERIFIER_LEN..=MAX_VERIFIER_LEN).contains(&request.code_verifier.expose_secret().len())
                     );
-                    proptest::prop_assert!(request.code_verifier.expose().bytes().all(
+                    proptest::prop_assert!(request.code_verifier.expose_secret().bytes().all(
                         |b| b.is_ascii_alphanumeric() || b"-._~".contains(&b)
                     ));
                     proptest::prop_assert!(request.idempotency_key.len() <= MAX_IDEMPOTENCY_KEY_LEN.max(64));

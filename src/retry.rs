@@ -231,7 +231,7 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{secret::Secret, upstream::Answer};
+    use crate::{secret::SecretString, upstream::Answer};
 
     const POLICY: RetryPolicy = RetryPolicy {
         max_attempts: 4,
@@ -251,7 +251,7 @@ mod tests {
 
     fn grant() -> TokenGrant {
         TokenGrant {
-            access_token: Secret::new("tok".into()),
+            access_token: SecretString::from("tok"),
             token_type: "Bearer".into(),
             expires_in: 3600,
         }

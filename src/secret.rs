@@ -1,41 +1,21 @@
-//! A wrapper for values that must never reach a log line, an error message or an audit record:
-//! authorization codes, PKCE verifiers and access tokens.
+//! Values that must never reach a log line, an error message or an audit record, and must not
+//! linger in memory: authorization codes, PKCE verifiers, access tokens and keys.
+//!
+//! They are held in `secrecy`'s types: [`SecretString`] and [`SecretBox`] print a placeholder
+//! for `Debug`, have no `Display`, zeroize their memory on drop, and give the value only through
+//! [`ExposeSecret::expose_secret`], which makes every use visible in review. Secrets are never
+//! compared with `==` on their bytes: [`constant_time_eq`] takes the same time wherever two
+//! values first differ.
 
-use std::fmt;
+pub use secrecy::{ExposeSecret, SecretBox, SecretString};
+use subtle::ConstantTimeEq;
 
-/// Holds a secret value. `Debug` and `Display` print a placeholder; the only way to the value is
-/// [`Secret::expose`], which makes every use visible in review.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret<T>(T);
-
-impl<T> Secret<T> {
-    pub fn new(value: T) -> Self {
-        Self(value)
-    }
-
-    /// Returns the secret value. Call it only where the value is sent upstream, stored, or handed
-    /// to the caller entitled to it.
-    pub fn expose(&self) -> &T {
-        &self.0
-    }
-}
-
-impl<T> fmt::Debug for Secret<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret([REDACTED])")
-    }
-}
-
-impl<T> fmt::Display for Secret<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[REDACTED]")
-    }
-}
-
-impl From<String> for Secret<String> {
-    fn from(value: String) -> Self {
-        Self(value)
-    }
+/// Whether two secrets are equal, in time that depends only on their lengths.
+pub fn constant_time_eq(a: &SecretString, b: &SecretString) -> bool {
+    a.expose_secret()
+        .as_bytes()
+        .ct_eq(b.expose_secret().as_bytes())
+        .into()
 }
 
 #[cfg(test)]
@@ -43,10 +23,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn debug_and_display_never_show_the_value() {
-        let secret = Secret::new("hunter2".to_string());
+    fn debug_never_shows_the_value() {
+        let secret = SecretString::from("hunter2");
         assert!(!format!("{secret:?}").contains("hunter2"));
-        assert!(!format!("{secret}").contains("hunter2"));
-        assert_eq!(secret.expose(), "hunter2");
+        assert_eq!(secret.expose_secret(), "hunter2");
+    }
+
+    #[test]
+    fn equality_is_by_value() {
+        let a = SecretString::from("code-1");
+        assert!(constant_time_eq(&a, &SecretString::from("code-1")));
+        assert!(!constant_time_eq(&a, &SecretString::from("code-2")));
+        assert!(!constant_time_eq(&a, &SecretString::from("code-10")));
     }
 }

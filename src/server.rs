@@ -16,6 +16,7 @@ use crate::{
     metrics::Metrics,
     ops_http::{self, OpsState, Readiness},
     store::Store,
+    supervisor::{Failures, FaultHooks, Supervisor, TaskFailure},
     tenants::TenantRegistry,
     upstream::UpstreamClient,
     worker::{Deliveries, WorkSignal, Worker},
@@ -59,226 +60,389 @@ pub async fn run(
     run_with_reload(config, listeners, shutdown, reloads).await
 }
 
+/// How long a daemon whose task failed keeps answering as not ready before it drains, so that
+/// load balancers and probes see `NOT_SERVING` before connections close.
+const FAILURE_NOTICE: Duration = Duration::from_secs(1);
+/// After a task failure, running attempts get at most this long to finish (less when
+/// `server.shutdown_grace_ms` is shorter): the process must exit promptly to be restarted.
+const FAILURE_GRACE: Duration = Duration::from_secs(5);
+/// How long draining waits for the supervised tasks to notice the stop.
+const TASK_STOP_BOUND: Duration = Duration::from_secs(5);
+
 /// [`run`], also applying every configuration sent on `reloads` (SIGHUP in `main`): the rate
 /// limits change in place, without dropping connections; other changed settings are reported
 /// as needing a restart.
+///
+/// Returns an error when a long-lived task failed (see [`crate::supervisor`]): the caller
+/// exits non-zero so that the process is restarted.
 pub async fn run_with_reload(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
-    mut reloads: watch::Receiver<Config>,
+    reloads: watch::Receiver<Config>,
 ) -> anyhow::Result<()> {
-    let _lock = lock_database(&config.storage.path)?;
-    let key_path = config.fingerprint_key_path();
-    let (fingerprinter, created) = Fingerprinter::load_or_create(&key_path)?;
-    if created {
-        tracing::warn!(
-            path = %key_path.display(),
-            "created a new audit fingerprint key; back it up with the database: fingerprints \
-             computed under another key match nothing"
-        );
+    let mut daemon = Daemon::start(config, listeners.ops, reloads).await?;
+    let (served, failure) = daemon.serve(listeners.grpc, shutdown).await;
+    daemon.drain(failure.is_some()).await;
+    if let Some(failure) = failure {
+        anyhow::bail!("{failure}; exiting so the process is restarted");
     }
-    let key_file = config.key_file_path();
-    let (keys, created) = KeyRing::load_or_create(&key_file)?;
-    if created {
-        tracing::warn!(
-            path = %key_file.display(),
-            "created a new encryption key for codes, verifiers and tokens at rest; back it up \
-             apart from the database: without it the stored secrets cannot be read"
-        );
-    }
-    let feed = JobFeed::new();
-    let metrics = Metrics::new();
-    let store = Store::open(
-        &config.storage,
-        Arc::new(keys),
-        Arc::clone(&feed),
-        Arc::clone(&metrics),
-    )
-    .await
-    .with_context(|| format!("cannot open storage.path {}", config.storage.path.display()))?;
-    let upstream = UpstreamClient::new(&config.upstream).context("cannot set up upstream")?;
-    let work = WorkSignal::new();
-    let deliveries = Deliveries::new();
-    let tenants = TenantRegistry::new(&config.tenants);
-    if config.tenants.is_empty() {
-        tracing::warn!("no tenants configured: authentication is off (loopback only)");
-    }
-    let worker = Arc::new(Worker::new(
-        &config,
-        store.clone(),
-        upstream,
-        Arc::clone(&work),
-        Arc::clone(&metrics),
-        Arc::clone(&deliveries),
-    ));
-    worker
-        .recover()
-        .await
-        .context("cannot recover unfinished attempts")?;
-
-    let stop = CancellationToken::new();
-    let attempts = TaskTracker::new();
-    let worker_task = tokio::spawn(Arc::clone(&worker).run(stop.clone(), attempts.clone()));
-
-    let reload_task = {
-        let worker = Arc::clone(&worker);
-        let tenants = Arc::clone(&tenants);
-        let stop = stop.clone();
-        let mut current = config.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    changed = reloads.changed() => if changed.is_err() { return },
-                }
-                let new = reloads.borrow_and_update().clone();
-                worker.reload_limits(&new.limits);
-                tenants.replace(&new.tenants);
-                let others_changed = Config {
-                    limits: current.limits.clone(),
-                    tenants: current.tenants.clone(),
-                    ..new.clone()
-                } != current;
-                if others_changed {
-                    tracing::warn!(
-                        "the reloaded configuration changes more than the rate limits and tenants; \
-                         those other changes take effect at the next restart"
-                    );
-                }
-                current.limits = new.limits;
-                current.tenants = new.tenants;
-            }
-        })
-    };
-
-    let readiness = Readiness::default();
-    let ops_task = listeners.ops.map(|listener| {
-        let state = OpsState {
-            readiness: readiness.clone(),
-            metrics: Arc::clone(&metrics),
-            store: store.clone(),
-            worker: Arc::clone(&worker),
-        };
-        tokio::spawn(ops_http::serve(listener, state, stop.clone()))
-    });
-
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<proto::token_broker_server::TokenBrokerServer<TokenBrokerApi>>()
-        .await;
-    health_reporter
-        .set_serving::<proto::audit_log_server::AuditLogServer<AuditLogApi>>()
-        .await;
-    let retention_task = (config.audit.retention_days > 0).then(|| {
-        tokio::spawn(retention(
-            store.clone(),
-            Duration::from_secs(config.audit.retention_days * 86_400),
-            stop.clone(),
-        ))
-    });
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("cannot build reflection v1")?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .context("cannot build reflection v1alpha")?;
-    let api = TokenBrokerApi::new(
-        store.clone(),
-        ApiContext {
-            feed,
-            work,
-            stop: stop.clone(),
-            job_ttl: Duration::from_secs(config.retry.job_ttl_secs),
-            max_pending: config.queue.max_pending,
-            fingerprinter: fingerprinter.clone(),
-            tenants: Arc::clone(&tenants),
-            max_watches_per_tenant: config.server.max_watches_per_tenant,
-            deliveries,
-        },
-    );
-
-    let grpc_addr = listeners.grpc.local_addr()?;
-    readiness.set(true);
-    tracing::info!(
-        listen = %grpc_addr,
-        database = %config.storage.path.display(),
-        upstream = %config.upstream.token_url,
-        "token-broker serving"
-    );
-
-    let drain = {
-        let stop = stop.clone();
-        let readiness = readiness.clone();
-        let health_reporter = health_reporter.clone();
-        async move {
-            shutdown.await;
-            tracing::info!("shutdown requested; draining");
-            readiness.set(false);
-            health_reporter
-                .set_not_serving::<proto::token_broker_server::TokenBrokerServer<TokenBrokerApi>>()
-                .await;
-            stop.cancel();
-        }
-    };
-    let max_message = config.server.max_message_bytes;
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &config.server.tls {
-        builder = builder
-            .tls_config(tls_config(tls)?)
-            .context("cannot configure TLS for the gRPC listener")?;
-    }
-    let served = builder
-        .max_concurrent_streams(Some(config.server.max_concurrent_streams))
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(
-            proto::token_broker_server::TokenBrokerServer::new(api)
-                .max_decoding_message_size(max_message),
-        )
-        .add_service(
-            proto::audit_log_server::AuditLogServer::new(AuditLogApi::new(
-                store.clone(),
-                fingerprinter.clone(),
-                Arc::clone(&tenants),
-            ))
-            .max_decoding_message_size(max_message),
-        )
-        .serve_with_incoming_shutdown(incoming(listeners.grpc), drain)
-        .await;
-    // Whatever ended serving, stop everything else too.
-    stop.cancel();
-    readiness.set(false);
-    if let Err(error) = worker_task.await {
-        tracing::error!(%error, "the worker task failed");
-    }
-    attempts.close();
-    let grace = Duration::from_millis(config.server.shutdown_grace_ms);
-    if tokio::time::timeout(grace, attempts.wait()).await.is_ok() {
-        tracing::info!("all running attempts finished");
-    } else {
-        tracing::warn!(
-            abandoned = attempts.len(),
-            "grace period over; abandoned attempts will be recovered as outcome unknown at the next start"
-        );
-    }
-    for task in [ops_task, retention_task, Some(reload_task)]
-        .into_iter()
-        .flatten()
-    {
-        let _ = task.await;
-    }
-    store.close().await;
-    served.context("gRPC server failed")?;
+    served?;
     tracing::info!("token-broker stopped");
     Ok(())
+}
+
+/// A started daemon: storage open, the supervised tasks running, the gRPC services built.
+struct Daemon {
+    config: Config,
+    /// Held for the daemon's lifetime: one daemon per database file.
+    _lock: File,
+    store: Store,
+    worker: Arc<Worker>,
+    tenants: Arc<TenantRegistry>,
+    fingerprinter: Fingerprinter,
+    api: TokenBrokerApi,
+    /// Cancelled when draining begins: stops claiming, sweeps, reloads and waiting calls.
+    stop: CancellationToken,
+    /// Cancelled last, so `/readyz` answers 503 throughout the drain.
+    ops_stop: CancellationToken,
+    /// Cancelled (dropped) when the dispatcher has ended, however it ended.
+    dispatcher_done: CancellationToken,
+    attempts: TaskTracker,
+    supervisor: Supervisor,
+    failures: Failures,
+    readiness: Readiness,
+    health: tonic_health::server::HealthReporter,
+}
+
+impl Daemon {
+    /// Takes the database lock, opens keys and storage, recovers dead leases, and starts every
+    /// long-lived task under supervision.
+    async fn start(
+        config: Config,
+        ops_listener: Option<TcpListener>,
+        reloads: watch::Receiver<Config>,
+    ) -> anyhow::Result<Daemon> {
+        let lock = lock_database(&config.storage.path)?;
+        let key_path = config.fingerprint_key_path();
+        let (fingerprinter, created) = Fingerprinter::load_or_create(&key_path)?;
+        if created {
+            tracing::warn!(
+                path = %key_path.display(),
+                "created a new audit fingerprint key; back it up with the database: fingerprints \
+                 computed under another key match nothing"
+            );
+        }
+        let key_file = config.key_file_path();
+        let (keys, created) = KeyRing::load_or_create(&key_file)?;
+        if created {
+            tracing::warn!(
+                path = %key_file.display(),
+                "created a new encryption key for codes, verifiers and tokens at rest; back it up \
+                 apart from the database: without it the stored secrets cannot be read"
+            );
+        }
+        let feed = JobFeed::new();
+        let metrics = Metrics::new();
+        let (store, writer) = Store::open(
+            &config.storage,
+            Arc::new(keys),
+            Arc::clone(&feed),
+            Arc::clone(&metrics),
+        )
+        .await
+        .with_context(|| format!("cannot open storage.path {}", config.storage.path.display()))?;
+        let stop = CancellationToken::new();
+        let (supervisor, failures) = Supervisor::new(stop.clone(), FaultHooks::from_env());
+        supervisor.spawn("writer", writer);
+
+        let upstream = UpstreamClient::new(&config.upstream).context("cannot set up upstream")?;
+        let work = WorkSignal::new();
+        let deliveries = Deliveries::new();
+        let tenants = TenantRegistry::new(&config.tenants);
+        if config.tenants.is_empty() {
+            tracing::warn!("no tenants configured: authentication is off (loopback only)");
+        }
+        let worker = Arc::new(Worker::new(
+            &config,
+            store.clone(),
+            upstream,
+            Arc::clone(&work),
+            Arc::clone(&metrics),
+            Arc::clone(&deliveries),
+        ));
+        worker
+            .recover()
+            .await
+            .context("cannot recover unfinished attempts")?;
+
+        let attempts = TaskTracker::new();
+        let dispatcher_done = CancellationToken::new();
+        {
+            let worker = Arc::clone(&worker);
+            let (stop, attempts) = (stop.clone(), attempts.clone());
+            let done = dispatcher_done.clone().drop_guard();
+            supervisor.spawn("dispatcher", async move {
+                let _done = done;
+                worker.run(stop, attempts).await;
+            });
+        }
+        supervisor.spawn("sweeps", Arc::clone(&worker).run_sweeps(stop.clone()));
+        if let Some(keep) = config.audit.retention() {
+            supervisor.spawn("retention", retention(store.clone(), keep, stop.clone()));
+        }
+        supervisor.spawn(
+            "reload",
+            apply_reloads(
+                config.clone(),
+                reloads,
+                Arc::clone(&worker),
+                Arc::clone(&tenants),
+                stop.clone(),
+            ),
+        );
+        let readiness = Readiness::default();
+        let ops_stop = CancellationToken::new();
+        if let Some(listener) = ops_listener {
+            let state = OpsState {
+                readiness: readiness.clone(),
+                metrics: Arc::clone(&metrics),
+                store: store.clone(),
+                worker: Arc::clone(&worker),
+            };
+            supervisor.spawn("ops", ops_http::serve(listener, state, ops_stop.clone()));
+        }
+
+        let health = tonic_health::server::HealthReporter::new();
+        let api = TokenBrokerApi::new(
+            store.clone(),
+            ApiContext {
+                feed,
+                work,
+                stop: stop.clone(),
+                job_ttl: Duration::from_secs(config.retry.job_ttl_secs),
+                max_pending: config.queue.max_pending,
+                fingerprinter: fingerprinter.clone(),
+                tenants: Arc::clone(&tenants),
+                max_watches_per_tenant: config.server.max_watches_per_tenant,
+                deliveries,
+            },
+        );
+        Ok(Daemon {
+            config,
+            _lock: lock,
+            store,
+            worker,
+            tenants,
+            fingerprinter,
+            api,
+            stop,
+            ops_stop,
+            dispatcher_done,
+            attempts,
+            supervisor,
+            failures,
+            readiness,
+            health,
+        })
+    }
+
+    /// Serves gRPC on `listener` until `shutdown` completes or a supervised task fails (which
+    /// is returned); either way, readiness is off and `stop` cancelled when this returns.
+    async fn serve(
+        &mut self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> (anyhow::Result<()>, Option<TaskFailure>) {
+        let grpc_addr = match listener.local_addr() {
+            Ok(addr) => addr,
+            Err(error) => return (Err(error.into()), None),
+        };
+        let routes = match self.routes() {
+            Ok(routes) => routes,
+            Err(error) => return (Err(error), None),
+        };
+        self.set_serving(true).await;
+        tracing::info!(
+            listen = %grpc_addr,
+            database = %self.config.storage.path.display(),
+            upstream = %self.config.upstream.token_url,
+            "token-broker serving"
+        );
+        let failure = Arc::new(parking_lot::Mutex::new(None));
+        let drain = {
+            let failure = Arc::clone(&failure);
+            let failures = &mut self.failures;
+            let (readiness, health, stop) = (
+                self.readiness.clone(),
+                self.health.clone(),
+                self.stop.clone(),
+            );
+            async move {
+                tokio::select! {
+                    () = shutdown => tracing::info!("shutdown requested; draining"),
+                    failed = failures.first() => {
+                        tracing::error!(task = failed.task, cause = %failed.cause,
+                            "a long-lived task failed: not ready; draining, then exiting");
+                        readiness.set(false);
+                        set_health(&health, false).await;
+                        *failure.lock() = Some(failed);
+                        tokio::time::sleep(FAILURE_NOTICE).await;
+                    }
+                }
+                readiness.set(false);
+                set_health(&health, false).await;
+                stop.cancel();
+            }
+        };
+        let served = routes
+            .serve_with_incoming_shutdown(incoming(listener), drain)
+            .await
+            .context("gRPC server failed");
+        // Whatever ended serving, stop everything else too.
+        self.stop.cancel();
+        self.readiness.set(false);
+        let failure = failure.lock().take();
+        (served, failure)
+    }
+
+    /// The gRPC services: health, reflection (v1 and v1alpha), TokenBroker and AuditLog.
+    fn routes(&self) -> anyhow::Result<tonic::transport::server::Router> {
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .context("cannot build reflection v1")?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .context("cannot build reflection v1alpha")?;
+        let server = &self.config.server;
+        let max_message = server.max_message_bytes;
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &server.tls {
+            builder = builder
+                .tls_config(tls_config(tls)?)
+                .context("cannot configure TLS for the gRPC listener")?;
+        }
+        Ok(builder
+            .max_concurrent_streams(Some(server.max_concurrent_streams))
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(tonic_health::pb::health_server::HealthServer::new(
+                tonic_health::server::HealthService::from_health_reporter(self.health.clone()),
+            ))
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(
+                proto::token_broker_server::TokenBrokerServer::new(self.api.clone())
+                    .max_decoding_message_size(max_message),
+            )
+            .add_service(
+                proto::audit_log_server::AuditLogServer::new(AuditLogApi::new(
+                    self.store.clone(),
+                    self.fingerprinter.clone(),
+                    Arc::clone(&self.tenants),
+                ))
+                .max_decoding_message_size(max_message),
+            ))
+    }
+
+    async fn set_serving(&self, serving: bool) {
+        self.readiness.set(serving);
+        set_health(&self.health, serving).await;
+    }
+
+    /// Stops claiming, gives running attempts their grace period (shorter after a failure),
+    /// then stops the ops listener and waits for the supervised tasks.
+    async fn drain(self, failed: bool) {
+        self.stop.cancel();
+        self.readiness.set(false);
+        if tokio::time::timeout(TASK_STOP_BOUND, self.dispatcher_done.cancelled())
+            .await
+            .is_err()
+        {
+            tracing::error!("the dispatcher did not stop in time");
+        }
+        self.attempts.close();
+        let mut grace = Duration::from_millis(self.config.server.shutdown_grace_ms);
+        if failed {
+            grace = grace.min(FAILURE_GRACE);
+        }
+        if tokio::time::timeout(grace, self.attempts.wait())
+            .await
+            .is_ok()
+        {
+            tracing::info!("all running attempts finished");
+        } else {
+            tracing::warn!(
+                abandoned = self.attempts.len(),
+                "grace period over; abandoned attempts will be recovered as outcome unknown at the next start"
+            );
+        }
+        self.ops_stop.cancel();
+        if !self.supervisor.wait(TASK_STOP_BOUND).await {
+            tracing::warn!("some tasks did not stop in time");
+        }
+        drop(self.worker);
+        self.store.close().await;
+    }
+}
+
+/// Sets the gRPC health status of the whole server ("") and of both services.
+async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    use tonic_health::ServingStatus;
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    for service in [
+        "",
+        <proto::token_broker_server::TokenBrokerServer<TokenBrokerApi> as tonic::server::NamedService>::NAME,
+        <proto::audit_log_server::AuditLogServer<AuditLogApi> as tonic::server::NamedService>::NAME,
+    ] {
+        health.set_service_status(service, status).await;
+    }
+}
+
+/// Applies each configuration sent on `reloads` until `stop`: the rate limits and tenants in
+/// place; other changes are reported as needing a restart.
+async fn apply_reloads(
+    mut current: Config,
+    mut reloads: watch::Receiver<Config>,
+    worker: Arc<Worker>,
+    tenants: Arc<TenantRegistry>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = reloads.changed() => if changed.is_err() {
+                // Nobody can send reloads any more (no SIGHUP handler): wait for shutdown.
+                tracing::debug!("configuration reloads are off");
+                stop.cancelled().await;
+                return;
+            },
+        }
+        let new = reloads.borrow_and_update().clone();
+        worker.reload_limits(&new.limits);
+        tenants.replace(&new.tenants);
+        let others_changed = Config {
+            limits: current.limits.clone(),
+            tenants: current.tenants.clone(),
+            ..new.clone()
+        } != current;
+        if others_changed {
+            tracing::warn!(
+                "the reloaded configuration changes more than the rate limits and tenants; \
+                 those other changes take effect at the next restart"
+            );
+        }
+        current.limits = new.limits;
+        current.tenants = new.tenants;
+    }
 }
 
 /// The listener's TLS settings, from the PEM files the configuration names.
@@ -310,7 +474,7 @@ const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 async fn retention(store: Store, keep: Duration, stop: CancellationToken) {
     loop {
         let now = crate::job::UnixMillis::now();
-        let cutoff = crate::job::UnixMillis(now.0 - keep.as_millis() as i64);
+        let cutoff = now.saturating_sub(keep);
         match store.prune_audit_events(cutoff, now).await {
             Ok(Some(pruned)) => tracing::info!(
                 rows = pruned.events,

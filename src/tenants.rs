@@ -7,15 +7,14 @@
 //!
 //! The registry is replaced whole on SIGHUP.
 
-use std::{
-    collections::HashSet,
-    sync::{Arc, RwLock},
-};
+use std::{collections::HashSet, sync::Arc};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::metadata::MetadataMap;
+
+use parking_lot::RwLock;
 
 use crate::config::{Role, TenantConfig};
 
@@ -147,13 +146,13 @@ impl TenantRegistry {
 
     /// Replaces the tenants (SIGHUP).
     pub fn replace(&self, configs: &[TenantConfig]) {
-        *self.tenants.write().expect("tenants lock poisoned") = Arc::new(build(configs));
+        *self.tenants.write() = Arc::new(build(configs));
         tracing::info!(tenants = configs.len(), "tenants reloaded");
     }
 
     /// Who is calling, from the `authorization` metadata.
     pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, AccessError> {
-        let tenants = Arc::clone(&self.tenants.read().expect("tenants lock poisoned"));
+        let tenants = Arc::clone(&self.tenants.read());
         if tenants.is_empty() {
             return Ok(Caller::Anonymous);
         }

@@ -10,7 +10,10 @@ use std::time::{Duration, SystemTime};
 use reqwest::header::RETRY_AFTER;
 use serde::Deserialize;
 
-use crate::{config::UpstreamConfig, secret::Secret};
+use crate::{
+    config::UpstreamConfig,
+    secret::{ExposeSecret, SecretString},
+};
 
 /// What one attempt produced, as far as the client could see.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,14 +38,24 @@ pub struct Answer {
     pub hint: Option<&'static str>,
 }
 
-/// A token as upstream issued it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A token as upstream issued it. Equality compares the token in constant time.
+#[derive(Debug, Clone)]
 pub struct TokenGrant {
-    pub access_token: Secret<String>,
+    pub access_token: SecretString,
     pub token_type: String,
     /// Lifetime in seconds, relative to when the answer arrived.
     pub expires_in: i64,
 }
+
+impl PartialEq for TokenGrant {
+    fn eq(&self, other: &Self) -> bool {
+        crate::secret::constant_time_eq(&self.access_token, &other.access_token)
+            && self.token_type == other.token_type
+            && self.expires_in == other.expires_in
+    }
+}
+
+impl Eq for TokenGrant {}
 
 /// Sends token requests to upstream. One per daemon: its connection pool is shared by every
 /// attempt.
@@ -53,6 +66,8 @@ pub struct UpstreamClient {
     token_url: reqwest::Url,
     /// Answers larger than this are not read.
     max_response_bytes: usize,
+    /// `Retry-After` is clamped to this.
+    max_retry_after: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +97,7 @@ impl UpstreamClient {
             http,
             token_url: config.token_url.parse()?,
             max_response_bytes: config.max_response_bytes,
+            max_retry_after: Duration::from_secs(config.max_retry_after_secs),
         })
     }
 
@@ -89,14 +105,14 @@ impl UpstreamClient {
     pub async fn exchange(
         &self,
         client_id: &str,
-        code: &Secret<String>,
-        code_verifier: &Secret<String>,
+        code: &SecretString,
+        code_verifier: &SecretString,
     ) -> AttemptOutcome {
         let form = [
             ("grant_type", "authorization_code"),
             ("client_id", client_id),
-            ("code", code.expose().as_str()),
-            ("code_verifier", code_verifier.expose().as_str()),
+            ("code", code.expose_secret()),
+            ("code_verifier", code_verifier.expose_secret()),
         ];
         let response = match self
             .http
@@ -120,7 +136,7 @@ impl UpstreamClient {
             .headers()
             .get(RETRY_AFTER)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| parse_retry_after(value, SystemTime::now()));
+            .and_then(|value| parse_retry_after(value, SystemTime::now(), self.max_retry_after));
         let body = match read_limited(response, self.max_response_bytes).await {
             Ok(body) => body,
             Err(BodyError::TooLarge) => {
@@ -184,7 +200,17 @@ async fn read_limited(
     Ok(Some(body))
 }
 
-/// The documented success body: `{"access_token", "expires_in", "token_type"}`.
+/// The longest access token accepted. Truecaller's are far shorter; a longer one is not a
+/// token but a broken or hostile answer.
+pub const MAX_ACCESS_TOKEN_BYTES: usize = 8192;
+/// A token's lifetime is recorded as at most this (one year), however long upstream says it
+/// lasts, so that its absolute expiry is always representable.
+pub const MAX_TOKEN_LIFETIME_SECS: i64 = 365 * 86_400;
+
+/// The documented success body: `{"access_token", "expires_in", "token_type"}`. `None` when it
+/// is not JSON of that shape, the token is empty or longer than [`MAX_ACCESS_TOKEN_BYTES`], or
+/// `expires_in` is not a positive integer. A `token_type` that is empty or longer than 64 bytes
+/// reads as `Bearer`; `expires_in` beyond [`MAX_TOKEN_LIFETIME_SECS`] reads as that.
 fn parse_token(body: &[u8]) -> Option<TokenGrant> {
     #[derive(Deserialize)]
     struct TokenBody {
@@ -194,16 +220,17 @@ fn parse_token(body: &[u8]) -> Option<TokenGrant> {
         token_type: Option<String>,
     }
     let parsed: TokenBody = serde_json::from_slice(body).ok()?;
-    if parsed.access_token.is_empty() || parsed.expires_in <= 0 {
+    let token = parsed.access_token;
+    if token.is_empty() || token.len() > MAX_ACCESS_TOKEN_BYTES || parsed.expires_in <= 0 {
         return None;
     }
     Some(TokenGrant {
-        access_token: Secret::new(parsed.access_token),
+        access_token: SecretString::from(token),
         token_type: parsed
             .token_type
             .filter(|t| !t.is_empty() && t.len() <= 64)
             .unwrap_or_else(|| "Bearer".to_string()),
-        expires_in: parsed.expires_in,
+        expires_in: parsed.expires_in.min(MAX_TOKEN_LIFETIME_SECS),
     })
 }
 
@@ -228,40 +255,82 @@ fn refusal_hint(body: &[u8]) -> Option<&'static str> {
 }
 
 /// Parses `Retry-After`: delay-seconds or an HTTP date (RFC 9110 section 10.2.3), as a delay from
-/// `now`. A date in the past means "now".
-pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+/// `now`, never longer than `max`. A date in the past means "now"; delay-seconds too large for
+/// any integer, or a date centuries away, mean `max`; anything else (negative numbers, text)
+/// is no `Retry-After` at all.
+pub fn parse_retry_after(value: &str, now: SystemTime, max: Duration) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        let seconds = value.parse::<u64>().unwrap_or(u64::MAX);
+        return Some(Duration::from_secs(seconds).min(max));
     }
     let date = httpdate::parse_http_date(value).ok()?;
-    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+    Some(date.duration_since(now).unwrap_or(Duration::ZERO).min(max))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const MAX: Duration = Duration::from_secs(120);
+
     #[test]
     fn retry_after_takes_seconds_or_a_date() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(
-            parse_retry_after("120", now),
+            parse_retry_after("120", now, MAX),
             Some(Duration::from_secs(120))
         );
         let date = httpdate::fmt_http_date(now + Duration::from_secs(30));
-        assert_eq!(parse_retry_after(&date, now), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_retry_after(&date, now, MAX),
+            Some(Duration::from_secs(30))
+        );
         let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
-        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
-        assert_eq!(parse_retry_after("soon", now), None);
-        assert_eq!(parse_retry_after("-1", now), None);
+        assert_eq!(parse_retry_after(&past, now, MAX), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now, MAX), None);
+        assert_eq!(parse_retry_after("-1", now, MAX), None);
+        assert_eq!(parse_retry_after("", now, MAX), None);
+    }
+
+    #[test]
+    fn absurd_retry_after_is_clamped() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(
+            parse_retry_after("10000000000000000000", now, MAX),
+            Some(MAX)
+        );
+        // More digits than any integer holds still means "a long time".
+        assert_eq!(
+            parse_retry_after("99999999999999999999999999", now, MAX),
+            Some(MAX)
+        );
+        assert_eq!(
+            parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now, MAX),
+            Some(MAX)
+        );
+        assert_eq!(parse_retry_after("121", now, MAX), Some(MAX));
+    }
+
+    #[test]
+    fn token_length_and_lifetime_are_bounded() {
+        let long = "x".repeat(MAX_ACCESS_TOKEN_BYTES + 1);
+        let body = format!(r#"{{"access_token":"{long}","expires_in":60}}"#);
+        assert!(parse_token(body.as_bytes()).is_none());
+        let grant =
+            parse_token(br#"{"access_token":"t","expires_in":9223372036854775807}"#).unwrap();
+        assert_eq!(grant.expires_in, MAX_TOKEN_LIFETIME_SECS);
+        assert!(parse_token(br#"{"access_token":"t","expires_in":-1}"#).is_none());
+        assert!(parse_token(br#"{"access_token":123,"expires_in":60}"#).is_none());
+        assert!(parse_token(br#"{"access_token":"t","expires_in":"60"}"#).is_none());
+        assert!(parse_token(br#"{"access_token":"t","expires_in":1e300}"#).is_none());
     }
 
     #[test]
     fn only_a_usable_token_is_accepted() {
         let grant = parse_token(br#"{"access_token":"t","expires_in":3600,"token_type":"Bearer"}"#)
             .unwrap();
-        assert_eq!(grant.access_token.expose(), "t");
+        assert_eq!(grant.access_token.expose_secret(), "t");
         assert_eq!(grant.expires_in, 3600);
         assert!(parse_token(br#"{"access_token":"","expires_in":3600}"#).is_none());
         assert!(parse_token(br#"{"expires_in":3600}"#).is_none());
@@ -290,10 +359,13 @@ mod tests {
             if let Some(hint) = refusal_hint(&body) {
                 proptest::prop_assert!(REFUSALS.iter().any(|(_, fixed)| *fixed == hint));
             }
-            let _ = parse_retry_after(&header, SystemTime::now());
+            let retry_after = parse_retry_after(&header, SystemTime::now(), MAX);
+            if let Some(after) = retry_after {
+                proptest::prop_assert!(after <= MAX);
+            }
             let answer = AttemptOutcome::Answered(Answer {
                 status,
-                retry_after: parse_retry_after(&header, SystemTime::now()),
+                retry_after,
                 token: parse_token(&body),
                 hint: refusal_hint(&body),
             });

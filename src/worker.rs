@@ -8,11 +8,12 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use backon::{ExponentialBuilder, Retryable};
+use parking_lot::Mutex;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
@@ -20,7 +21,7 @@ use tracing::Instrument;
 use crate::{
     breaker::{Admission, Breaker, BreakerConfig, Signal},
     config::Config,
-    job::{JobState, UnixMillis},
+    job::{JobState, UnixMillis, instant_after},
     limits::{Permit, RateLimits},
     metrics::Metrics,
     retry::{self, Decision, JobHistory, RetryPolicy},
@@ -51,15 +52,12 @@ impl WorkSignal {
 
     /// Call after the commit that made the client's job waiting.
     pub fn announce(&self, client_id: &str) {
-        self.clients
-            .lock()
-            .expect("work signal lock poisoned")
-            .push(client_id.to_string());
+        self.clients.lock().push(client_id.to_string());
         self.notify.notify_one();
     }
 
     fn take(&self) -> Vec<String> {
-        std::mem::take(&mut *self.clients.lock().expect("work signal lock poisoned"))
+        std::mem::take(&mut *self.clients.lock())
     }
 }
 
@@ -74,14 +72,11 @@ impl Deliveries {
     }
 
     pub fn record(&self, job_id: &str) {
-        self.0
-            .lock()
-            .expect("deliveries lock poisoned")
-            .push(job_id.to_string());
+        self.0.lock().push(job_id.to_string());
     }
 
     fn take(&self) -> Vec<String> {
-        std::mem::take(&mut *self.0.lock().expect("deliveries lock poisoned"))
+        std::mem::take(&mut *self.0.lock())
     }
 }
 
@@ -189,15 +184,8 @@ impl Worker {
         // Clients with waiting jobs: claiming looks at each of them, so a deep backlog for
         // one client costs nothing when claiming for another.
         let mut waiting: Option<HashSet<String>> = None;
-        let mut last_sweep: Option<Instant> = None;
         tracing::info!(owner = %self.owner, concurrency = self.concurrency, "worker started");
         while !stop.is_cancelled() {
-            if last_sweep.is_none_or(|at| at.elapsed() >= SWEEP_INTERVAL) {
-                if let Err(error) = self.sweep().await {
-                    tracing::error!(%error, "sweep failed");
-                }
-                last_sweep = Some(Instant::now());
-            }
             if slots.available_permits() == 0 {
                 tokio::select! {
                     _ = stop.cancelled() => break,
@@ -209,9 +197,10 @@ impl Worker {
                     tokio::time::timeout(CLAIM_GATHER, slots.acquire_many(self.claim_batch)).await;
                 continue;
             }
-            if waiting.is_none() {
-                match self.store.waiting_clients().await {
-                    Ok(clients) => waiting = Some(clients.into_iter().collect()),
+            let clients = match &mut waiting {
+                Some(clients) => clients,
+                None => match self.store.waiting_clients().await {
+                    Ok(clients) => waiting.insert(clients.into_iter().collect()),
                     Err(error) => {
                         tracing::error!(%error, "cannot read the waiting clients; pausing");
                         tokio::select! {
@@ -220,9 +209,8 @@ impl Worker {
                         }
                         continue;
                     }
-                }
-            }
-            let clients = waiting.as_mut().expect("loaded above");
+                },
+            };
             let pass = match self
                 .dispatch(&slots, &mut throttled, clients, &attempts)
                 .await
@@ -251,6 +239,20 @@ impl Worker {
             }
         }
         tracing::info!("worker stopped claiming");
+    }
+
+    /// Sweeps every [`SWEEP_INTERVAL`] until `stop` is cancelled. A separate task from the
+    /// dispatcher, so a slow sweep never delays claiming.
+    pub async fn run_sweeps(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            if let Err(error) = self.sweep().await {
+                tracing::error!(%error, "sweep failed");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
+            }
+        }
     }
 
     /// Expires overdue jobs, rescues attempts whose lease ran out, and erases tokens that were
@@ -335,7 +337,7 @@ impl Worker {
             {
                 Permit::Granted => chosen.push(candidate),
                 Permit::ClientBusy(wait) => {
-                    throttled.insert(candidate.client_id, Instant::now() + wait);
+                    throttled.insert(candidate.client_id, instant_after(Instant::now(), wait));
                 }
                 Permit::GlobalBusy(wait) => {
                     pass.blocked_for = Some(wait);
@@ -366,9 +368,13 @@ impl Worker {
                 .observe(candidate.due_at.until(now).as_secs_f64());
         }
         for claim in claims {
-            let permit = Arc::clone(slots)
-                .try_acquire_owned()
-                .expect("no more claims than free slots");
+            // Claims never outnumber the free slots counted above, and only this loop takes
+            // slots; should that ever change, the attempt still runs (its permit is optional
+            // only in that impossible case) rather than leaving a claimed job to its lease.
+            let permit = Arc::clone(slots).try_acquire_owned().ok();
+            if permit.is_none() {
+                tracing::error!(job_id = %claim.job.id, "claimed more jobs than free slots");
+            }
             attempts.spawn(Arc::clone(self).attempt(claim, permit));
         }
         Ok(pass)
@@ -396,7 +402,7 @@ impl Worker {
     }
 
     /// Runs one attempt: present the code, decide, record. Holds a worker slot throughout.
-    async fn attempt(self: Arc<Self>, claim: Claim, _slot: OwnedSemaphorePermit) {
+    async fn attempt(self: Arc<Self>, claim: Claim, _slot: Option<OwnedSemaphorePermit>) {
         let span = tracing::info_span!(
             "attempt",
             job_id = %claim.job.id,

@@ -80,8 +80,18 @@ fn page_size(requested: u32) -> u32 {
     }
 }
 
-fn time(value: Option<prost_types::Timestamp>) -> Option<UnixMillis> {
-    value.map(|t| UnixMillis(t.seconds * 1000 + i64::from(t.nanos) / 1_000_000))
+/// A time filter from the caller; one outside the representable range (about ±292 million
+/// years, or nanoseconds outside a second) is refused rather than wrapped.
+fn time(
+    field: &'static str,
+    value: Option<prost_types::Timestamp>,
+) -> Result<Option<UnixMillis>, ApiError> {
+    value
+        .map(|t| {
+            UnixMillis::from_unix_parts(t.seconds, t.nanos)
+                .ok_or_else(|| invalid(field, "is outside the representable time range"))
+        })
+        .transpose()
 }
 
 fn non_empty(value: String) -> Option<String> {
@@ -132,8 +142,8 @@ impl proto::audit_log_server::AuditLog for AuditLogApi {
             client_id: non_empty(request.client_id),
             tenant: non_empty(request.tenant),
             code_fingerprint: non_empty(request.code_fingerprint),
-            created_after: time(request.created_after),
-            created_before: time(request.created_before),
+            created_after: time("created_after", request.created_after)?,
+            created_before: time("created_before", request.created_before)?,
             after: decode_token("jobs", &request.page_token)?,
             limit: page_size(request.page_size),
         };
@@ -168,8 +178,8 @@ impl proto::audit_log_server::AuditLog for AuditLogApi {
         let query = EventQuery {
             job_id: non_empty(request.job_id),
             client_id: non_empty(request.client_id),
-            after: time(request.after),
-            before: time(request.before),
+            after: time("after", request.after)?,
+            before: time("before", request.before)?,
             after_seq,
             limit: page_size(request.page_size),
         };

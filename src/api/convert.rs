@@ -1,7 +1,10 @@
 //! Domain values to protobuf messages.
 
 use super::proto;
-use crate::job::{FailureReason, Job, JobState, UnixMillis};
+use crate::{
+    job::{FailureReason, Job, JobState, UnixMillis},
+    secret::ExposeSecret,
+};
 
 pub fn timestamp(at: UnixMillis) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -43,7 +46,7 @@ pub fn job(job: &Job) -> proto::Job {
         updated_at: Some(timestamp(job.updated_at)),
         next_attempt_at: job.next_attempt_at.map(timestamp),
         token: job.token.as_ref().map(|token| proto::Token {
-            access_token: token.access_token.expose().clone(),
+            access_token: token.access_token.expose_secret().to_string(),
             token_type: token.token_type.clone(),
             expires_in: token.expires_in,
             expires_at: Some(timestamp(token.expires_at)),

@@ -9,7 +9,8 @@ use tonic::metadata::MetadataMap;
 pub fn answer_by(metadata: &MetadataMap, now: Instant) -> Option<Instant> {
     let timeout = parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)?;
     let margin = (timeout / 10).clamp(Duration::from_millis(20), Duration::from_millis(500));
-    Some(now + timeout.saturating_sub(margin))
+    // A deadline too far away to represent is no deadline.
+    now.checked_add(timeout.saturating_sub(margin))
 }
 
 /// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).

@@ -63,13 +63,15 @@ impl From<ApiError> for Status {
                 Status::unauthenticated(error.to_string())
             }
             ApiError::Access(AccessError::Denied(reason)) => Status::permission_denied(reason),
-            ApiError::Store(StoreError::Corrupt(detail)) => {
-                tracing::error!(%detail, "stored data is unreadable");
-                Status::internal("stored data is unreadable; the daemon logged the cause")
-            }
-            ApiError::Store(cause) => {
-                tracing::error!(error = %cause, "storage failure");
+            // The database's condition (unreachable, locked, full): worth retrying later.
+            ApiError::Store(cause) if cause.is_transient() => {
+                tracing::error!(error = %cause, "storage unavailable");
                 Status::unavailable("storage is unavailable; retry later")
+            }
+            // A bug or damaged data: retrying cannot help, so say so.
+            ApiError::Store(cause) => {
+                tracing::error!(error = %cause, "internal storage error");
+                Status::internal("internal error; the daemon logged the cause")
             }
         }
     }

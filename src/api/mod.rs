@@ -19,6 +19,7 @@ use crate::{
     fingerprint::Fingerprinter,
     job::{Job, JobId, UnixMillis},
     request::{ExchangeRequest, RawExchange, parse_job_id},
+    secret::ExposeSecret,
     store::{CancelOutcome, NewJob, Store, SubmitOutcome},
     tenants::{Caller, TenantRegistry},
     worker::{Deliveries, WorkSignal},
@@ -62,7 +63,7 @@ pub struct TokenBrokerApi {
     /// Who may call, and for which client ids.
     tenants: Arc<TenantRegistry>,
     /// Open WatchJob streams per tenant, bounded by `max_watches_per_tenant`.
-    watches: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    watches: Arc<parking_lot::Mutex<std::collections::HashMap<String, usize>>>,
     max_watches_per_tenant: usize,
     /// Notes tokens handed to callers, for retention.
     deliveries: Arc<Deliveries>,
@@ -117,7 +118,7 @@ impl TokenBrokerApi {
             idempotency_key: &request.idempotency_key,
         })?;
         caller.may_exchange_for(&request.client_id)?;
-        let code_fingerprint = self.fingerprinter.fingerprint(request.code.expose());
+        let code_fingerprint = self.fingerprinter.fingerprint(request.code.expose_secret());
         let job_id = JobId::new();
         let subscription = watch.then(|| self.feed.subscribe(job_id));
         let outcome = self
@@ -219,17 +220,17 @@ impl TokenBrokerApi {
 
 /// One open WatchJob stream of a tenant; released on drop.
 struct WatchSlot {
-    watches: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    watches: Arc<parking_lot::Mutex<std::collections::HashMap<String, usize>>>,
     tenant: String,
 }
 
 impl WatchSlot {
     fn take(
-        watches: &Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+        watches: &Arc<parking_lot::Mutex<std::collections::HashMap<String, usize>>>,
         tenant: &str,
         limit: usize,
     ) -> Result<WatchSlot, ApiError> {
-        let mut open = watches.lock().expect("watch counts lock poisoned");
+        let mut open = watches.lock();
         let count = open.entry(tenant.to_string()).or_default();
         if *count >= limit {
             return Err(ApiError::TooManyWatches);
@@ -244,7 +245,7 @@ impl WatchSlot {
 
 impl Drop for WatchSlot {
     fn drop(&mut self) {
-        let mut open = self.watches.lock().expect("watch counts lock poisoned");
+        let mut open = self.watches.lock();
         if let Some(count) = open.get_mut(&self.tenant) {
             *count -= 1;
             if *count == 0 {

@@ -26,7 +26,7 @@ use crate::{
     job::{FailureReason, Job, JobId, JobState, Token, UnixMillis},
     metrics::Metrics,
     request::ExchangeRequest,
-    secret::Secret,
+    secret::SecretString,
     upstream::TokenGrant,
 };
 
@@ -36,6 +36,7 @@ mod writer;
 
 pub use history::{EventQuery, JobQuery, Page, Pruned};
 
+pub use writer::WriterTask;
 use writer::{Op, Reply, WriterHandle};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +56,38 @@ pub enum StoreError {
     Unavailable(String),
     #[error("{0}")]
     Keys(String),
+}
+
+impl StoreError {
+    /// Whether the failure is the database's condition rather than a bug: unreachable, busy or
+    /// locked, full, or an I/O error. A caller may retry such a failure later; any other
+    /// (a constraint violated, a row that does not decode, a key that does not open, a failed
+    /// migration) will fail again the same way.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Unavailable(_) | StoreError::Directory { .. } => true,
+            StoreError::Database(error) => database_error_is_transient(error),
+            StoreError::Migrate(_) | StoreError::Corrupt(_) | StoreError::Keys(_) => false,
+        }
+    }
+}
+
+/// SQLite result codes (the primary code, the low byte of an extended one) that describe the
+/// database's condition: BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL.
+const TRANSIENT_SQLITE_CODES: &[i64] = &[5, 6, 7, 8, 10, 13, 14, 15];
+
+fn database_error_is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(database) => database
+            .code()
+            .and_then(|code| code.parse::<i64>().ok())
+            .is_some_and(|code| TRANSIENT_SQLITE_CODES.contains(&(code & 0xff))),
+        _ => false,
+    }
 }
 
 /// The durable job queue.
@@ -145,8 +178,8 @@ pub struct Lease {
 pub struct Claim {
     pub job: Job,
     pub lease: Lease,
-    pub code: Secret<String>,
-    pub code_verifier: Secret<String>,
+    pub code: SecretString,
+    pub code_verifier: SecretString,
 }
 
 /// The outcome of an attempt, as the worker decided it.
@@ -176,13 +209,14 @@ pub enum AttemptRecord {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database, applies the migrations, and returns the store.
+    /// Opens (creating if needed) the database, applies the migrations, and returns the store
+    /// with its writer task, which the caller must spawn before writing.
     pub async fn open(
         config: &StorageConfig,
         keys: Arc<KeyRing>,
         feed: Arc<JobFeed>,
         metrics: Arc<Metrics>,
-    ) -> Result<Store, StoreError> {
+    ) -> Result<(Store, WriterTask), StoreError> {
         let path = &config.path;
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::Directory {
@@ -219,7 +253,7 @@ impl Store {
                 writer_options.pragma("max_page_count", (config.max_size_mb * 256).to_string());
         }
         let conn = writer_options.connect().await?;
-        let writer = WriterHandle::start(conn, Arc::clone(&keys), feed, metrics).await?;
+        let (writer, task) = WriterHandle::start(conn, Arc::clone(&keys), feed, metrics).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(busy_timeout + Duration::from_secs(5))
@@ -231,7 +265,7 @@ impl Store {
             keys: Some(keys),
         };
         store.check_keys().await?;
-        Ok(store)
+        Ok((store, task))
     }
 
     /// Opens an existing database read-only, for auditors' tools: no migrations, no writes

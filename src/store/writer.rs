@@ -30,6 +30,7 @@ use crate::{
     feed::JobFeed,
     job::{Job, JobId, UnixMillis},
     metrics::Metrics,
+    secret::ExposeSecret,
 };
 
 /// Changes applied in one transaction at most.
@@ -159,17 +160,17 @@ pub(super) struct WriterHandle {
 }
 
 impl WriterHandle {
-    /// Starts the writer task on `conn`.
+    /// Prepares the writer task on `conn`; the caller spawns the returned future.
     pub(super) async fn start(
         mut conn: SqliteConnection,
         keys: Arc<KeyRing>,
         feed: Arc<JobFeed>,
         metrics: Arc<Metrics>,
-    ) -> Result<WriterHandle, StoreError> {
+    ) -> Result<(WriterHandle, WriterTask), StoreError> {
         let tracked = Tracked::read(&mut conn, keys).await?;
         let (requests, receiver) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(run(conn, receiver, tracked, feed, metrics));
-        Ok(WriterHandle { requests })
+        let task = WriterTask(Box::pin(run(conn, receiver, tracked, feed, metrics)));
+        Ok((WriterHandle { requests }, task))
     }
 
     /// Applies `op` and waits for its commit.
@@ -182,6 +183,29 @@ impl WriterHandle {
         answer
             .await
             .map_err(|_| StoreError::Unavailable("the writer stopped mid-change".into()))?
+    }
+}
+
+/// The writer task: applies every change until the last [`Store`](super::Store) handle is
+/// dropped. [`Store::open`](super::Store::open) returns it unspawned, so that the daemon runs it
+/// under supervision (its end before shutdown is a failure).
+#[must_use = "the store writes nothing until its writer task is spawned"]
+pub struct WriterTask(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>);
+
+impl std::fmt::Debug for WriterTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WriterTask")
+    }
+}
+
+impl std::future::Future for WriterTask {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        self.0.as_mut().poll(cx)
     }
 }
 
@@ -442,12 +466,16 @@ async fn submit_many(
                 .bind(&request.client_id)
                 .bind(&request.idempotency_key)
                 .bind(&request.request_digest)
-                .bind(tracked.keys.seal(request.code.expose(), &job_id, "code"))
                 .bind(
                     tracked
                         .keys
-                        .seal(request.code_verifier.expose(), &job_id, "code_verifier"),
+                        .seal(request.code.expose_secret(), &job_id, "code"),
                 )
+                .bind(tracked.keys.seal(
+                    request.code_verifier.expose_secret(),
+                    &job_id,
+                    "code_verifier",
+                ))
                 .bind(&request.state)
                 .bind(now.0)
                 .bind(now.0)
@@ -632,7 +660,7 @@ async fn record_attempt(
                 std::time::Duration::from_secs(u64::try_from(grant.expires_in).unwrap_or(0));
             guarded(include_str!("sql/finish_succeeded.sql"))
                 .bind(tracked.keys.seal(
-                    grant.access_token.expose(),
+                    grant.access_token.expose_secret(),
                     &lease.job_id.to_string(),
                     "access_token",
                 ))
@@ -746,7 +774,7 @@ async fn reencrypt(conn: &mut SqliteConnection, tracked: &mut Tracked, after: i6
                     let plain = keys
                         .open(&sealed, &job_id, column)
                         .map_err(|error| StoreError::Keys(format!("job {job_id}: {error}")))?;
-                    Ok(Some(keys.seal(plain.expose(), &job_id, column)))
+                    Ok(Some(keys.seal(plain.expose_secret(), &job_id, column)))
                 }
                 None => Ok(None),
             }

@@ -168,7 +168,7 @@ async fn a_stale_worker_cannot_overwrite_a_newer_outcome() {
     // Worker A wakes up late with a success: it must change nothing.
     let late = AttemptRecord::Succeeded {
         grant: token_broker::upstream::TokenGrant {
-            access_token: token_broker::secret::Secret::new("stale".into()),
+            access_token: token_broker::secret::SecretString::from("stale"),
             token_type: "Bearer".into(),
             expires_in: 3600,
         },

@@ -335,14 +335,16 @@ pub fn is_terminal(job: &Job) -> bool {
 pub async fn open_store(config: &Config) -> token_broker::store::Store {
     let (keys, _) =
         token_broker::crypto::KeyRing::load_or_create(&config.key_file_path()).expect("key ring");
-    token_broker::store::Store::open(
+    let (store, writer) = token_broker::store::Store::open(
         &config.storage,
         Arc::new(keys),
         token_broker::feed::JobFeed::new(),
         token_broker::metrics::Metrics::new(),
     )
     .await
-    .expect("store opens")
+    .expect("store opens");
+    tokio::spawn(writer);
+    store
 }
 
 /// A separate read-only connection to a daemon's database file, for inspecting what it stored.
@@ -474,4 +476,32 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Exchanges with a deadline (`grpc-timeout`) of `within`, expecting an OK answer: the job when
+/// it is terminal, or as it stands when the deadline came first.
+pub async fn exchange_within(
+    client: &mut TokenBrokerClient<Channel>,
+    request: SubmitExchangeRequest,
+    within: Duration,
+) -> Job {
+    let mut request = tonic::Request::new(request);
+    request.set_timeout(within);
+    client
+        .exchange(request)
+        .await
+        .expect("exchange answered before its deadline")
+        .into_inner()
+}
+
+/// A process's peak resident memory (`VmHWM` in `/proc/<pid>/status`), in bytes.
+pub fn peak_resident_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read the status");
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().strip_suffix("kB"))
+        .and_then(|value| value.trim().parse::<u64>().ok())
+        .expect("a VmHWM line in kB");
+    kib * 1024
 }
