@@ -421,8 +421,15 @@ impl Config {
         figment = figment.merge(
             Env::prefixed(ENV_PREFIX)
                 .split("__")
-                // Read by the command line, not configuration.
-                .ignore(&["config", "log_format", "database", "encryption_keys"]),
+                // Read by the command line (or, for the test hook, the supervisor), not
+                // configuration.
+                .ignore(&[
+                    "config",
+                    "log_format",
+                    "database",
+                    "encryption_keys",
+                    "test_fail_task",
+                ]),
         );
         let config: Config = figment
             .extract()
@@ -748,6 +755,93 @@ mod tests {
             Synchronous::Full,
             "an acknowledged job must survive power loss by default"
         );
+    }
+
+    #[test]
+    fn a_retention_too_large_to_represent_keeps_everything() {
+        let keep = |days| {
+            AuditConfig {
+                retention_days: days,
+                ..AuditConfig::default()
+            }
+            .retention()
+        };
+        assert_eq!(keep(0), None);
+        assert_eq!(keep(1), Some(Duration::from_secs(86_400)));
+        assert_eq!(keep(u64::MAX), None);
+        assert_eq!(keep(i64::MAX as u64), None);
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_reported_with_their_range() {
+        let mut config = Config::default();
+        config.storage.busy_timeout_ms = 2_147_483_648;
+        config.upstream.timeout_ms = u64::MAX;
+        let errors = config.validate().unwrap_err().0;
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert_eq!(
+            errors[0],
+            "storage.busy_timeout_ms: 2147483648 is out of range (allowed: 0 to 600000)"
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever numbers a configuration holds, it either fails validation or every
+        /// component builds from it without a panic or an overflow.
+        #[test]
+        fn a_valid_configuration_builds_every_component(
+            millis in proptest::array::uniform8(proptest::num::u64::ANY),
+            small in proptest::array::uniform6(proptest::num::u32::ANY),
+            factors in (proptest::num::f64::ANY, proptest::num::f64::ANY),
+            retention_days in proptest::num::u64::ANY,
+            narrow in proptest::bool::ANY,
+        ) {
+            // Half the cases draw numbers near the ranges, so that many validate.
+            let pick = |value: u64, near: u64| if narrow { value % (near * 2) } else { value };
+            let mut config = Config::default();
+            config.upstream.timeout_ms = pick(millis[0], 600_000);
+            config.upstream.connect_timeout_ms = pick(millis[1], 600_000);
+            config.upstream.max_retry_after_secs = pick(millis[2], 86_400);
+            config.retry.initial_delay_ms = pick(millis[3], 86_400_000).max(1);
+            config.retry.max_delay_ms = pick(millis[4], 86_400_000);
+            config.retry.job_ttl_secs = pick(millis[5], 604_800);
+            config.breaker.cool_down_ms = pick(millis[6], 3_600_000);
+            config.storage.busy_timeout_ms = pick(millis[7], 600_000);
+            config.limits.global_rps = small[0] % if narrow { 2_000_000 } else { u32::MAX };
+            config.limits.global_burst = small[1];
+            config.limits.default_client_rps = small[2] % if narrow { 2_000_000 } else { u32::MAX };
+            config.limits.default_client_burst = small[3];
+            config.retry.max_attempts = small[4] % if narrow { 200 } else { u32::MAX };
+            config.worker.concurrency = small[5];
+            config.limits.decrease_factor = factors.0;
+            config.limits.recovery_step = factors.1;
+            config.audit.retention_days = retention_days;
+            if config.validate().is_err() {
+                return Ok(());
+            }
+            let _ = config.lease_duration();
+            let _ = config.audit.retention();
+            let policy = crate::retry::RetryPolicy::from(&config.retry);
+            let _ = crate::retry::backoff_delay(&policy, config.retry.max_attempts, 7);
+            let limits = crate::limits::RateLimits::new(&config.limits);
+            let now = std::time::Instant::now();
+            let _ = limits.try_acquire("client", now);
+            limits.on_rate_limited(
+                "client",
+                Some(Duration::from_secs(config.upstream.max_retry_after_secs)),
+                now,
+            );
+            let _ = limits.try_acquire("client", now);
+        }
+
+        /// Any text as a configuration file: a configuration or errors, never a panic.
+        #[test]
+        fn any_file_loads_or_is_refused(text in "(\\[[a-z]{1,8}\\]\n)?([a-z_]{1,20} = (-?[0-9]{1,25}|\"[^\"]{0,20}\"|true)\n){0,6}") {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("broker.toml");
+            std::fs::write(&path, text).unwrap();
+            let _ = Config::load(Some(&path));
+        }
     }
 
     #[test]

@@ -288,5 +288,18 @@ mod tests {
                 Err(InvalidRequest(violations)) => proptest::prop_assert!(!violations.is_empty()),
             }
         }
+
+        /// Any string as a job id: a job id that prints back as given (in lowercase hyphenated
+        /// form) or a field violation, never a panic.
+        #[test]
+        fn job_ids_parse_or_are_refused(raw in ".{0,60}|[0-9a-fA-F-]{32,40}") {
+            match parse_job_id(&raw) {
+                Ok(id) => proptest::prop_assert_eq!(parse_job_id(&id.to_string()).unwrap(), id),
+                Err(InvalidRequest(violations)) => {
+                    proptest::prop_assert_eq!(violations.len(), 1);
+                    proptest::prop_assert_eq!(violations[0].field, "job_id");
+                }
+            }
+        }
     }
 }

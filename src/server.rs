@@ -113,6 +113,8 @@ struct Daemon {
     failures: Failures,
     readiness: Readiness,
     health: tonic_health::server::HealthReporter,
+    /// Where `/metrics`, `/healthz` and `/readyz` answer, for the start-up log line.
+    ops_addr: Option<std::net::SocketAddr>,
 }
 
 impl Daemon {
@@ -203,6 +205,7 @@ impl Daemon {
         );
         let readiness = Readiness::default();
         let ops_stop = CancellationToken::new();
+        let ops_addr = ops_listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(listener) = ops_listener {
             let state = OpsState {
                 readiness: readiness.clone(),
@@ -244,6 +247,7 @@ impl Daemon {
             failures,
             readiness,
             health,
+            ops_addr,
         })
     }
 
@@ -265,6 +269,7 @@ impl Daemon {
         self.set_serving(true).await;
         tracing::info!(
             listen = %grpc_addr,
+            ops_listen = self.ops_addr.map(|addr| addr.to_string()),
             database = %self.config.storage.path.display(),
             upstream = %self.config.upstream.token_url,
             "token-broker serving"

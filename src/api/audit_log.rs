@@ -253,6 +253,45 @@ mod tests {
     }
 
     #[test]
+    fn time_filters_out_of_range_are_refused() {
+        let at = |seconds, nanos| Some(prost_types::Timestamp { seconds, nanos });
+        assert_eq!(
+            time("after", at(1_700_000_000, 5_000_000)).unwrap(),
+            Some(UnixMillis(1_700_000_000_005))
+        );
+        assert!(time("after", at(i64::MAX, 0)).is_err());
+        assert!(time("after", at(i64::MIN, 0)).is_err());
+        assert!(time("after", at(0, -1)).is_err());
+        assert!(time("after", at(0, 1_000_000_000)).is_err());
+        assert_eq!(time("after", None).unwrap(), None);
+    }
+
+    proptest::proptest! {
+        /// Any string as a page token: refused or a key, never a panic; and every key survives
+        /// the round trip.
+        #[test]
+        fn page_tokens_never_panic(token in ".{0,80}", key in proptest::num::i64::ANY) {
+            let _ = decode_token("jobs", &token);
+            let _ = decode_token("events", &token);
+            proptest::prop_assert_eq!(
+                decode_token("events", &encode_token("events", key)).unwrap(),
+                Some(key)
+            );
+        }
+
+        /// Any timestamp: a time or INVALID_ARGUMENT, never a wrap or a panic.
+        #[test]
+        fn time_filters_never_panic(
+            seconds in proptest::num::i64::ANY,
+            nanos in proptest::num::i32::ANY,
+        ) {
+            if let Ok(Some(at)) = time("after", Some(prost_types::Timestamp { seconds, nanos })) {
+                proptest::prop_assert_eq!(at.0.div_euclid(1000), seconds);
+            }
+        }
+    }
+
+    #[test]
     fn page_sizes_default_and_cap() {
         assert_eq!(page_size(0), DEFAULT_PAGE);
         assert_eq!(page_size(10), 10);

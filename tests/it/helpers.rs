@@ -388,10 +388,12 @@ pub async fn audit_kinds(path: &std::path::Path, job_id: &str) -> Vec<String> {
     kinds
 }
 
-/// A daemon process and the gRPC address it reported.
+/// A daemon process and the addresses it reported.
 pub struct Daemon {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The ops listener (`/healthz`, `/readyz`, `/metrics`).
+    pub ops_addr: SocketAddr,
 }
 
 impl Daemon {
@@ -406,7 +408,18 @@ impl Daemon {
     }
 
     pub fn start_logging(db: &Path, token_url: &str, log: Option<PathBuf>) -> Daemon {
+        Self::start_with_env(db, token_url, log, &[])
+    }
+
+    /// [`Daemon::start_logging`] with extra environment variables (settings or test hooks).
+    pub fn start_with_env(
+        db: &Path,
+        token_url: &str,
+        log: Option<PathBuf>,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_token-broker"))
+            .envs(env.iter().copied())
             .args(["--log-format", "json", "serve"])
             .env("RUST_LOG", "info")
             .env("TOKEN_BROKER_SERVER__LISTEN", "127.0.0.1:0")
@@ -447,16 +460,21 @@ impl Daemon {
                 if event["message"] == "token-broker serving"
                     && let Some(tx) = tx.take()
                 {
-                    let _ = tx.send(event["listen"].as_str().unwrap_or_default().to_string());
+                    let _ = tx.send((
+                        event["listen"].as_str().unwrap_or_default().to_string(),
+                        event["ops_listen"].as_str().unwrap_or_default().to_string(),
+                    ));
                 }
             }
         });
-        let addr = rx
+        let (addr, ops_addr) = rx
             .recv_timeout(PATIENCE)
-            .expect("the daemon reports its address")
-            .parse()
-            .expect("a socket address");
-        Daemon { child, addr }
+            .expect("the daemon reports its addresses");
+        Daemon {
+            child,
+            addr: addr.parse().expect("a socket address"),
+            ops_addr: ops_addr.parse().expect("an ops socket address"),
+        }
     }
 
     pub async fn client(&self) -> TokenBrokerClient<tonic::transport::Channel> {
