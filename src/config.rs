@@ -163,6 +163,33 @@ pub struct UpstreamConfig {
     /// far-future date) is clamped to this, both for the job's next attempt and for the
     /// client's pause.
     pub max_retry_after_secs: u64,
+    /// Allow an `http://` token URL to a host other than loopback. Codes and verifiers then
+    /// cross the network in clear: only for a fake upstream on a private network.
+    pub allow_insecure_http: bool,
+}
+
+impl UpstreamConfig {
+    /// The token URL without any user name or password, for logs.
+    pub fn token_url_for_logs(&self) -> String {
+        match Url::parse(&self.token_url) {
+            Ok(mut url) => {
+                let _ = url.set_username("");
+                let _ = url.set_password(None);
+                url.to_string()
+            }
+            Err(_) => "(invalid URL)".to_string(),
+        }
+    }
+}
+
+/// Whether `url` names this machine (`localhost`, 127.0.0.0/8 or `::1`).
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
 }
 
 impl Default for UpstreamConfig {
@@ -173,6 +200,7 @@ impl Default for UpstreamConfig {
             connect_timeout_ms: 3_000,
             max_response_bytes: 64 * 1024,
             max_retry_after_secs: 120,
+            allow_insecure_http: false,
         }
     }
 }
@@ -473,14 +501,26 @@ impl Config {
                 }
             }
         }
-        if self.storage.path.as_os_str().is_empty() {
-            errors.push("storage.path: must not be empty".to_string());
-        }
+        self.validate_storage_path(&mut errors);
         match Url::parse(&self.upstream.token_url) {
+            Ok(url)
+                if url.scheme() == "http"
+                    && url.has_host()
+                    && !is_loopback(&url)
+                    && !self.upstream.allow_insecure_http =>
+            {
+                errors.push(format!(
+                    "upstream.token_url: {} is plain http to another host: codes and verifiers \
+                     would cross the network in clear (use https, or set \
+                     upstream.allow_insecure_http = true for a fake upstream on a private \
+                     network)",
+                    self.upstream.token_url_for_logs()
+                ));
+            }
             Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {}
             _ => errors.push(format!(
-                "upstream.token_url: {:?} is not an http(s) URL",
-                self.upstream.token_url
+                "upstream.token_url: {} is not an http(s) URL",
+                self.upstream.token_url_for_logs()
             )),
         }
         if self.limits.global_rps > 0 && self.limits.global_burst == 0 {
@@ -656,6 +696,30 @@ impl Config {
         // (see [`AuditConfig::retention`]).
     }
 
+    /// `storage.path` must name a file: not empty, not ending in `/` or `..`, not an existing
+    /// directory, and inside a directory (which the daemon creates when missing). Checked
+    /// before any file beside it (lock, keys) is created.
+    fn validate_storage_path(&self, errors: &mut Vec<String>) {
+        let path = &self.storage.path;
+        let problem = if path.as_os_str().is_empty() {
+            Some("must not be empty")
+        } else if path.is_dir() {
+            Some("is a directory; name the database file inside it")
+        } else if path.file_name().is_none() || path.as_os_str().to_string_lossy().ends_with('/') {
+            Some("must name a file")
+        } else {
+            match path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+                Some(dir) if dir.exists() && !dir.is_dir() => {
+                    Some("lies under something that is not a directory")
+                }
+                _ => None,
+            }
+        };
+        if let Some(problem) = problem {
+            errors.push(format!("storage.path: {} {problem}", path.display()));
+        }
+    }
+
     fn validate_tenants(&self, errors: &mut Vec<String>) {
         if self.tenants.is_empty() {
             if let Ok(addr) = self.server.listen.parse::<SocketAddr>()
@@ -770,6 +834,30 @@ mod tests {
         assert_eq!(keep(1), Some(Duration::from_secs(86_400)));
         assert_eq!(keep(u64::MAX), None);
         assert_eq!(keep(i64::MAX as u64), None);
+    }
+
+    #[test]
+    fn plain_http_leaves_the_machine_only_when_allowed_and_urls_are_logged_without_credentials() {
+        let mut config = Config::default();
+        for url in [
+            "http://127.0.0.1:8080/v1/token",
+            "http://localhost/v1/token",
+            "http://[::1]/t",
+        ] {
+            config.upstream.token_url = url.into();
+            config.validate().unwrap();
+        }
+        config.upstream.token_url = "http://user:hunter2@fake-upstream:8080/v1/token".into();
+        let errors = config.validate().unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(errors[0].contains("in clear"));
+        assert!(!errors[0].contains("hunter2"), "{}", errors[0]);
+        config.upstream.allow_insecure_http = true;
+        config.validate().unwrap();
+        assert_eq!(
+            config.upstream.token_url_for_logs(),
+            "http://fake-upstream:8080/v1/token"
+        );
     }
 
     #[test]

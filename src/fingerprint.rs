@@ -91,10 +91,31 @@ impl Fingerprinter {
 
     /// The fingerprint of `code`: hex HMAC-SHA256.
     pub fn fingerprint(&self, code: &str) -> String {
+        self.mac(b"token-broker/code-fingerprint/v1\0", &[code])
+    }
+
+    /// The idempotency key of a submission that brought none: hex HMAC-SHA256 of the client id
+    /// and the code, under this key (a different domain from fingerprints), so that a copy of
+    /// the database confirms no guessed code without the key file.
+    pub fn idempotency_key(&self, client_id: &str, code: &str) -> String {
+        self.mac(b"token-broker/idempotency/v2\0", &[client_id, code])
+    }
+
+    /// Hex HMAC-SHA256 over `domain` and length-prefixed `fields`.
+    fn mac(&self, domain: &[u8], fields: &[&str]) -> String {
+        // HMAC takes a key of any length, so this cannot fail.
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(self.key.expose_secret())
-            .expect("any key length");
-        mac.update(b"token-broker/code-fingerprint/v1\0");
-        mac.update(code.as_bytes());
+            .expect("HMAC accepts any key length");
+        mac.update(domain);
+        if let [only] = fields {
+            // Fingerprints predate the length prefix; they must not change.
+            mac.update(only.as_bytes());
+        } else {
+            for field in fields {
+                mac.update(&(field.len() as u64).to_be_bytes());
+                mac.update(field.as_bytes());
+            }
+        }
         hex::encode(mac.finalize().into_bytes())
     }
 }

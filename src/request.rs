@@ -66,7 +66,15 @@ pub struct RawExchange<'a> {
 }
 
 impl ExchangeRequest {
-    pub fn parse(raw: RawExchange<'_>) -> Result<Self, InvalidRequest> {
+    /// Checks `raw`. When it carries no idempotency key, `default_key(client_id, code)` makes
+    /// one: a keyed digest ([`crate::fingerprint::Fingerprinter::idempotency_key`]), so that
+    /// resubmitting the same code for the same client is recognised and the code is never
+    /// presented upstream twice by accident, while a copy of the database confirms no guessed
+    /// code without the key.
+    pub fn parse(
+        raw: RawExchange<'_>,
+        default_key: impl FnOnce(&str, &str) -> String,
+    ) -> Result<Self, InvalidRequest> {
         let mut violations = Vec::new();
         let mut check = |field, result: Result<(), String>| {
             if let Err(description) = result {
@@ -89,7 +97,7 @@ impl ExchangeRequest {
         }
 
         let idempotency_key = if raw.idempotency_key.is_empty() {
-            default_idempotency_key(raw.client_id, raw.code)
+            default_key(raw.client_id, raw.code)
         } else {
             raw.idempotency_key.to_string()
         };
@@ -116,12 +124,6 @@ pub fn parse_job_id(raw: &str) -> Result<JobId, InvalidRequest> {
             description: "must be a job id as returned by SubmitExchange (a UUID)".to_string(),
         }])
     })
-}
-
-/// The idempotency key used when the caller gives none: resubmitting the same code for the
-/// same client is then recognised, so a code is never presented upstream twice by accident.
-pub fn default_idempotency_key(client_id: &str, code: &str) -> String {
-    digest_fields(b"token-broker/idempotency/v1", &[client_id, code])
 }
 
 /// Hex SHA-256 over length-prefixed fields, so that no two field lists share an encoding.
@@ -171,6 +173,11 @@ mod tests {
 
     const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk0123456789abcdefghijkl";
 
+    /// Stands in for the fingerprinter's keyed digest.
+    fn test_key(client_id: &str, code: &str) -> String {
+        digest_fields(b"test", &[client_id, code])
+    }
+
     fn raw<'a>() -> RawExchange<'a> {
         RawExchange {
             client_id: "client-a",
@@ -183,29 +190,26 @@ mod tests {
 
     #[test]
     fn a_valid_request_parses_with_a_default_key() {
-        let request = ExchangeRequest::parse(raw()).unwrap();
+        let request = ExchangeRequest::parse(raw(), test_key).unwrap();
         assert_eq!(request.client_id, "client-a");
         assert_eq!(request.code.expose_secret(), "code-1");
         assert_eq!(request.idempotency_key.len(), 64);
-        assert_eq!(
-            request.idempotency_key,
-            default_idempotency_key("client-a", "code-1")
-        );
-        assert_ne!(
-            request.idempotency_key,
-            default_idempotency_key("client-b", "code-1")
-        );
+        assert_eq!(request.idempotency_key, test_key("client-a", "code-1"));
+        assert_ne!(request.idempotency_key, test_key("client-b", "code-1"));
     }
 
     #[test]
     fn every_violation_is_reported_together() {
-        let error = ExchangeRequest::parse(RawExchange {
-            client_id: "",
-            code: "has space",
-            code_verifier: "short",
-            state: "ok",
-            idempotency_key: &"k".repeat(MAX_IDEMPOTENCY_KEY_LEN + 1),
-        })
+        let error = ExchangeRequest::parse(
+            RawExchange {
+                client_id: "",
+                code: "has space",
+                code_verifier: "short",
+                state: "ok",
+                idempotency_key: &"k".repeat(MAX_IDEMPOTENCY_KEY_LEN + 1),
+            },
+            test_key,
+        )
         .unwrap_err();
         let fields: Vec<_> = error.0.iter().map(|v| v.field).collect();
         assert_eq!(
@@ -217,10 +221,13 @@ mod tests {
     #[test]
     fn verifier_bounds_follow_rfc_7636() {
         let at = |len: usize| {
-            ExchangeRequest::parse(RawExchange {
-                code_verifier: &"a".repeat(len),
-                ..raw()
-            })
+            ExchangeRequest::parse(
+                RawExchange {
+                    code_verifier: &"a".repeat(len),
+                    ..raw()
+                },
+                test_key,
+            )
         };
         assert!(at(42).is_err());
         assert!(at(43).is_ok());
@@ -228,21 +235,27 @@ mod tests {
         assert!(at(129).is_err());
         let with_plus = format!("{}+", &VERIFIER[..50]);
         assert!(
-            ExchangeRequest::parse(RawExchange {
-                code_verifier: &with_plus,
-                ..raw()
-            })
+            ExchangeRequest::parse(
+                RawExchange {
+                    code_verifier: &with_plus,
+                    ..raw()
+                },
+                test_key
+            )
             .is_err()
         );
     }
 
     #[test]
     fn the_digest_tells_different_requests_apart() {
-        let a = ExchangeRequest::parse(raw()).unwrap();
-        let b = ExchangeRequest::parse(RawExchange {
-            state: "other",
-            ..raw()
-        })
+        let a = ExchangeRequest::parse(raw(), test_key).unwrap();
+        let b = ExchangeRequest::parse(
+            RawExchange {
+                state: "other",
+                ..raw()
+            },
+            test_key,
+        )
         .unwrap();
         assert_eq!(a.idempotency_key, b.idempotency_key);
         assert_ne!(a.request_digest, b.request_digest);
@@ -273,7 +286,7 @@ mod tests {
                 state: &state,
                 idempotency_key: &idempotency_key,
             };
-            match ExchangeRequest::parse(raw) {
+            match ExchangeRequest::parse(raw, test_key) {
                 Ok(request) => {
                     proptest::prop_assert!((1..=MAX_CLIENT_ID_LEN).contains(&request.client_id.len()));
                     proptest::prop_assert!((1..=MAX_CODE_LEN).contains(&request.code.expose_secret().len()));

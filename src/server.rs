@@ -271,7 +271,7 @@ impl Daemon {
             listen = %grpc_addr,
             ops_listen = self.ops_addr.map(|addr| addr.to_string()),
             database = %self.config.storage.path.display(),
-            upstream = %self.config.upstream.token_url,
+            upstream = %self.config.upstream.token_url_for_logs(),
             "token-broker serving"
         );
         let failure = Arc::new(parking_lot::Mutex::new(None));
@@ -509,14 +509,22 @@ fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
 /// found at start-up is then known to be dead.
 pub fn lock_database(path: &std::path::Path) -> anyhow::Result<File> {
     let lock_path = crate::config::beside(path, ".lock");
-    if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
+    if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder
+            .create(dir)
             .with_context(|| format!("cannot create the directory {}", dir.display()))?;
     }
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
+    let mut options = File::options();
+    options.create(true).truncate(false).write(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options
         .open(&lock_path)
         .with_context(|| format!("cannot open the lock file {}", lock_path.display()))?;
     file.try_lock().map_err(|_| {

@@ -12,7 +12,6 @@ use std::{collections::HashSet, sync::Arc};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tonic::metadata::MetadataMap;
 
 use parking_lot::RwLock;
 
@@ -150,18 +149,15 @@ impl TenantRegistry {
         tracing::info!(tenants = configs.len(), "tenants reloaded");
     }
 
-    /// Who is calling, from the `authorization` metadata.
-    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, AccessError> {
+    /// Who is calling, from the value of the `authorization` header (`Bearer <key>`; the
+    /// scheme in any case, as RFC 7235 says), if the caller sent one.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, AccessError> {
         let tenants = Arc::clone(&self.tenants.read());
         if tenants.is_empty() {
             return Ok(Caller::Anonymous);
         }
-        let key = metadata
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|key| !key.is_empty())
+        let key = authorization
+            .and_then(bearer_token)
             .ok_or(AccessError::Unauthenticated)?;
         let digest = key_digest(key);
         // Every tenant is compared, each in constant time, so timing says nothing about which
@@ -178,6 +174,14 @@ impl TenantRegistry {
     }
 }
 
+/// The token of a `Bearer` credential: the scheme matched without regard to case, then at
+/// least one space; `None` for another scheme or an empty token.
+fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,28 +196,38 @@ mod tests {
         }])
     }
 
-    fn bearer(key: &str) -> MetadataMap {
-        let mut metadata = MetadataMap::new();
-        metadata.insert("authorization", format!("Bearer {key}").parse().unwrap());
-        metadata
+    fn bearer(key: &str) -> Option<String> {
+        Some(format!("Bearer {key}"))
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER   abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
     }
 
     #[test]
     fn a_known_key_identifies_its_tenant_and_others_are_refused() {
         let (key, _) = new_key();
         let registry = registry(&key);
-        let caller = registry.authenticate(&bearer(&key)).unwrap();
+        let caller = registry.authenticate(bearer(&key).as_deref()).unwrap();
         assert_eq!(caller.tenant(), "shop");
         assert!(caller.require(Role::Submit).is_ok());
         assert!(caller.require(Role::Audit).is_err());
         assert!(caller.may_exchange_for("app").is_ok());
         assert!(caller.may_exchange_for("other").is_err());
         assert_eq!(
-            registry.authenticate(&bearer("wrong")).unwrap_err(),
+            registry
+                .authenticate(bearer("wrong").as_deref())
+                .unwrap_err(),
             AccessError::Unauthenticated
         );
         assert_eq!(
-            registry.authenticate(&MetadataMap::new()).unwrap_err(),
+            registry.authenticate(None).unwrap_err(),
             AccessError::Unauthenticated
         );
     }
@@ -221,7 +235,7 @@ mod tests {
     #[test]
     fn without_tenants_everyone_is_the_default_tenant() {
         let registry = TenantRegistry::new(&[]);
-        let caller = registry.authenticate(&MetadataMap::new()).unwrap();
+        let caller = registry.authenticate(None).unwrap();
         assert_eq!(caller.tenant(), DEFAULT_TENANT);
         assert!(caller.require(Role::Audit).is_ok());
     }

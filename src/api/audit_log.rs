@@ -39,7 +39,9 @@ impl AuditLogApi {
 
     /// Refuses callers without the audit role.
     fn authorize(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), ApiError> {
-        self.tenants.authenticate(metadata)?.require(Role::Audit)?;
+        self.tenants
+            .authenticate(super::authorization(metadata))?
+            .require(Role::Audit)?;
         Ok(())
     }
 }

@@ -6,7 +6,12 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
-use crate::{job::JobState, request::InvalidRequest, store::StoreError, tenants::AccessError};
+use crate::{
+    job::JobState,
+    request::InvalidRequest,
+    store::{QueueFull, StoreError},
+    tenants::AccessError,
+};
 
 /// Everything an RPC can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -17,8 +22,8 @@ pub enum ApiError {
     NotFound,
     #[error("the idempotency key was already used with different contents")]
     KeyConflict,
-    #[error("the queue is full ({pending} jobs pending)")]
-    QueueFull { pending: u64 },
+    #[error("{}", queue_full_message(.0))]
+    QueueFull(QueueFull),
     #[error("the job is {}; only queued or waiting jobs can be cancelled", .0.as_str())]
     NotCancellable(JobState),
     #[error("too many open WatchJob streams for this tenant")]
@@ -27,6 +32,17 @@ pub enum ApiError {
     Access(#[from] AccessError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// What a caller refused by a queue bound is told: its own bound, never the whole queue's depth
+/// (which would tell one tenant about the others).
+fn queue_full_message(bound: &QueueFull) -> String {
+    match bound {
+        QueueFull::Tenant { pending, limit } => {
+            format!("this tenant's queue is full ({pending} of {limit} jobs pending)")
+        }
+        QueueFull::Daemon => "the queue is full; retry later".to_string(),
+    }
 }
 
 /// How long a caller refused for a full queue should wait before trying again.
@@ -48,7 +64,7 @@ impl From<ApiError> for Status {
             ),
             ApiError::NotFound => Status::not_found("no such job"),
             ApiError::KeyConflict => Status::already_exists(error.to_string()),
-            ApiError::QueueFull { .. } => Status::with_error_details(
+            ApiError::QueueFull(_) => Status::with_error_details(
                 Code::ResourceExhausted,
                 error.to_string(),
                 ErrorDetails::with_retry_info(Some(QUEUE_FULL_RETRY)),

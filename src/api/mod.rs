@@ -110,13 +110,16 @@ impl TokenBrokerApi {
         watch: bool,
     ) -> Result<(Job, Option<JobSubscription>), ApiError> {
         caller.require(Role::Submit)?;
-        let request = ExchangeRequest::parse(RawExchange {
-            client_id: &request.client_id,
-            code: &request.code,
-            code_verifier: &request.code_verifier,
-            state: &request.state,
-            idempotency_key: &request.idempotency_key,
-        })?;
+        let request = ExchangeRequest::parse(
+            RawExchange {
+                client_id: &request.client_id,
+                code: &request.code,
+                code_verifier: &request.code_verifier,
+                state: &request.state,
+                idempotency_key: &request.idempotency_key,
+            },
+            |client_id, code| self.fingerprinter.idempotency_key(client_id, code),
+        )?;
         caller.may_exchange_for(&request.client_id)?;
         let code_fingerprint = self.fingerprinter.fingerprint(request.code.expose_secret());
         let job_id = JobId::new();
@@ -148,7 +151,7 @@ impl TokenBrokerApi {
                 Ok((job, None))
             }
             SubmitOutcome::KeyConflict => Err(ApiError::KeyConflict),
-            SubmitOutcome::QueueFull { pending } => Err(ApiError::QueueFull { pending }),
+            SubmitOutcome::QueueFull(bound) => Err(ApiError::QueueFull(bound)),
         }
     }
 
@@ -175,7 +178,7 @@ impl TokenBrokerApi {
 
     /// Authenticates the caller of a TokenBroker RPC.
     fn caller(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Caller, ApiError> {
-        let caller = self.tenants.authenticate(metadata)?;
+        let caller = self.tenants.authenticate(authorization(metadata))?;
         caller.require(Role::Submit)?;
         Ok(caller)
     }
@@ -371,4 +374,11 @@ impl TokenBroker for TokenBrokerApi {
             CancelOutcome::NotFound => Err(ApiError::NotFound.into()),
         }
     }
+}
+
+/// The `authorization` header's value, when present and visible ASCII.
+pub(crate) fn authorization(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
+    metadata
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
 }

@@ -58,6 +58,48 @@ pub enum StoreError {
     Keys(String),
 }
 
+/// Creates the database's directory (mode 0700, when it does not exist) and the database file
+/// itself (mode 0600), before SQLite opens it: SQLite gives its WAL and shared-memory files
+/// the database file's mode, so none of them is readable by other users. An existing file
+/// readable by others is tightened to 0600, with its WAL and shared-memory files.
+fn prepare_private_file(path: &std::path::Path) -> Result<(), StoreError> {
+    let failed = |at: &std::path::Path| {
+        let at = at.display().to_string();
+        move |source| StoreError::Directory { path: at, source }
+    };
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(dir).map_err(failed(dir))?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path).map_err(failed(path))?;
+    #[cfg(unix)]
+    for file in [
+        path.to_path_buf(),
+        crate::config::beside(path, "-wal"),
+        crate::config::beside(path, "-shm"),
+    ] {
+        use std::os::unix::fs::PermissionsExt;
+        let Ok(metadata) = std::fs::metadata(&file) else {
+            continue;
+        };
+        if metadata.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                .map_err(failed(&file))?;
+            tracing::warn!(file = %file.display(), "was readable by other users; now mode 0600");
+        }
+    }
+    Ok(())
+}
+
 impl StoreError {
     /// Whether the failure is the database's condition rather than a bug: unreachable, busy or
     /// locked, full, or an I/O error. A caller may retry such a failure later; any other
@@ -110,8 +152,18 @@ pub enum SubmitOutcome {
     Existing(Job),
     /// The idempotency key was used before with different contents.
     KeyConflict,
-    /// The queue holds `pending` jobs, at or above its bound.
-    QueueFull { pending: u64 },
+    /// A bound on pending jobs refused the submission.
+    QueueFull(QueueFull),
+}
+
+/// Which bound on pending jobs refused a submission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueFull {
+    /// The tenant's own bound (`tenants[].max_pending`): `pending` of `limit`.
+    Tenant { pending: u64, limit: u64 },
+    /// The daemon's bound (`queue.max_pending`). How full the queue is says something about
+    /// other tenants, so it is not reported.
+    Daemon,
 }
 
 /// What a cancellation did.
@@ -218,12 +270,7 @@ impl Store {
         metrics: Arc<Metrics>,
     ) -> Result<(Store, WriterTask), StoreError> {
         let path = &config.path;
-        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Directory {
-                path: dir.display().to_string(),
-                source,
-            })?;
-        }
+        prepare_private_file(path)?;
         let synchronous = match config.synchronous {
             Synchronous::Normal => SqliteSynchronous::Normal,
             Synchronous::Full => SqliteSynchronous::Full,

@@ -20,7 +20,8 @@ use sqlx::{Connection, Row, SqliteConnection, sqlite::SqliteRow};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    AttemptRecord, CancelOutcome, Candidate, Claim, Lease, NewJobOwned, StoreError, SubmitOutcome,
+    AttemptRecord, CancelOutcome, Candidate, Claim, Lease, NewJobOwned, QueueFull, StoreError,
+    SubmitOutcome,
     audit::{self, AuditEvent, ChainHead},
     job_from_row,
 };
@@ -423,23 +424,32 @@ async fn submit_many(
 ) -> Result<Vec<Applied>, StoreError> {
     let mut pending = tracked.pending;
     let mut by_tenant: HashMap<&str, u64> = HashMap::new();
-    let admitted: Vec<bool> = submissions
+    // For each submission, the bound that refuses it, if any: the tenant's own first, so a
+    // tenant is told about its own bound rather than the whole queue.
+    let refusals: Vec<Option<QueueFull>> = submissions
         .iter()
         .map(|(new, _)| {
             let tenant_pending = by_tenant
                 .entry(new.tenant.as_str())
                 .or_insert_with(|| tracked.pending_of(&new.tenant));
-            let fits = u64::try_from(pending).unwrap_or(0) < new.max_pending
-                && new
-                    .max_pending_tenant
-                    .is_none_or(|limit| *tenant_pending < limit);
-            if fits {
+            let refusal = match new.max_pending_tenant {
+                Some(limit) if *tenant_pending >= limit => Some(QueueFull::Tenant {
+                    pending: *tenant_pending,
+                    limit,
+                }),
+                _ if u64::try_from(pending).unwrap_or(0) >= new.max_pending => {
+                    Some(QueueFull::Daemon)
+                }
+                _ => None,
+            };
+            if refusal.is_none() {
                 pending += 1;
                 *tenant_pending += 1;
             }
-            fits
+            refusal
         })
         .collect();
+    let admitted: Vec<bool> = refusals.iter().map(Option::is_none).collect();
     let mut inserted: std::collections::HashMap<String, SqliteRow> =
         std::collections::HashMap::new();
     let to_insert: Vec<&(&NewJobOwned, UnixMillis)> = submissions
@@ -488,7 +498,7 @@ async fn submit_many(
         }
     }
     let mut results = Vec::with_capacity(submissions.len());
-    for ((new, now), admitted) in submissions.iter().zip(admitted) {
+    for ((new, now), refusal) in submissions.iter().zip(refusals) {
         let request = &new.request;
         if let Some(row) = inserted.get(&new.job_id.to_string()) {
             let job = job_from_row(row, Some(&tracked.keys))?;
@@ -516,9 +526,9 @@ async fn submit_many(
                 SubmitOutcome::Existing(job_from_row(&row, Some(&tracked.keys))?)
             }
             Some(_) => SubmitOutcome::KeyConflict,
-            None if !admitted => SubmitOutcome::QueueFull {
-                pending: u64::try_from(tracked.pending).unwrap_or(0),
-            },
+            None if refusal.is_some() => {
+                SubmitOutcome::QueueFull(refusal.unwrap_or(QueueFull::Daemon))
+            }
             None => {
                 return Err(StoreError::Corrupt(format!(
                     "job {} was neither inserted nor found by its key",

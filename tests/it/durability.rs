@@ -37,13 +37,16 @@ async fn a_restart_completes_the_jobs_left_queued() {
 
 fn request_for(fake: &token_broker::fake_upstream::FakeUpstream) -> ExchangeRequest {
     let raw = new_request(fake, "client-a");
-    ExchangeRequest::parse(RawExchange {
-        client_id: &raw.client_id,
-        code: &raw.code,
-        code_verifier: &raw.code_verifier,
-        state: &raw.state,
-        idempotency_key: &raw.idempotency_key,
-    })
+    ExchangeRequest::parse(
+        RawExchange {
+            client_id: &raw.client_id,
+            code: &raw.code,
+            code_verifier: &raw.code_verifier,
+            state: &raw.state,
+            idempotency_key: &raw.idempotency_key,
+        },
+        |client_id, code| format!("{client_id}/{}", code.len()),
+    )
     .expect("valid request")
 }
 

@@ -343,10 +343,41 @@ async fn a_tenant_at_its_own_queue_bound_is_refused_while_others_go_on() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
+    // The shop learns its own bound, nothing about the rest of the queue.
+    assert_eq!(
+        status.message(),
+        "this tenant's queue is full (2 of 2 jobs pending)"
+    );
     // Another tenant is not affected by the shop's bound.
     app.client
         .submit_exchange(as_key(app.new_request("bank-app"), Some(&keys.bank)))
         .await
         .unwrap();
     assert_eq!(app.count_rows("jobs").await, 3);
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_accepted_in_any_case() {
+    let (mut app, keys) = spawn().await;
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let mut request = Request::new(app.new_request("shop-app"));
+        request.metadata_mut().insert(
+            "authorization",
+            format!("{scheme} {}", keys.shop).parse().unwrap(),
+        );
+        let job = app
+            .client
+            .submit_exchange(request)
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!job.job_id.is_empty(), "{scheme}");
+    }
+    let mut request = Request::new(app.new_request("shop-app"));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Basic {}", keys.shop).parse().unwrap(),
+    );
+    let status = app.client.submit_exchange(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
 }

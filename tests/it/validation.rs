@@ -157,6 +157,7 @@ async fn a_full_queue_refuses_with_a_retry_hint_and_keeps_what_it_accepted() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(status.message(), "the queue is full; retry later");
     let details = status.get_error_details();
     assert!(details.retry_info().is_some(), "a retry hint is attached");
     assert_eq!(app.count_rows("jobs").await, 2);

@@ -1,0 +1,232 @@
+//! Bounded under abuse and careless configuration: what `config check` accepts, `serve` runs;
+//! data at rest is private to the daemon's user; tenants learn nothing of each other.
+
+use std::{os::unix::fs::PermissionsExt, process::Command, sync::Arc};
+
+use token_broker::api::proto::JobState;
+
+use crate::helpers::{TestApp, start_fake, test_config};
+
+fn mode(path: &std::path::Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[tokio::test]
+async fn database_files_keys_and_the_created_directory_are_private() {
+    let fake = start_fake().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut config = test_config(&dir, &fake);
+    config.storage.path = dir.path().join("data").join("broker.db");
+    let db = config.storage.path.clone();
+    let mut app = TestApp::start(config, fake, Arc::clone(&dir)).await;
+    let job = app.exchange(app.new_request("client-a")).await;
+    assert_eq!(job.state(), JobState::Succeeded);
+    assert_eq!(
+        mode(&dir.path().join("data")),
+        0o700,
+        "the created directory"
+    );
+    for suffix in ["", "-wal", "-shm", ".lock", ".key", ".audit-key"] {
+        let path = token_broker::config::beside(&db, suffix);
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+    }
+}
+
+#[tokio::test]
+async fn a_database_readable_by_others_is_tightened_at_start() {
+    let fake = start_fake().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let config = test_config(&dir, &fake);
+    let app = TestApp::start(config.clone(), fake, Arc::clone(&dir)).await;
+    let (config, fake, dir) = app.stop().await;
+    let db = config.storage.path.clone();
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let app = TestApp::start(config, fake, dir).await;
+    assert_eq!(mode(&db), 0o600);
+    app.stop().await;
+}
+
+/// `token-broker config check` on a file holding `toml`: its exit code and output.
+fn config_check(dir: &std::path::Path, toml: &str) -> (i32, String) {
+    let file = dir.join("broker.toml");
+    std::fs::write(&file, toml).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_token-broker"))
+        .args(["config", "check"])
+        .arg(&file)
+        .env_remove("TOKEN_BROKER_STORAGE__PATH")
+        .output()
+        .expect("run config check");
+    let text = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn a_directory_as_the_database_is_refused_before_any_file_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("somewhere");
+    std::fs::create_dir(&target).unwrap();
+    let (code, text) = config_check(
+        dir.path(),
+        &format!("[storage]\npath = {:?}\n", target.display().to_string()),
+    );
+    assert_eq!(code, 78, "{text}");
+    assert!(text.contains("is a directory"), "{text}");
+    let beside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(beside.len(), 2, "nothing created beside it: {beside:?}");
+}
+
+#[test]
+fn values_that_serve_cannot_run_are_refused_by_config_check() {
+    let dir = tempfile::tempdir().unwrap();
+    for (toml, expected) in [
+        (
+            "[storage]\nbusy_timeout_ms = 2147483648\n",
+            "storage.busy_timeout_ms",
+        ),
+        (
+            "[upstream]\ntimeout_ms = 9223372036854775807\n",
+            "upstream.timeout_ms",
+        ),
+        (
+            "[upstream]\ntimeout_ms = 18446744073709551615\n",
+            "timeout_ms",
+        ),
+        (
+            "[retry]\njob_ttl_secs = 9223372036854775807\n",
+            "retry.job_ttl_secs",
+        ),
+        (
+            "[upstream]\ntoken_url = \"http://u:secret@example.com/v1/token\"\n",
+            "in clear",
+        ),
+    ] {
+        let (code, text) = config_check(dir.path(), toml);
+        assert_eq!(code, 78, "{toml}: {text}");
+        assert!(text.contains(expected), "{toml}: {text}");
+        assert!(
+            !text.contains("secret@"),
+            "credentials are never printed: {text}"
+        );
+    }
+    let (code, text) = config_check(
+        dir.path(),
+        "[audit]\nretention_days = 9223372036854775807\n",
+    );
+    assert_eq!(code, 0, "{text}");
+}
+
+/// Every numeric setting at the top and at the bottom of its documented range starts the daemon,
+/// which then serves an exchange.
+#[tokio::test]
+async fn every_setting_at_the_ends_of_its_range_starts_serve() {
+    for extreme in [Extreme::Low, Extreme::High] {
+        let fake = start_fake().await;
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let mut config = test_config(&dir, &fake);
+        extreme.apply(&mut config);
+        let mut app = TestApp::start(config, fake, dir).await;
+        let job = app.exchange(app.new_request("client-a")).await;
+        assert_eq!(job.state(), JobState::Succeeded, "{extreme:?}: {job:?}");
+        app.stop().await;
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Extreme {
+    Low,
+    High,
+}
+
+impl Extreme {
+    fn apply(self, config: &mut token_broker::config::Config) {
+        let high = matches!(self, Extreme::High);
+        let pick = |low: u64, high_value: u64| if high { high_value } else { low };
+        config.server.shutdown_grace_ms = pick(0, 3_600_000);
+        config.server.max_message_bytes = pick(4096, 16 << 20) as usize;
+        config.server.max_concurrent_streams = pick(1, 65_536) as u32;
+        config.server.max_watches_per_tenant = pick(1, 1_000_000) as usize;
+        config.storage.busy_timeout_ms = pick(0, 600_000);
+        config.storage.max_size_mb = pick(0, 1 << 28);
+        config.upstream.timeout_ms = pick(1_000, 600_000);
+        config.upstream.connect_timeout_ms = pick(1_000, 600_000);
+        config.upstream.max_response_bytes = pick(1024, 16 << 20) as usize;
+        config.upstream.max_retry_after_secs = pick(1, 86_400);
+        config.limits.global_rps = pick(0, 1_000_000) as u32;
+        config.limits.global_burst = pick(0, 1_000_000) as u32;
+        config.limits.default_client_rps = pick(0, 1_000_000) as u32;
+        config.limits.default_client_burst = pick(0, 1_000_000) as u32;
+        config.limits.recovery_quiet_secs = pick(0, 86_400);
+        config.retry.max_attempts = pick(1, 100) as u32;
+        config.retry.initial_delay_ms = pick(1, 86_400_000);
+        config.retry.max_delay_ms = pick(1, 86_400_000);
+        config.retry.job_ttl_secs = pick(1, 7 * 86_400);
+        config.queue.max_pending = pick(1, 100_000_000);
+        config.worker.concurrency = pick(1, 10_000) as u32;
+        config.worker.poll_interval_ms = pick(1, 3_600_000);
+        config.breaker.failure_threshold = pick(0, 1_000_000) as u32;
+        config.breaker.cool_down_ms = pick(0, 3_600_000);
+        config.security.token_retention_secs = pick(0, 30 * 86_400);
+        config.audit.retention_days = pick(0, u64::MAX);
+        if !high {
+            // The low end with the global limit on: one request per second.
+            config.limits.global_rps = 1;
+            config.limits.global_burst = 1;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_keep_forever_retention_keeps_every_event() {
+    let fake = start_fake().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let config = test_config(&dir, &fake);
+    let mut app = TestApp::start(config, fake, dir).await;
+    app.exchange(app.new_request("client-a")).await;
+    let before = app.count_rows("audit_events").await;
+    assert!(before >= 4, "{before}");
+    let (mut config, fake, dir) = app.stop().await;
+    config.audit.retention_days = 9_223_372_036_854_775_807;
+    let mut app = TestApp::start(config, fake, dir).await;
+    // A change after the start goes through the same writer as any pruning would.
+    app.exchange(app.new_request("client-a")).await;
+    let after = app.count_rows("audit_events").await;
+    assert_eq!(
+        after,
+        before * 2,
+        "every event is kept: {before} then {after}"
+    );
+}
+
+#[tokio::test]
+async fn default_idempotency_keys_depend_on_the_daemons_key() {
+    let fake = start_fake().await;
+    let request = crate::helpers::new_request(&fake, "client-a");
+    let mut keys = Vec::new();
+    for _ in 0..2 {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let config = test_config(&dir, &fake);
+        let mut app = TestApp::start(config, fake.clone(), dir).await;
+        let job = app.submit(request.clone()).await;
+        keys.push(job.idempotency_key);
+        app.stop().await;
+    }
+    assert_eq!(keys[0].len(), 64);
+    assert_ne!(keys[0], keys[1], "two keys, two default idempotency keys");
+    // Nor is it the plain digest anyone could recompute from a guessed code.
+    use sha2::{Digest, Sha256};
+    let mut plain = Sha256::new();
+    plain.update(b"token-broker/idempotency/v1");
+    for field in [request.client_id.as_str(), request.code.as_str()] {
+        plain.update((field.len() as u64).to_be_bytes());
+        plain.update(field.as_bytes());
+    }
+    assert_ne!(keys[0], hex::encode(plain.finalize()));
+}
