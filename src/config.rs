@@ -85,6 +85,14 @@ pub struct ServerConfig {
     pub max_watches_per_tenant: usize,
     /// TLS for the gRPC listener; absent means plaintext.
     pub tls: Option<TlsConfig>,
+    /// Open gRPC connections at most; more are closed at once. Lowered at start to fit the
+    /// process's file limit.
+    pub max_connections: usize,
+    /// A new connection (either listener) must send its first bytes within this.
+    pub handshake_timeout_ms: u64,
+    /// A gRPC connection that reads nothing (not even a keepalive ping's answer) for this long
+    /// is closed.
+    pub idle_timeout_secs: u64,
 }
 
 /// TLS (and, with a client CA, mutual TLS) for the gRPC listener.
@@ -110,6 +118,9 @@ impl Default for ServerConfig {
             max_concurrent_streams: 1024,
             max_watches_per_tenant: 10_000,
             tls: None,
+            max_connections: 10_000,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_secs: 300,
         }
     }
 }
@@ -611,6 +622,24 @@ impl Config {
             "server.max_watches_per_tenant",
             s.max_watches_per_tenant,
             1..=1_000_000,
+        );
+        check_range(
+            e,
+            "server.max_connections",
+            s.max_connections,
+            1..=1_000_000,
+        );
+        check_range(
+            e,
+            "server.handshake_timeout_ms",
+            s.handshake_timeout_ms,
+            100..=600_000,
+        );
+        check_range(
+            e,
+            "server.idle_timeout_secs",
+            s.idle_timeout_secs,
+            1..=86_400,
         );
         // SQLite takes the busy timeout as a C int of milliseconds.
         check_range(

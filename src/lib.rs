@@ -19,6 +19,7 @@
 //! - [`job`], [`secret`]: domain types; [`crypto`]: secrets encrypted at rest.
 //! - [`config`]: layered configuration, checked as a whole.
 //! - [`fake_upstream`]: a fake Truecaller for development and tests.
+//! - [`connections`]: connection caps and timeouts for both listeners.
 //! - [`ops_http`]: `/metrics`, `/healthz` and `/readyz`; [`metrics`]: the Prometheus series.
 //! - [`inspect`]: the auditors' command line (`jobs`, `audit`), reading the database read-only.
 //! - [`bench`]: the load generator (`token-broker bench`).
@@ -34,6 +35,7 @@ pub mod bench;
 pub mod breaker;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod crypto;
 pub mod fake_upstream;
 pub mod feed;

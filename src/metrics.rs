@@ -44,6 +44,8 @@ pub struct Metrics {
     pub oldest_job_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub effective_rate: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub breaker_open: Gauge,
+    /// Connections refused or closed by the listeners' bounds, by listener and event.
+    pub connections: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -64,6 +66,7 @@ impl Metrics {
             queue_depth: Gauge::default(),
             oldest_job_age: Gauge::default(),
             effective_rate: Family::default(),
+            connections: Family::default(),
             breaker_open: Gauge::default(),
             registry: Registry::default(),
         };
@@ -132,6 +135,13 @@ impl Metrics {
             "Circuit breaker state: 0 closed, 1 half-open, 2 open",
             metrics.breaker_open.clone(),
         );
+        registry.register(
+            "connection_events",
+            "Connections refused over a listener's cap (refused_over_cap), closed for sending \
+             nothing in time (closed_handshake_timeout, closed_idle), and failed accepts \
+             (accept_error), by listener (grpc, ops)",
+            metrics.connections.clone(),
+        );
         Arc::new(Metrics {
             registry,
             ..metrics
@@ -150,6 +160,15 @@ impl Metrics {
             .get_or_create(&vec![
                 ("state", state.to_string()),
                 ("reason", reason.unwrap_or_default()),
+            ])
+            .inc();
+    }
+
+    pub fn connection_event(&self, listener: &'static str, event: &'static str) {
+        self.connections
+            .get_or_create(&vec![
+                ("listener", listener.to_string()),
+                ("event", event.to_string()),
             ])
             .inc();
     }

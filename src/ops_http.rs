@@ -13,12 +13,12 @@ use std::{
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    breaker::BreakerState, job::UnixMillis, metrics::Metrics, store::Store, worker::Worker,
+    breaker::BreakerState, connections::Guarded, job::UnixMillis, metrics::Metrics, store::Store,
+    worker::Worker,
 };
 
 /// Whether the daemon should receive traffic.
@@ -82,18 +82,24 @@ impl OpsState {
     }
 }
 
-/// Serves the endpoints until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, state: OpsState, stop: CancellationToken) {
+/// How long the ops listener waits for a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves the endpoints on the connections `accept` admits ([`crate::connections::accept`])
+/// until `stop` is cancelled.
+pub async fn serve(
+    mut accepted: tokio::sync::mpsc::Receiver<std::io::Result<Guarded>>,
+    state: OpsState,
+    stop: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    tracing::warn!(%error, "ops listener: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+            next = accepted.recv() => match next {
+                Some(Ok(stream)) => stream,
+                Some(Err(_)) => continue,
+                // The accept loop ended: only at shutdown.
+                None => return stop.cancelled().await,
             },
         };
         let state = state.clone();
@@ -103,7 +109,10 @@ pub async fn serve(listener: TcpListener, state: OpsState, stop: CancellationTok
                 let state = state.clone();
                 async move { Ok::<_, std::convert::Infallible>(answer(&request, &state).await) }
             });
+            // hyper applies the header timeout only when it has a timer.
             let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = connection => {}

@@ -10,6 +10,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     api::{ApiContext, AuditLogApi, TokenBrokerApi, proto},
     config::Config,
+    connections::{self, ConnectionLimits},
     crypto::KeyRing,
     feed::JobFeed,
     fingerprint::Fingerprinter,
@@ -115,6 +116,9 @@ struct Daemon {
     health: tonic_health::server::HealthReporter,
     /// Where `/metrics`, `/healthz` and `/readyz` answer, for the start-up log line.
     ops_addr: Option<std::net::SocketAddr>,
+    metrics: Arc<Metrics>,
+    /// The gRPC listener's connection cap, fitted to the file limit.
+    max_connections: usize,
 }
 
 impl Daemon {
@@ -126,6 +130,7 @@ impl Daemon {
         reloads: watch::Receiver<Config>,
     ) -> anyhow::Result<Daemon> {
         let lock = lock_database(&config.storage.path)?;
+        let max_connections = connection_cap(&config);
         let key_path = config.fingerprint_key_path();
         let (fingerprinter, created) = Fingerprinter::load_or_create(&key_path)?;
         if created {
@@ -213,7 +218,16 @@ impl Daemon {
                 store: store.clone(),
                 worker: Arc::clone(&worker),
             };
-            supervisor.spawn("ops", ops_http::serve(listener, state, ops_stop.clone()));
+            let limits = ConnectionLimits {
+                listener: "ops",
+                max_connections: OPS_MAX_CONNECTIONS,
+                handshake_timeout: Duration::from_millis(config.server.handshake_timeout_ms),
+                idle_timeout: OPS_IDLE_TIMEOUT,
+            };
+            let (accepted, accept_loop) =
+                connections::accept(listener, limits, Arc::clone(&metrics), ops_stop.clone());
+            supervisor.spawn("ops-accept", accept_loop);
+            supervisor.spawn("ops", ops_http::serve(accepted, state, ops_stop.clone()));
         }
 
         let health = tonic_health::server::HealthReporter::new();
@@ -248,6 +262,8 @@ impl Daemon {
             readiness,
             health,
             ops_addr,
+            metrics,
+            max_connections,
         })
     }
 
@@ -300,8 +316,22 @@ impl Daemon {
                 stop.cancel();
             }
         };
+        let limits = ConnectionLimits {
+            listener: "grpc",
+            max_connections: self.max_connections,
+            handshake_timeout: Duration::from_millis(self.config.server.handshake_timeout_ms),
+            idle_timeout: Duration::from_secs(self.config.server.idle_timeout_secs),
+        };
+        let (accepted, accept_loop) = connections::accept(
+            listener,
+            limits,
+            Arc::clone(&self.metrics),
+            self.stop.clone(),
+        );
+        self.supervisor.spawn("grpc-accept", accept_loop);
+        let incoming = tokio_stream::wrappers::ReceiverStream::new(accepted);
         let served = routes
-            .serve_with_incoming_shutdown(incoming(listener), drain)
+            .serve_with_incoming_shutdown(incoming, drain)
             .await
             .context("gRPC server failed");
         // Whatever ended serving, stop everything else too.
@@ -496,13 +526,43 @@ async fn retention(store: Store, keep: Duration, stop: CancellationToken) {
     }
 }
 
-/// Accepted connections with TCP_NODELAY, so that a streamed message and the trailers that
-/// follow it are not held back by Nagle's algorithm (a delayed-ACK stall of about 40 ms per
-/// WatchJob or Exchange answer otherwise), and with keepalive, so dead peers are noticed.
-fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)))
+/// Open connections the ops listener (`/metrics`, `/healthz`, `/readyz`) takes at most.
+const OPS_MAX_CONNECTIONS: usize = 64;
+/// An ops connection idle this long is closed (scrapers reconnect).
+const OPS_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Raises the file limit and fits the gRPC connection cap under it, keeping room for the ops
+/// listener and the daemon's own files. Accepted connections get TCP_NODELAY (see
+/// [`connections`]), so that a streamed message and the trailers that follow it are not held
+/// back by Nagle's algorithm (a delayed-ACK stall of about 40 ms per answer otherwise).
+fn connection_cap(config: &Config) -> usize {
+    let configured = config.server.max_connections;
+    let limit = match connections::raise_file_limit() {
+        Ok(limit) => limit,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read or raise the open-file limit");
+            return configured;
+        }
+    };
+    let room = limit.saturating_sub(connections::RESERVED_FILES + OPS_MAX_CONNECTIONS as u64);
+    let cap = configured
+        .min(usize::try_from(room).unwrap_or(usize::MAX))
+        .max(1);
+    if cap < configured {
+        tracing::warn!(
+            open_file_limit = limit,
+            configured,
+            cap,
+            "server.max_connections lowered to fit the open-file limit (raise LimitNOFILE)"
+        );
+    } else {
+        tracing::info!(
+            open_file_limit = limit,
+            max_connections = cap,
+            "connection cap"
+        );
+    }
+    cap
 }
 
 /// Takes an exclusive lock beside the database, so two daemons never share one: every lease

@@ -230,3 +230,123 @@ async fn default_idempotency_keys_depend_on_the_daemons_key() {
     }
     assert_ne!(keys[0], hex::encode(plain.finalize()));
 }
+
+/// `/healthz` through a fresh connection: whether it answered 200.
+async fn healthz(ops: std::net::SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(ops).await else {
+        return false;
+    };
+    if stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer).await;
+    answer.starts_with("HTTP/1.1 200")
+}
+
+/// 1,100 idle connections to the gRPC port of a daemon limited to 1,024 open files, and 200
+/// slowloris connections (a header line, then nothing) to its ops port: both listeners stay
+/// usable, and a fresh `Exchange` and `/healthz` succeed once the idle sockets time out.
+#[tokio::test]
+async fn idle_and_slowloris_connections_cannot_exhaust_the_daemon() {
+    use tokio::io::AsyncWriteExt;
+    let fake = start_fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("broker.db");
+    let token_url = fake.token_url();
+    // prlimit sets the soft and hard limits the daemon starts with (a systemd default).
+    let mut child = Command::new("prlimit")
+        .arg("--nofile=1024:1024")
+        .arg(env!("CARGO_BIN_EXE_token-broker"))
+        .args(["--log-format", "json", "serve"])
+        .env("TOKEN_BROKER_SERVER__LISTEN", "127.0.0.1:0")
+        .env("TOKEN_BROKER_SERVER__METRICS_LISTEN", "127.0.0.1:0")
+        .env("TOKEN_BROKER_SERVER__HANDSHAKE_TIMEOUT_MS", "1500")
+        .env("TOKEN_BROKER_STORAGE__PATH", &db)
+        .env("TOKEN_BROKER_UPSTREAM__TOKEN_URL", &token_url)
+        .env("TOKEN_BROKER_LIMITS__GLOBAL_RPS", "0")
+        .env("TOKEN_BROKER_LIMITS__DEFAULT_CLIENT_RPS", "0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the daemon under prlimit");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if event["message"] == "token-broker serving"
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send((
+                    event["listen"].as_str().unwrap_or_default().to_string(),
+                    event["ops_listen"].as_str().unwrap_or_default().to_string(),
+                ));
+            }
+        }
+    });
+    let (grpc, ops) = rx.recv_timeout(crate::helpers::PATIENCE).expect("serving");
+    let grpc: std::net::SocketAddr = grpc.parse().unwrap();
+    let ops: std::net::SocketAddr = ops.parse().unwrap();
+
+    let mut idle = Vec::new();
+    for _ in 0..1_100 {
+        if let Ok(stream) = tokio::net::TcpStream::connect(grpc).await {
+            idle.push(stream);
+        }
+    }
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(ops).await {
+            let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\n").await;
+            slow.push(stream);
+        }
+    }
+    // Within seconds (the handshake and header timeouts), both listeners serve again, while
+    // the idle and slow sockets are still open on this side.
+    let recovered = async {
+        loop {
+            if healthz(ops).await {
+                let mut client =
+                    token_broker::api::proto::token_broker_client::TokenBrokerClient::new(
+                        tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+                            .unwrap()
+                            .connect_lazy(),
+                    );
+                let request = crate::helpers::new_request(&fake, "client-a");
+                if let Ok(job) = client.exchange(request).await {
+                    return job.into_inner();
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    };
+    let job = tokio::time::timeout(crate::helpers::PATIENCE, recovered)
+        .await
+        .expect("an exchange and /healthz succeed despite the idle connections");
+    assert_eq!(job.state(), JobState::Succeeded);
+    assert_eq!(idle.len(), 1_100);
+    let metrics = reqwest::get(format!("http://{ops}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("listener=\"grpc\"") && metrics.contains("closed_handshake_timeout"),
+        "the closed connections are counted:\n{metrics}"
+    );
+    drop((idle, slow));
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -2,15 +2,18 @@
 //! directory, and the fake Truecaller upstream over HTTP. One binary, one module per area.
 
 mod audit;
+mod bounds;
 mod crash;
 mod durability;
 mod exchange;
 mod fake;
 mod faults;
 mod helpers;
+mod hostile;
 mod operations;
 mod resilience;
 mod security;
+mod supervision;
 mod tenants;
 mod tls;
 mod validation;
