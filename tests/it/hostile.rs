@@ -133,8 +133,13 @@ async fn a_retry_after_date_in_the_year_9999_is_clamped() {
     a_far_retry_after_is_clamped("Fri, 31 Dec 9999 23:59:59 GMT").await;
 }
 
-/// A past date means "now"; values that are neither delay-seconds nor an HTTP date (including
-/// digits that overflow u64) are ignored. Either way the job is retried after the backoff (and
+#[tokio::test]
+async fn a_retry_after_with_more_digits_than_any_integer_is_clamped() {
+    a_far_retry_after_is_clamped("99999999999999999999999999").await;
+}
+
+/// A past date means "now"; values that are neither delay-seconds nor an HTTP date are
+/// ignored. Either way the job is retried after the backoff (and
 /// the client's default pause) and succeeds.
 #[tokio::test]
 async fn past_and_garbage_retry_after_values_are_ignored() {
@@ -144,7 +149,6 @@ async fn past_and_garbage_retry_after_values_are_ignored() {
         ("a past date", past.as_str()),
         ("a word", "soon"),
         ("a negative number", "-5"),
-        ("digits that overflow u64", "99999999999999999999999999"),
     ];
     for (index, (case, retry_after)) in cases.into_iter().enumerate() {
         app.fake.script([
