@@ -7,7 +7,7 @@
 
 use std::{
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -158,7 +158,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     };
 
     let next = Arc::new(AtomicUsize::new(0));
-    let histogram = Arc::new(Mutex::new(
+    let histogram = Arc::new(parking_lot::Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
     ));
     let succeeded = Arc::new(AtomicUsize::new(0));
@@ -187,10 +187,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
                 let sent = Instant::now();
                 let ok = target.exchange(n, &client_id, code, &codes.verifier).await;
                 let micros = sent.elapsed().as_micros().max(1) as u64;
-                histogram
-                    .lock()
-                    .expect("histogram lock")
-                    .saturating_record(micros);
+                histogram.lock().saturating_record(micros);
                 if ok {
                     succeeded.fetch_add(1, Ordering::Relaxed);
                 }
@@ -199,7 +196,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     }
     workers.join_all().await;
     let elapsed = started.elapsed();
-    let histogram = histogram.lock().expect("histogram lock");
+    let histogram = histogram.lock();
     let ms = |micros: u64| micros as f64 / 1000.0;
     let succeeded = succeeded.load(Ordering::Relaxed);
     Ok(BenchReport {

@@ -272,7 +272,8 @@ pub struct RetryConfig {
     pub max_attempts: u32,
     /// Delay before the first retry (doubled per retry, with jitter of up to the same again).
     pub initial_delay_ms: u64,
-    /// Cap on any one retry delay, `Retry-After` included.
+    /// Cap on a backoff delay. A longer `Retry-After` is still honoured (after clamping to
+    /// `upstream.max_retry_after_secs`), within the job's TTL.
     pub max_delay_ms: u64,
     /// A job that has not succeeded this long after submission fails `EXPIRED`.
     pub job_ttl_secs: u64,
