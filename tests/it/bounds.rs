@@ -260,44 +260,14 @@ async fn idle_and_slowloris_connections_cannot_exhaust_the_daemon() {
     let db = dir.path().join("broker.db");
     let token_url = fake.token_url();
     // prlimit sets the soft and hard limits the daemon starts with (a systemd default).
-    let mut child = Command::new("prlimit")
-        .arg("--nofile=1024:1024")
-        .arg(env!("CARGO_BIN_EXE_token-broker"))
-        .args(["--log-format", "json", "serve"])
-        .env("TOKEN_BROKER_SERVER__LISTEN", "127.0.0.1:0")
-        .env("TOKEN_BROKER_SERVER__METRICS_LISTEN", "127.0.0.1:0")
-        .env("TOKEN_BROKER_SERVER__HANDSHAKE_TIMEOUT_MS", "1500")
-        .env("TOKEN_BROKER_STORAGE__PATH", &db)
-        .env("TOKEN_BROKER_UPSTREAM__TOKEN_URL", &token_url)
-        .env("TOKEN_BROKER_LIMITS__GLOBAL_RPS", "0")
-        .env("TOKEN_BROKER_LIMITS__DEFAULT_CLIENT_RPS", "0")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the daemon under prlimit");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut tx = Some(tx);
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if event["message"] == "token-broker serving"
-                && let Some(tx) = tx.take()
-            {
-                let _ = tx.send((
-                    event["listen"].as_str().unwrap_or_default().to_string(),
-                    event["ops_listen"].as_str().unwrap_or_default().to_string(),
-                ));
-            }
-        }
-    });
-    let (grpc, ops) = rx.recv_timeout(crate::helpers::PATIENCE).expect("serving");
-    let grpc: std::net::SocketAddr = grpc.parse().unwrap();
-    let ops: std::net::SocketAddr = ops.parse().unwrap();
+    let daemon = crate::helpers::Daemon::start_wrapped(
+        &["prlimit", "--nofile=1024:1024"],
+        &db,
+        &token_url,
+        None,
+        &[("TOKEN_BROKER_SERVER__HANDSHAKE_TIMEOUT_MS", "1500")],
+    );
+    let (grpc, ops) = (daemon.addr, daemon.ops_addr);
 
     let mut idle = Vec::new();
     for _ in 0..1_100 {
@@ -346,7 +316,5 @@ async fn idle_and_slowloris_connections_cannot_exhaust_the_daemon() {
         metrics.contains("listener=\"grpc\"") && metrics.contains("closed_handshake_timeout"),
         "the closed connections are counted:\n{metrics}"
     );
-    drop((idle, slow));
-    let _ = child.kill();
-    let _ = child.wait();
+    drop((idle, slow, daemon));
 }

@@ -418,7 +418,28 @@ impl Daemon {
         log: Option<PathBuf>,
         env: &[(&str, &str)],
     ) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_token-broker"))
+        Self::start_wrapped(&[], db, token_url, log, env)
+    }
+
+    /// [`Daemon::start_with_env`], run through `wrapper` (a program and its arguments, such as
+    /// `prlimit --nofile=1024:1024`) when it is not empty.
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        db: &Path,
+        token_url: &str,
+        log: Option<PathBuf>,
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        let binary = env!("CARGO_BIN_EXE_token-broker");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let mut child = command
             .envs(env.iter().copied())
             .args(["--log-format", "json", "serve"])
             .env("RUST_LOG", "info")
