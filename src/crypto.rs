@@ -107,14 +107,10 @@ fn new_key_hex() -> SecretString {
 }
 
 fn write_key_file(path: &Path, contents: &str, create_new: bool) -> std::io::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
+    crate::private_files::create_parent_dir(path)?;
     let temp = path.with_extension("tmp");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut options = crate::private_files::write_options();
+    options.create(true).truncate(true);
     let target = if create_new { path } else { &temp };
     if create_new {
         options.create_new(true);

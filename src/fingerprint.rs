@@ -121,14 +121,10 @@ impl Fingerprinter {
 }
 
 fn write_new_key(path: &Path, hex_key: &str) -> std::io::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path)?;
+    crate::private_files::create_parent_dir(path)?;
+    let mut file = crate::private_files::write_options()
+        .create_new(true)
+        .open(path)?;
     writeln!(file, "{hex_key}")?;
     file.sync_all()
 }

@@ -16,7 +16,8 @@
 //! - [`breaker`]: the circuit breaker that pauses attempts while upstream fails.
 //! - [`upstream`]: the HTTP call to Truecaller's token endpoint.
 //! - [`retry`]: the pure retry decision: classification and delays.
-//! - [`job`], [`secret`]: domain types; [`crypto`]: secrets encrypted at rest.
+//! - [`job`], [`secret`]: domain types; [`crypto`]: secrets encrypted at rest;
+//!   [`private_files`]: the daemon's files and directories, private to its user.
 //! - [`config`]: layered configuration, checked as a whole.
 //! - [`fake_upstream`]: a fake Truecaller for development and tests.
 //! - [`connections`]: connection caps and timeouts for both listeners.
@@ -45,6 +46,7 @@ pub mod job;
 pub mod limits;
 pub mod metrics;
 pub mod ops_http;
+pub mod private_files;
 pub mod request;
 pub mod retry;
 pub mod secret;

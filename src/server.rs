@@ -16,6 +16,7 @@ use crate::{
     fingerprint::Fingerprinter,
     metrics::Metrics,
     ops_http::{self, OpsState, Readiness},
+    private_files,
     store::Store,
     supervisor::{Failures, FaultHooks, Supervisor, TaskFailure},
     tenants::TenantRegistry,
@@ -569,22 +570,11 @@ fn connection_cap(config: &Config) -> usize {
 /// found at start-up is then known to be dead.
 pub fn lock_database(path: &std::path::Path) -> anyhow::Result<File> {
     let lock_path = crate::config::beside(path, ".lock");
-    if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.exists()
-    {
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder
-            .create(dir)
-            .with_context(|| format!("cannot create the directory {}", dir.display()))?;
-    }
-    let mut options = File::options();
-    options.create(true).truncate(false).write(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let file = options
+    private_files::create_parent_dir(&lock_path)
+        .with_context(|| format!("cannot create the directory of {}", lock_path.display()))?;
+    let file = private_files::write_options()
+        .create(true)
+        .truncate(false)
         .open(&lock_path)
         .with_context(|| format!("cannot open the lock file {}", lock_path.display()))?;
     file.try_lock().map_err(|_| {

@@ -67,20 +67,12 @@ fn prepare_private_file(path: &std::path::Path) -> Result<(), StoreError> {
         let at = at.display().to_string();
         move |source| StoreError::Directory { path: at, source }
     };
-    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty())
-        && !dir.exists()
-    {
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder.create(dir).map_err(failed(dir))?;
-    }
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(false);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path).map_err(failed(path))?;
+    crate::private_files::create_parent_dir(path).map_err(failed(path.parent().unwrap_or(path)))?;
+    crate::private_files::write_options()
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(failed(path))?;
     #[cfg(unix)]
     for file in [
         path.to_path_buf(),

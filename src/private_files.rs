@@ -1,0 +1,29 @@
+//! The files the daemon keeps beside its database (the database itself, its lock, the key
+//! files) are private to the daemon's user: directories it creates are mode 0700, files 0600.
+
+use std::{fs::OpenOptions, io, path::Path};
+
+/// Creates the directory `path` lies in (and its parents), mode 0700, when it does not exist.
+pub fn create_parent_dir(path: &Path) -> io::Result<()> {
+    let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    if dir.exists() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Options for writing a file that, when created, is mode 0600; the caller adds `create`,
+/// `create_new` or `truncate` as it needs.
+pub fn write_options() -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options.write(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+}
