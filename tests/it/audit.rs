@@ -205,10 +205,10 @@ async fn every_path_leaves_exactly_its_event_sequence_and_the_chain_verifies() {
     config.limits.default_client_rps = 1;
     config.limits.default_client_burst = 1;
     let mut app = TestApp::start(config, fake, dir).await;
-    // One permit per second and two seconds to live: the fourth job's turn comes a second
-    // after its TTL.
+    // One permit per second and two seconds to live: the sixth job's turn comes three seconds
+    // after its TTL, a margin that holds even when the submissions themselves are slow.
     let mut jobs = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..6 {
         jobs.push(app.submit(app.new_request("slow-app")).await);
     }
     for job in &jobs {
@@ -216,7 +216,7 @@ async fn every_path_leaves_exactly_its_event_sequence_and_the_chain_verifies() {
     }
     let mut audit = audit_client(&app).await;
     assert_eq!(
-        kinds(&mut audit, &jobs[3].job_id).await,
+        kinds(&mut audit, &jobs[5].job_id).await,
         ["job.submitted", "job.expired"]
     );
 
