@@ -11,7 +11,8 @@
 //! - [`store`]: the SQLite queue and its audit trail; the only module that runs SQL.
 //! - [`feed`]: publishes committed job changes to waiting callers.
 //! - [`audit`]: audit records, their hash chain and its verifier; [`fingerprint`]: code HMACs.
-//! - [`worker`]: claims due jobs within the rate limits and runs attempts.
+//! - [`worker`]: claims due jobs within the rate limits and runs attempts; [`schedule`]: which
+//!   clients it looks at next.
 //! - [`limits`]: global and per-client rate limiters, adapting to 429s.
 //! - [`breaker`]: the circuit breaker that pauses attempts while upstream fails.
 //! - [`upstream`]: the HTTP call to Truecaller's token endpoint.
@@ -49,6 +50,7 @@ pub mod ops_http;
 pub mod private_files;
 pub mod request;
 pub mod retry;
+pub mod schedule;
 pub mod secret;
 pub mod server;
 pub mod store;

@@ -66,6 +66,17 @@ impl From<&LimitsConfig> for AdaptiveConfig {
     }
 }
 
+/// Effective rates, as the metrics show them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RateReport {
+    /// Each configured client seen so far and its effective rate.
+    pub configured: Vec<(String, f64)>,
+    /// Other client ids whose rate 429s have lowered.
+    pub others_lowered: usize,
+    /// The lowest effective rate among them.
+    pub others_lowest: Option<f64>,
+}
+
 /// One client's limiter and adaptation state.
 #[derive(Debug)]
 struct ClientLimiter {
@@ -81,6 +92,8 @@ struct ClientLimiter {
     last_throttled: Option<Instant>,
     /// The last recovery step.
     last_recovery: Option<Instant>,
+    /// The last permit asked for, so that idle clients' state can be evicted.
+    last_used: Instant,
 }
 
 /// A limiter admitting `rps` per second with bursts of `burst`; `None` when the rate cannot be
@@ -90,6 +103,10 @@ fn limiter_for(rps: f64, burst: u32) -> Option<DefaultDirectRateLimiter> {
     let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
     Quota::with_period(period).map(|quota| RateLimiter::direct(quota.allow_burst(burst)))
 }
+
+/// A client's limiter state unused this long is dropped (a new one starts full, which it
+/// would be by then anyway), so memory does not grow with every client id ever seen.
+const IDLE_EVICTION: Duration = Duration::from_secs(60);
 
 /// The longest pause a 429 can impose, whatever upstream's `Retry-After` says. The upstream
 /// client already clamps `Retry-After` to `upstream.max_retry_after_secs` (at most a day); this
@@ -109,7 +126,18 @@ impl ClientLimiter {
             paused_until: None,
             last_throttled: None,
             last_recovery: None,
+            last_used: Instant::now(),
         }
+    }
+
+    /// Whether this state can be dropped and rebuilt later without changing anything: not
+    /// paused, not lowered by 429s, and unused for [`IDLE_EVICTION`].
+    fn evictable(&self, now: Instant) -> bool {
+        let paused = self.paused_until.is_some_and(|until| until > now);
+        let lowered = self
+            .configured
+            .is_some_and(|(configured, _)| self.effective < configured);
+        !paused && !lowered && now.saturating_duration_since(self.last_used) >= IDLE_EVICTION
     }
 
     /// Sets the effective rate, rebuilding the limiter. The burst shrinks with the rate, and the
@@ -217,6 +245,7 @@ impl RateLimits {
             let client = clients
                 .entry(client_id.to_string())
                 .or_insert_with(|| ClientLimiter::new(rules.configured(client_id)));
+            client.last_used = now;
             if let Some(until) = client.paused_until {
                 if until > now {
                     return Permit::ClientBusy(until - now);
@@ -250,12 +279,7 @@ impl RateLimits {
             .entry(client_id.to_string())
             .or_insert_with(|| ClientLimiter::new(rules.configured(client_id)));
         let pause = retry_after.unwrap_or(adaptive.default_pause).min(MAX_PAUSE);
-        // `Instant + Duration` panics on overflow; a pause that cannot be represented is no
-        // pause (the retry itself is still scheduled by the retry policy).
-        let Some(until) = now.checked_add(pause) else {
-            tracing::warn!(client_id, "pause after a 429 is not representable; ignored");
-            return;
-        };
+        let until = crate::job::instant_after(now, pause);
         // 429s that arrive while the client is paused answer requests sent before the pause:
         // they extend it but do not lower the rate again.
         let already_paused = client.paused_until.is_some_and(|p| p > now);
@@ -286,8 +310,44 @@ impl RateLimits {
         );
     }
 
+    /// Drops the state of clients idle for a minute (neither paused nor lowered).
+    pub fn evict_idle(&self, now: Instant) -> usize {
+        let mut clients = self.clients.lock();
+        let before = clients.len();
+        clients.retain(|_, client| !client.evictable(now));
+        before - clients.len()
+    }
+
+    /// The effective rates for the metrics: each configured client's (`[[limits.client]]`,
+    /// infinite when unlimited), and, aggregated over every other client id, how many are
+    /// lowered by 429s and the lowest rate among them, so the number of series is bounded by
+    /// the configuration, not by the client ids callers send.
+    pub fn rate_report(&self) -> RateReport {
+        let rules = self.rules();
+        let clients = self.clients.lock();
+        let mut report = RateReport::default();
+        for (id, client) in clients.iter() {
+            if rules.overrides.contains_key(id) {
+                report.configured.push((id.clone(), client.effective));
+            } else if client
+                .configured
+                .is_some_and(|(configured, _)| client.effective < configured)
+            {
+                report.others_lowered += 1;
+                report.others_lowest = Some(
+                    report
+                        .others_lowest
+                        .map_or(client.effective, |lowest: f64| lowest.min(client.effective)),
+                );
+            }
+        }
+        report.configured.sort_by(|a, b| a.0.cmp(&b.0));
+        report
+    }
+
     /// The effective rate of every client seen so far (infinite when unlimited).
-    pub fn effective_rates(&self) -> Vec<(String, f64)> {
+    #[cfg(test)]
+    fn effective_rates(&self) -> Vec<(String, f64)> {
         let clients = self.clients.lock();
         let mut rates: Vec<_> = clients
             .iter()
@@ -352,6 +412,41 @@ mod tests {
             .find(|(id, _)| id == client)
             .map(|(_, rate)| rate)
             .expect("client seen")
+    }
+
+    #[test]
+    fn idle_clients_are_evicted_unless_paused_or_lowered() {
+        let limits = RateLimits::new(&config(0, 40));
+        let start = Instant::now();
+        for client in ["idle", "paused", "vip"] {
+            assert_eq!(limits.try_acquire(client, start), Permit::Granted);
+        }
+        limits.on_rate_limited("paused", Some(Duration::from_secs(600)), start);
+        assert_eq!(limits.evict_idle(start + Duration::from_secs(30)), 0);
+        assert_eq!(
+            limits.evict_idle(start + IDLE_EVICTION),
+            2,
+            "idle and vip go"
+        );
+        let report = limits.rate_report();
+        assert_eq!(report.configured, []);
+        assert_eq!(
+            (report.others_lowered, report.others_lowest),
+            (1, Some(20.0))
+        );
+    }
+
+    #[test]
+    fn only_configured_clients_are_reported_by_name() {
+        let limits = RateLimits::new(&config(0, 40));
+        let now = Instant::now();
+        for n in 0..1_000 {
+            limits.try_acquire(&format!("client-{n}"), now);
+        }
+        limits.try_acquire("vip", now);
+        let report = limits.rate_report();
+        assert_eq!(report.configured, [("vip".to_string(), 5.0)]);
+        assert_eq!(report.others_lowered, 0);
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub oldest_job_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub effective_rate: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Client ids without their own `[[limits.client]]` whose rate 429s lowered.
+    pub other_clients_lowered: Gauge,
+    /// The lowest effective rate among them (0 when none is lowered).
+    pub other_clients_lowest_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub breaker_open: Gauge,
     /// Connections refused or closed by the listeners' bounds, by listener and event.
     pub connections: Family<Labels, Counter>,
@@ -66,6 +70,8 @@ impl Metrics {
             queue_depth: Gauge::default(),
             oldest_job_age: Gauge::default(),
             effective_rate: Family::default(),
+            other_clients_lowered: Gauge::default(),
+            other_clients_lowest_rate: Gauge::default(),
             connections: Family::default(),
             breaker_open: Gauge::default(),
             registry: Registry::default(),
@@ -127,8 +133,19 @@ impl Metrics {
         );
         registry.register(
             "client_effective_rate",
-            "Requests per second currently allowed per client id (after 429 adaptation)",
+            "Requests per second currently allowed for each client id configured in \
+             [[limits.client]] (after 429 adaptation)",
             metrics.effective_rate.clone(),
+        );
+        registry.register(
+            "other_clients_rate_lowered",
+            "Client ids without their own [[limits.client]] entry whose rate 429s lowered",
+            metrics.other_clients_lowered.clone(),
+        );
+        registry.register(
+            "other_clients_lowest_effective_rate",
+            "The lowest effective rate among those client ids (0 when none is lowered)",
+            metrics.other_clients_lowest_rate.clone(),
         );
         registry.register(
             "breaker_open",

@@ -63,7 +63,8 @@ impl OpsState {
             }
             Err(error) => tracing::warn!(%error, "cannot read the oldest job"),
         }
-        for (client_id, rate) in self.worker.effective_rates() {
+        let rates = self.worker.rate_report();
+        for (client_id, rate) in rates.configured {
             if rate.is_finite() {
                 self.metrics
                     .effective_rate
@@ -71,6 +72,12 @@ impl OpsState {
                     .set(rate);
             }
         }
+        self.metrics
+            .other_clients_lowered
+            .set(i64::try_from(rates.others_lowered).unwrap_or(i64::MAX));
+        self.metrics
+            .other_clients_lowest_rate
+            .set(rates.others_lowest.unwrap_or(0.0));
         self.metrics
             .breaker_open
             .set(match self.worker.breaker_state() {

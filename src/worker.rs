@@ -21,10 +21,11 @@ use tracing::Instrument;
 use crate::{
     breaker::{Admission, Breaker, BreakerConfig, Signal},
     config::Config,
-    job::{JobState, UnixMillis, instant_after},
+    job::{JobState, UnixMillis},
     limits::{Permit, RateLimits},
     metrics::Metrics,
     retry::{self, Decision, JobHistory, RetryPolicy},
+    schedule::ClientSchedule,
     store::{AttemptRecord, Claim, Store, StoreError},
     upstream::{AttemptOutcome, UpstreamClient},
 };
@@ -179,11 +180,12 @@ impl Worker {
     /// waits for during shutdown.
     pub async fn run(self: Arc<Self>, stop: CancellationToken, attempts: TaskTracker) {
         let slots = Arc::new(Semaphore::new(self.concurrency));
-        // Clients whose limiter is exhausted, until when.
-        let mut throttled: HashMap<String, Instant> = HashMap::new();
-        // Clients with waiting jobs: claiming looks at each of them, so a deep backlog for
-        // one client costs nothing when claiming for another.
-        let mut waiting: Option<HashSet<String>> = None;
+        // Clients with waiting work and when each is next worth a look: a pass looks at a few
+        // of them (as many as there are free slots), so its cost does not grow with the number
+        // of distinct client ids, and a deep backlog for one client costs nothing when claiming
+        // for another.
+        let mut schedule = ClientSchedule::default();
+        let mut loaded = false;
         tracing::info!(owner = %self.owner, concurrency = self.concurrency, "worker started");
         while !stop.is_cancelled() {
             if slots.available_permits() == 0 {
@@ -197,10 +199,14 @@ impl Worker {
                     tokio::time::timeout(CLAIM_GATHER, slots.acquire_many(self.claim_batch)).await;
                 continue;
             }
-            let clients = match &mut waiting {
-                Some(clients) => clients,
-                None => match self.store.waiting_clients().await {
-                    Ok(clients) => waiting.insert(clients.into_iter().collect()),
+            if !loaded {
+                match self.store.waiting_clients().await {
+                    Ok(clients) => {
+                        for client in clients {
+                            schedule.announce(&client);
+                        }
+                        loaded = true;
+                    }
                     Err(error) => {
                         tracing::error!(%error, "cannot read the waiting clients; pausing");
                         tokio::select! {
@@ -209,12 +215,13 @@ impl Worker {
                         }
                         continue;
                     }
-                },
-            };
-            let pass = match self
-                .dispatch(&slots, &mut throttled, clients, &attempts)
-                .await
-            {
+                }
+            }
+            let pass = self.dispatch(&slots, &mut schedule, &attempts).await;
+            // Clients the pass took and did not park or forget take their turn again later,
+            // whatever happened to the pass.
+            schedule.settle();
+            let pass = match pass {
                 Ok(pass) => pass,
                 Err(error) => {
                     tracing::error!(%error, "dispatch failed; pausing");
@@ -230,7 +237,7 @@ impl Worker {
             }
             let pause = match pass.blocked_for {
                 Some(wait) => wait,
-                None => self.idle_pause(&throttled).await,
+                None => self.idle_pause(&schedule),
             };
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -258,6 +265,10 @@ impl Worker {
     /// Expires overdue jobs, rescues attempts whose lease ran out, and erases tokens that were
     /// delivered (after the retention) or expired.
     async fn sweep(&self) -> Result<(), StoreError> {
+        let evicted = self.limits.evict_idle(Instant::now());
+        if evicted > 0 {
+            tracing::debug!(clients = evicted, "dropped idle clients' limiter state");
+        }
         let now = UnixMillis::now();
         self.store
             .mark_delivered(self.deliveries.take(), now)
@@ -281,12 +292,12 @@ impl Worker {
         Ok(())
     }
 
-    /// One pass: choose due jobs whose limiters have permits, claim them, start their attempts.
+    /// One pass: take the next ready clients from the schedule, choose their due jobs whose
+    /// limiters have permits, claim them, start their attempts.
     async fn dispatch(
         self: &Arc<Self>,
         slots: &Arc<Semaphore>,
-        throttled: &mut HashMap<String, Instant>,
-        waiting: &mut HashSet<String>,
+        schedule: &mut ClientSchedule,
         attempts: &TaskTracker,
     ) -> Result<Pass, StoreError> {
         let probe = match self.breaker.admit(Instant::now()) {
@@ -300,35 +311,42 @@ impl Worker {
             }
         };
         let free = if probe { 1 } else { slots.available_permits() };
-        waiting.extend(self.work.take());
-        let now = Instant::now();
-        throttled.retain(|_, until| *until > now);
+        for client in self.work.take() {
+            schedule.announce(&client);
+        }
         let now_ms = UnixMillis::now();
-        let mut candidates = Vec::new();
-        let mut idle = Vec::new();
-        for client in waiting.iter().filter(|c| !throttled.contains_key(*c)) {
-            let due = self.store.due_for_client(client, now_ms, free).await?;
-            if due.is_empty() {
-                idle.push(client.clone());
-            }
-            candidates.extend(due);
+        let taken = schedule.take(now_ms, free);
+        let mut candidates = self.store.due_for_clients(&taken, now_ms, free).await?;
+        // Clients that may have nothing due any more: those with no due job now, and (below)
+        // those whose every due job this pass claims. Their next due time is asked for after
+        // the claim, in one statement.
+        let mut due_per_client: HashMap<&str, usize> = HashMap::new();
+        for candidate in &candidates {
+            *due_per_client
+                .entry(candidate.client_id.as_str())
+                .or_default() += 1;
         }
-        // A client with nothing waiting at all leaves the set until it is announced again.
-        for client in idle {
-            if !self.store.client_has_waiting(&client).await? {
-                waiting.remove(&client);
-            }
-        }
+        let mut exhausted: Vec<String> = taken
+            .iter()
+            .filter(|client| !due_per_client.contains_key(client.as_str()))
+            .cloned()
+            .collect();
+        let due_per_client: HashMap<String, usize> = due_per_client
+            .into_iter()
+            .map(|(client, due)| (client.to_string(), due))
+            .collect();
         // Across clients, the job closest to its TTL goes first.
         candidates.sort_by_key(|c| (c.expires_at, c.row_id));
         let mut pass = Pass {
-            full_batch: candidates.len() >= free,
+            // More may be due: another client is ready, or these had more than fit.
+            full_batch: schedule.has_ready() || candidates.len() >= free,
             ..Pass::default()
         };
         candidates.truncate(free);
         let mut chosen = Vec::with_capacity(candidates.len());
+        let mut busy = HashSet::new();
         for candidate in candidates {
-            if throttled.contains_key(&candidate.client_id) {
+            if busy.contains(&candidate.client_id) {
                 continue;
             }
             match self
@@ -337,7 +355,9 @@ impl Worker {
             {
                 Permit::Granted => chosen.push(candidate),
                 Permit::ClientBusy(wait) => {
-                    throttled.insert(candidate.client_id, instant_after(Instant::now(), wait));
+                    // No permit for this client until its limiter refills.
+                    schedule.park(&candidate.client_id, UnixMillis::now().saturating_add(wait));
+                    busy.insert(candidate.client_id);
                 }
                 Permit::GlobalBusy(wait) => {
                     pass.blocked_for = Some(wait);
@@ -377,26 +397,42 @@ impl Worker {
             }
             attempts.spawn(Arc::clone(self).attempt(claim, permit));
         }
+        // A client whose due jobs were all chosen (fewer than it could have had) has nothing
+        // due left: park it until its next job, or forget it.
+        let mut chosen_per_client: HashMap<&str, usize> = HashMap::new();
+        for candidate in &chosen {
+            *chosen_per_client
+                .entry(candidate.client_id.as_str())
+                .or_default() += 1;
+        }
+        for (client, count) in chosen_per_client {
+            if count < free && due_per_client.get(client) == Some(&count) {
+                exhausted.push(client.to_string());
+            }
+        }
+        // The attempts are running; a failure here only leaves these clients ready.
+        match self.store.next_waiting_for_clients(&exhausted, now).await {
+            Ok(next) => {
+                let soonest = now.saturating_add(Duration::from_millis(1));
+                for (client, next) in next {
+                    match next {
+                        Some(at) => schedule.park(&client, at.max(soonest)),
+                        None => schedule.forget(&client),
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot read when clients' next jobs fall due"),
+        }
         Ok(pass)
     }
 
-    /// How long to wait when nothing more is due for a client with permits: until a throttled
-    /// client's limiter refills, the next job falls due, or the poll interval passes.
-    async fn idle_pause(&self, throttled: &HashMap<String, Instant>) -> Duration {
-        let now = Instant::now();
+    /// How long to wait when nothing more is due for a client with permits: until the first
+    /// parked client wakes (its next job falls due or its limiter refills), or the poll
+    /// interval passes. New work wakes the dispatcher sooner.
+    fn idle_pause(&self, schedule: &ClientSchedule) -> Duration {
         let mut pause = self.poll_interval;
-        if let Some(until) = throttled.values().min() {
-            pause = pause.min(until.saturating_duration_since(now));
-        }
-        match self.store.next_due().await {
-            Ok(Some(due)) => {
-                let until_due = UnixMillis::now().until(due);
-                if !until_due.is_zero() {
-                    pause = pause.min(until_due);
-                }
-            }
-            Ok(None) => {}
-            Err(error) => tracing::error!(%error, "cannot read the next due time"),
+        if let Some(wake) = schedule.next_wake() {
+            pause = pause.min(UnixMillis::now().until(wake));
         }
         pause.max(Duration::from_millis(1))
     }
@@ -493,8 +529,8 @@ impl Worker {
     }
 
     /// The limiter's current effective rates, for the metrics.
-    pub fn effective_rates(&self) -> Vec<(String, f64)> {
-        self.limits.effective_rates()
+    pub fn rate_report(&self) -> crate::limits::RateReport {
+        self.limits.rate_report()
     }
 
     /// The breaker's state, for the metrics.

@@ -579,18 +579,21 @@ impl Store {
             .transpose()
     }
 
-    /// Up to `limit` of one client's due jobs, closest to their TTL first (an index seek,
-    /// however deep the client's backlog).
-    pub async fn due_for_client(
+    /// The due jobs of `clients`, at most `per_client` each, in one statement.
+    pub async fn due_for_clients(
         &self,
-        client_id: &str,
+        clients: &[String],
         now: UnixMillis,
-        limit: usize,
+        per_client: usize,
     ) -> Result<Vec<Candidate>, StoreError> {
-        let rows = sqlx::query(include_str!("sql/due_for_client.sql"))
-            .bind(client_id)
+        if clients.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = serde_json::to_string(clients).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let rows = sqlx::query(include_str!("sql/due_for_clients.sql"))
+            .bind(ids)
             .bind(now.0)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(i64::try_from(per_client).unwrap_or(i64::MAX))
             .fetch_all(&self.reader)
             .await?;
         rows.iter()
@@ -605,14 +608,28 @@ impl Store {
             .collect()
     }
 
-    /// Whether `client_id` has any job waiting, due or not.
-    pub async fn client_has_waiting(&self, client_id: &str) -> Result<bool, StoreError> {
-        Ok(
-            sqlx::query_scalar(include_str!("sql/client_has_waiting.sql"))
-                .bind(client_id)
-                .fetch_one(&self.reader)
-                .await?,
-        )
+    /// For each of `clients`, when its next waiting job (not past its TTL) falls due; `None`
+    /// for a client with none. One statement.
+    pub async fn next_waiting_for_clients(
+        &self,
+        clients: &[String],
+        now: UnixMillis,
+    ) -> Result<Vec<(String, Option<UnixMillis>)>, StoreError> {
+        if clients.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = serde_json::to_string(clients).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let rows = sqlx::query(include_str!("sql/next_waiting_for_clients.sql"))
+            .bind(ids)
+            .bind(now.0)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let next: Option<i64> = row.try_get("next_at")?;
+                Ok((row.try_get("client_id")?, next.map(UnixMillis)))
+            })
+            .collect()
     }
 
     /// Every client with a job waiting.
@@ -620,14 +637,6 @@ impl Store {
         Ok(sqlx::query_scalar(include_str!("sql/waiting_clients.sql"))
             .fetch_all(&self.reader)
             .await?)
-    }
-
-    /// When the earliest queued or waiting job is due, if any.
-    pub async fn next_due(&self) -> Result<Option<UnixMillis>, StoreError> {
-        let next: Option<i64> = sqlx::query_scalar(include_str!("sql/next_due.sql"))
-            .fetch_one(&self.reader)
-            .await?;
-        Ok(next.map(UnixMillis))
     }
 }
 

@@ -99,7 +99,7 @@ async fn an_attempt_whose_lease_expired_is_picked_up_again() {
 /// Due jobs, as the dispatcher would choose them.
 async fn due(store: &Store) -> Vec<token_broker::store::Candidate> {
     store
-        .due_for_client("client-a", UnixMillis::now(), 100)
+        .due_for_clients(&["client-a".to_string()], UnixMillis::now(), 100)
         .await
         .unwrap()
 }

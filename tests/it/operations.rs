@@ -106,7 +106,12 @@ async fn metrics_move_as_jobs_flow() {
     use token_broker::fake_upstream::Scripted;
 
     let mut app = TestApp::spawn_with(|config| {
-        config.limits.default_client_rps = 50;
+        // Per-client rate series exist for configured clients only.
+        config.limits.client = vec![token_broker::config::ClientLimit {
+            client_id: "metered-app".into(),
+            rps: 50,
+            burst: 0,
+        }];
     })
     .await;
     let before = http_get(app.ops_addr, "/metrics").await;
@@ -265,7 +270,14 @@ async fn a_reload_changes_the_rate_limits_without_dropping_connections() {
     let fake = start_fake().await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(&dir, &fake);
-    config.limits.default_client_rps = 2;
+    let limit = |rps| {
+        vec![token_broker::config::ClientLimit {
+            client_id: "app".into(),
+            rps,
+            burst: 0,
+        }]
+    };
+    config.limits.client = limit(2);
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (grpc_addr, ops_addr) = (grpc.local_addr().unwrap(), ops.local_addr().unwrap());
@@ -294,7 +306,7 @@ async fn a_reload_changes_the_rate_limits_without_dropping_connections() {
         .unwrap();
     assert_eq!(series(&http_get(ops_addr, "/metrics").await, rate), 2.0);
 
-    config.limits.default_client_rps = 40;
+    config.limits.client = limit(40);
     reload.send(config).unwrap();
     // The same connection keeps working, under the new limit.
     let job = client

@@ -1,1 +1,0 @@
-SELECT MIN(next_attempt_at) FROM jobs WHERE state IN ('queued', 'retry_wait')
