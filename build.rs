@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // Malformed request messages answer INVALID_ARGUMENT (src/api/codec.rs).
+        .codec_path("crate::api::codec::Codec")
         .file_descriptor_set_path(out_dir.join("tokenbroker_descriptor.bin"))
         .compile_protos(&["proto/tokenbroker/v1/token_broker.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");

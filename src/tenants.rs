@@ -92,11 +92,6 @@ impl Caller {
             Caller::Tenant(tenant) => tenant.max_pending,
         }
     }
-
-    /// Whether the caller may see a job stored under `tenant`.
-    pub fn owns(&self, tenant: &str) -> bool {
-        self.tenant() == tenant
-    }
 }
 
 /// The configured tenants.

@@ -579,6 +579,19 @@ impl Store {
             .transpose()
     }
 
+    /// The job `id` if it belongs to `tenant`; `None` for a missing job and for another
+    /// tenant's alike, at the same cost (the ownership is part of the lookup).
+    pub async fn get_owned(&self, id: JobId, tenant: &str) -> Result<Option<Job>, StoreError> {
+        let row = sqlx::query(include_str!("sql/get_owned_job.sql"))
+            .bind(id.to_string())
+            .bind(tenant)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref()
+            .map(|row| job_from_row(row, self.keys.as_deref()))
+            .transpose()
+    }
+
     /// The due jobs of `clients`, at most `per_client` each, in one statement.
     pub async fn due_for_clients(
         &self,

@@ -218,3 +218,91 @@ async fn watch_streams_are_bounded_per_tenant_and_released_when_closed() {
     .await;
     assert!(reopened.is_ok(), "a closed stream's slot is released");
 }
+
+/// Sends bytes as they are, to put malformed protobuf on the wire.
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+
+#[derive(Debug, Clone, Default)]
+struct RawEncoder;
+
+#[derive(Debug, Clone, Default)]
+struct RawDecoder;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(buf.copy_to_bytes(buf.remaining()).to_vec()))
+    }
+}
+
+#[tokio::test]
+async fn malformed_protobuf_is_invalid_argument_and_changes_nothing() {
+    let app = TestApp::spawn().await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    for (case, bytes) in [
+        // Field 1 (client_id, a string) holding invalid UTF-8.
+        ("invalid UTF-8", vec![0x0a, 0x02, 0xff, 0xfe]),
+        // Field 1 sent as a varint instead of a length-delimited string.
+        ("wrong wire type", vec![0x08, 0x01]),
+        // A length that runs past the end of the message.
+        ("truncated", vec![0x12, 0x40, b'x']),
+    ] {
+        grpc.ready().await.unwrap();
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+            "/tokenbroker.v1.TokenBroker/SubmitExchange",
+        );
+        let status = grpc
+            .unary(tonic::Request::new(bytes), path, RawCodec)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{case}: {status:?}");
+        assert!(
+            status.message().starts_with("malformed message"),
+            "{case}: {status:?}"
+        );
+    }
+    assert_eq!(app.count_rows("jobs").await, 0);
+    assert_eq!(app.fake.stats().token_requests, 0);
+}
