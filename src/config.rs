@@ -295,12 +295,17 @@ impl Default for RetryConfig {
 pub struct QueueConfig {
     /// Jobs not yet terminal beyond which submissions answer `RESOURCE_EXHAUSTED`.
     pub max_pending: u64,
+    /// Distinct client ids with jobs not yet terminal, at most: a submission for one more
+    /// answers `RESOURCE_EXHAUSTED`. Bounds what each distinct client id costs (limiter state,
+    /// the dispatcher's schedule) when no tenants restrict the client ids.
+    pub max_pending_clients: u64,
 }
 
 impl Default for QueueConfig {
     fn default() -> Self {
         Self {
             max_pending: 100_000,
+            max_pending_clients: 10_000,
         }
     }
 }
@@ -700,6 +705,8 @@ impl Config {
             self.queue.max_pending,
             1..=100_000_000,
         );
+        let clients = self.queue.max_pending_clients;
+        check_range(e, "queue.max_pending_clients", clients, 1..=10_000_000);
         check_range(e, "worker.concurrency", self.worker.concurrency, 1..=10_000);
         check_range(
             e,

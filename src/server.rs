@@ -240,6 +240,7 @@ impl Daemon {
                 stop: stop.clone(),
                 job_ttl: Duration::from_secs(config.retry.job_ttl_secs),
                 max_pending: config.queue.max_pending,
+                max_pending_clients: config.queue.max_pending_clients,
                 fingerprinter: fingerprinter.clone(),
                 tenants: Arc::clone(&tenants),
                 max_watches_per_tenant: config.server.max_watches_per_tenant,

@@ -42,6 +42,9 @@ fn queue_full_message(bound: &QueueFull) -> String {
             format!("this tenant's queue is full ({pending} of {limit} jobs pending)")
         }
         QueueFull::Daemon => "the queue is full; retry later".to_string(),
+        QueueFull::Clients => {
+            "too many distinct client ids have jobs pending; retry later".to_string()
+        }
     }
 }
 

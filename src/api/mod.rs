@@ -59,6 +59,8 @@ pub struct TokenBrokerApi {
     job_ttl: Duration,
     /// The queue's bound.
     max_pending: u64,
+    /// Distinct client ids with pending jobs, at most.
+    max_pending_clients: u64,
     /// Fingerprints codes for the audit trail.
     fingerprinter: Fingerprinter,
     /// Who may call, and for which client ids.
@@ -78,6 +80,7 @@ pub struct ApiContext {
     pub stop: CancellationToken,
     pub job_ttl: Duration,
     pub max_pending: u64,
+    pub max_pending_clients: u64,
     pub fingerprinter: Fingerprinter,
     pub tenants: Arc<TenantRegistry>,
     pub max_watches_per_tenant: usize,
@@ -93,6 +96,7 @@ impl TokenBrokerApi {
             stop: context.stop,
             job_ttl: context.job_ttl,
             max_pending: context.max_pending,
+            max_pending_clients: context.max_pending_clients,
             fingerprinter: context.fingerprinter,
             tenants: context.tenants,
             watches: Arc::default(),
@@ -136,6 +140,7 @@ impl TokenBrokerApi {
                     ttl: self.job_ttl,
                     max_pending: self.max_pending,
                     max_pending_tenant: caller.max_pending(),
+                    max_pending_clients: self.max_pending_clients,
                 },
                 UnixMillis::now(),
             )

@@ -156,6 +156,9 @@ pub enum QueueFull {
     /// The daemon's bound (`queue.max_pending`). How full the queue is says something about
     /// other tenants, so it is not reported.
     Daemon,
+    /// The bound on distinct client ids with pending jobs (`queue.max_pending_clients`): a job
+    /// for a client id that has none pending would exceed it.
+    Clients,
 }
 
 /// What a cancellation did.
@@ -193,6 +196,8 @@ pub struct NewJob<'a> {
     pub max_pending: u64,
     /// The tenant's own bound, if it has one.
     pub max_pending_tenant: Option<u64>,
+    /// The bound on distinct client ids with pending jobs.
+    pub max_pending_clients: u64,
 }
 
 /// [`NewJob`], owned, as it travels to the writer.
@@ -205,6 +210,7 @@ pub(crate) struct NewJobOwned {
     ttl: Duration,
     max_pending: u64,
     max_pending_tenant: Option<u64>,
+    max_pending_clients: u64,
 }
 
 /// The right to record the outcome of one attempt: only its holder's writes land.
@@ -441,6 +447,7 @@ impl Store {
             ttl: job.ttl,
             max_pending: job.max_pending,
             max_pending_tenant: job.max_pending_tenant,
+            max_pending_clients: job.max_pending_clients,
         };
         match self.write(Op::Submit(owned, now)).await? {
             Reply::Submit(outcome) => Ok(outcome),

@@ -112,14 +112,29 @@ struct Request {
 
 /// What the writer carries from change to change: the cached facts (valid at the start of the
 /// next transaction, restored after a rollback) and the keys that seal secrets.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Tracked {
     head: ChainHead,
     /// Jobs not yet terminal.
     pending: i64,
     /// The same, per tenant.
     pending_by_tenant: HashMap<String, i64>,
+    /// The same, per client id (only those with pending jobs). Too large to copy per batch:
+    /// a rollback undoes the changes recorded in `client_journal` instead.
+    pending_by_client: HashMap<String, i64>,
+    /// Changes to `pending_by_client` since the last commit.
+    client_journal: Vec<(String, i64)>,
     keys: Arc<KeyRing>,
+}
+
+/// The small facts of [`Tracked`] as they stood before a batch, and how far its client journal
+/// reached.
+#[derive(Debug)]
+struct Snapshot {
+    head: ChainHead,
+    pending: i64,
+    pending_by_tenant: HashMap<String, i64>,
+    journal_len: usize,
 }
 
 impl Tracked {
@@ -132,21 +147,79 @@ impl Tracked {
         {
             pending_by_tenant.insert(row.try_get("tenant")?, row.try_get("pending")?);
         }
+        let mut pending_by_client = HashMap::new();
+        for row in sqlx::query(include_str!("sql/pending_by_client.sql"))
+            .fetch_all(&mut *conn)
+            .await?
+        {
+            pending_by_client.insert(row.try_get("client_id")?, row.try_get("pending")?);
+        }
         Ok(Tracked {
             head,
             pending: pending_by_tenant.values().sum(),
             pending_by_tenant,
+            pending_by_client,
+            client_journal: Vec::new(),
             keys,
         })
     }
 
-    /// A job of `tenant` became pending (`+1`) or terminal (`-1`).
-    fn count(&mut self, tenant: &str, delta: i64) {
+    /// A job became pending (`+1`) or terminal (`-1`).
+    fn count(&mut self, job: &Job, delta: i64) {
         self.pending += delta;
         *self
             .pending_by_tenant
-            .entry(tenant.to_string())
+            .entry(job.tenant.clone())
             .or_default() += delta;
+        self.count_client(&job.client_id, delta);
+        self.client_journal.push((job.client_id.clone(), delta));
+    }
+
+    fn count_client(&mut self, client_id: &str, delta: i64) {
+        let count = self
+            .pending_by_client
+            .entry(client_id.to_string())
+            .or_default();
+        *count += delta;
+        if *count <= 0 {
+            self.pending_by_client.remove(client_id);
+        }
+    }
+
+    /// Whether `client_id` has jobs pending.
+    fn has_pending(&self, client_id: &str) -> bool {
+        self.pending_by_client.contains_key(client_id)
+    }
+
+    /// Distinct client ids with jobs pending.
+    fn pending_clients(&self) -> u64 {
+        u64::try_from(self.pending_by_client.len()).unwrap_or(u64::MAX)
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            head: self.head.clone(),
+            pending: self.pending,
+            pending_by_tenant: self.pending_by_tenant.clone(),
+            journal_len: self.client_journal.len(),
+        }
+    }
+
+    /// Undoes everything since `snapshot` (after a rollback).
+    fn restore(&mut self, snapshot: Snapshot) {
+        self.head = snapshot.head;
+        self.pending = snapshot.pending;
+        self.pending_by_tenant = snapshot.pending_by_tenant;
+        while self.client_journal.len() > snapshot.journal_len {
+            if let Some((client_id, delta)) = self.client_journal.pop() {
+                self.count_client(&client_id, -delta);
+            }
+        }
+    }
+
+    /// The batch committed: its changes stay.
+    fn committed(&mut self) {
+        self.client_journal.clear();
     }
 
     fn pending_of(&self, tenant: &str) -> u64 {
@@ -267,7 +340,7 @@ async fn apply_batch(
     requests: &[Request],
     metrics: &Metrics,
 ) -> Result<Vec<Applied>, StoreError> {
-    let before = tracked.clone();
+    let before = tracked.snapshot();
     let attempt = async {
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
         let mut results: Vec<Applied> = Vec::with_capacity(requests.len());
@@ -313,11 +386,14 @@ async fn apply_batch(
         Ok(results)
     };
     match attempt.await {
-        Ok(results) => Ok(results),
+        Ok(results) => {
+            tracked.committed();
+            Ok(results)
+        }
         Err(error) => {
             // The rollback undid exactly what the batch did, and nothing else writes: the
             // facts as they stood before the batch are the facts now.
-            *tracked = before;
+            tracked.restore(before);
             Err(error)
         }
     }
@@ -424,6 +500,8 @@ async fn submit_many(
 ) -> Result<Vec<Applied>, StoreError> {
     let mut pending = tracked.pending;
     let mut by_tenant: HashMap<&str, u64> = HashMap::new();
+    // Client ids this batch adds to those with pending jobs.
+    let mut new_clients: std::collections::HashSet<&str> = std::collections::HashSet::new();
     // For each submission, the bound that refuses it, if any: the tenant's own first, so a
     // tenant is told about its own bound rather than the whole queue.
     let refusals: Vec<Option<QueueFull>> = submissions
@@ -440,11 +518,21 @@ async fn submit_many(
                 _ if u64::try_from(pending).unwrap_or(0) >= new.max_pending => {
                     Some(QueueFull::Daemon)
                 }
+                _ if !tracked.has_pending(&new.request.client_id)
+                    && !new_clients.contains(new.request.client_id.as_str())
+                    && tracked.pending_clients() + new_clients.len() as u64
+                        >= new.max_pending_clients =>
+                {
+                    Some(QueueFull::Clients)
+                }
                 _ => None,
             };
             if refusal.is_none() {
                 pending += 1;
                 *tenant_pending += 1;
+                if !tracked.has_pending(&new.request.client_id) {
+                    new_clients.insert(new.request.client_id.as_str());
+                }
             }
             refusal
         })
@@ -506,7 +594,7 @@ async fn submit_many(
                 tracked,
                 vec![AuditEvent::new(&job, AuditKind::JobSubmitted, *now)],
             );
-            tracked.count(&job.tenant, 1);
+            tracked.count(&job, 1);
             results.push(Ok((
                 Reply::Submit(SubmitOutcome::Created(job.clone())),
                 Effects {
@@ -572,7 +660,7 @@ async fn cancel(
                 .detail(format!("cancelled by tenant {actor:?}")),
         ],
     );
-    tracked.count(&job.tenant, -1);
+    tracked.count(&job, -1);
     Ok((
         Reply::Cancel(CancelOutcome::Cancelled(job.clone())),
         Effects {
@@ -726,7 +814,7 @@ async fn record_attempt(
         audit::attempt_events(&job, lease.attempt, record, now),
     );
     if job.state.is_terminal() {
-        tracked.count(&job.tenant, -1);
+        tracked.count(&job, -1);
     }
     Ok((
         Reply::Record(Some(job.clone())),
@@ -753,7 +841,7 @@ async fn sweep(
         .collect();
     let events = append(tracked, events);
     for job in jobs.iter().filter(|job| job.state.is_terminal()) {
-        tracked.count(&job.tenant, -1);
+        tracked.count(job, -1);
     }
     Ok((
         Reply::Jobs(jobs.clone()),

@@ -332,6 +332,7 @@ async fn many_distinct_client_ids_drain_at_the_global_rate() {
         config.limits.global_rps = 1;
         config.limits.global_burst = 1;
         config.limits.default_client_rps = 20;
+        config.queue.max_pending_clients = CLIENTS as u64 + 1;
         config.retry.job_ttl_secs = 3600;
         // The submissions are what this test makes; their durability is tested elsewhere.
         config.storage.synchronous = token_broker::config::Synchronous::Normal;
@@ -385,4 +386,37 @@ async fn many_distinct_client_ids_drain_at_the_global_rate() {
         metrics.len()
     );
     assert!(!metrics.contains("client-0-0"));
+}
+
+/// Without tenants any caller may send any client id: `queue.max_pending_clients` bounds how
+/// many distinct ones have jobs pending at once, while known clients go on.
+#[tokio::test]
+async fn distinct_pending_client_ids_are_bounded() {
+    let mut app = TestApp::spawn_with(|config| {
+        config.queue.max_pending_clients = 2;
+    })
+    .await;
+    // Slow answers keep the jobs pending while the test submits.
+    app.fake.set_faults(token_broker::fake_upstream::Faults {
+        latency_ms: 1_000,
+        ..Default::default()
+    });
+    app.submit(app.new_request("client-a")).await;
+    let b = app.submit(app.new_request("client-b")).await;
+    let status = app
+        .client
+        .submit_exchange(app.new_request("client-c"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(
+        status.message(),
+        "too many distinct client ids have jobs pending; retry later"
+    );
+    // A client id that already has a job pending is not a new one.
+    app.submit(app.new_request("client-a")).await;
+    assert_eq!(app.count_rows("jobs").await, 3);
+    // Once a client's jobs are done, another client id fits.
+    app.wait_terminal(&b.job_id).await;
+    app.submit(app.new_request("client-c")).await;
 }

@@ -113,6 +113,7 @@ fn new_job(request: &ExchangeRequest) -> NewJob<'_> {
         ttl: std::time::Duration::from_secs(60),
         max_pending: 100,
         max_pending_tenant: None,
+        max_pending_clients: 1_000,
     }
 }
 

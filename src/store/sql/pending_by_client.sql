@@ -1,0 +1,4 @@
+-- Jobs not yet terminal per client id, read once when the writer starts.
+SELECT client_id, COUNT(*) AS pending FROM jobs
+WHERE state IN ('queued', 'retry_wait', 'running')
+GROUP BY client_id
