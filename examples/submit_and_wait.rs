@@ -13,7 +13,7 @@ use token_broker::{
     api::proto::{
         GetJobRequest, JobState, SubmitExchangeRequest, token_broker_client::TokenBrokerClient,
     },
-    fake_upstream::{new_verifier, s256_challenge},
+    tools::fake_upstream::{new_verifier, s256_challenge},
 };
 
 #[tokio::main]
@@ -29,7 +29,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The app's part: a PKCE pair, and a code bound to its challenge.
     let verifier = new_verifier();
-    token_broker::upstream::install_crypto_provider();
+    token_broker::exchange::upstream::install_crypto_provider();
     let answer: serde_json::Value = reqwest::Client::new()
         .post(format!("{fake}/test/authorize"))
         .form(&[

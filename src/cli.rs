@@ -2,13 +2,28 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
-    inspect::{Format, parse_time},
-    job::{JobState, UnixMillis},
-    telemetry::LogFormat,
+    domain::job::{JobState, UnixMillis},
+    ops::telemetry::LogFormat,
 };
+
+/// How the auditors' commands write their rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Jsonl,
+    Csv,
+}
+
+/// Parses an RFC 3339 time given on the command line.
+pub fn parse_time(value: &str) -> Result<UnixMillis, String> {
+    humantime::parse_rfc3339_weak(value)
+        .map(UnixMillis::from)
+        .map_err(|e| format!("{value:?} is not an RFC 3339 time ({e}); e.g. 2026-11-01T00:00:00Z"))
+}
 
 /// The version and the git revision it was built from.
 pub const VERSION: &str = concat!(

@@ -946,9 +946,9 @@ mod tests {
             }
             let _ = config.lease_duration();
             let _ = config.audit.retention();
-            let policy = crate::retry::RetryPolicy::from(&config.retry);
-            let _ = crate::retry::backoff_delay(&policy, config.retry.max_attempts, 7);
-            let limits = crate::limits::RateLimits::new(&config.limits);
+            let policy = crate::exchange::retry::RetryPolicy::from(&config.retry);
+            let _ = crate::exchange::retry::backoff_delay(&policy, config.retry.max_attempts, 7);
+            let limits = crate::exchange::limits::RateLimits::new(&config.limits);
             let now = std::time::Instant::now();
             let _ = limits.try_acquire("client", now);
             limits.on_rate_limited(

@@ -8,8 +8,9 @@ use token_broker::{
     Listeners,
     cli::{Cli, Command, ConfigCommand, FakeUpstreamArgs, KeysCommand},
     config::Config,
-    fake_upstream::{FakeOptions, FakeUpstream, Faults},
-    inspect, telemetry,
+    ops::telemetry,
+    tools::fake_upstream::{FakeOptions, FakeUpstream, Faults},
+    tools::inspect,
 };
 
 /// Exit status for a configuration that does not check (sysexits' EX_CONFIG).
@@ -61,7 +62,7 @@ fn main() -> ExitCode {
         },
         Command::FakeUpstream(args) => report(runtime.block_on(fake_upstream(args))),
         Command::Keys(KeysCommand::New) => {
-            let (key, digest) = token_broker::tenants::new_key();
+            let (key, digest) = token_broker::security::tenants::new_key();
             println!("api_key        = {key}");
             println!("api_key_sha256 = \"{digest}\"");
             eprintln!(
@@ -162,7 +163,7 @@ async fn fake_upstream(args: FakeUpstreamArgs) -> anyhow::Result<()> {
 }
 
 async fn bench(args: token_broker::cli::BenchArgs) -> anyhow::Result<()> {
-    let report = token_broker::bench::run(&args).await?;
+    let report = token_broker::tools::bench::run(&args).await?;
     println!(
         "{}: {} of {} succeeded in {:.2} s: {:.0}/s; latency ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}",
         report.mode,
@@ -185,11 +186,13 @@ async fn bench(args: token_broker::cli::BenchArgs) -> anyhow::Result<()> {
 /// Adds a key to the key file and re-seals every stored secret with it.
 async fn rotate_keys(config: Config) -> anyhow::Result<()> {
     use std::sync::Arc;
-    use token_broker::{crypto::KeyRing, feed::JobFeed, metrics::Metrics, store::Store};
+    use token_broker::{
+        ops::metrics::Metrics, security::crypto::KeyRing, store::Store, store::feed::JobFeed,
+    };
     anyhow::ensure!(
-        std::env::var_os(token_broker::crypto::KEYS_ENV).is_none(),
+        std::env::var_os(token_broker::security::crypto::KEYS_ENV).is_none(),
         "{} is set: rotate the keys there (append a new id:key), then run this command without it",
-        token_broker::crypto::KEYS_ENV
+        token_broker::security::crypto::KEYS_ENV
     );
     let _lock = token_broker::server::lock_database(&config.storage.path)?;
     let key_file = config.key_file_path();

@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use crate::{
     audit::AuditRecord,
+    audit::fingerprint::Fingerprinter,
     config::Role,
-    fingerprint::Fingerprinter,
-    job::{JobState, UnixMillis},
-    request::{FieldViolation, InvalidRequest, MAX_CODE_LEN},
+    domain::job::{JobState, UnixMillis},
+    domain::request::{FieldViolation, InvalidRequest, MAX_CODE_LEN},
+    security::tenants::TenantRegistry,
     store::{EventQuery, JobQuery, Store},
-    tenants::TenantRegistry,
 };
 
 /// Page size when the caller gives none, and the most a page may hold.

@@ -2,8 +2,8 @@
 
 use super::proto;
 use crate::{
-    job::{FailureReason, Job, JobState, UnixMillis},
-    secret::ExposeSecret,
+    domain::job::{FailureReason, Job, JobState, UnixMillis},
+    domain::secret::ExposeSecret,
 };
 
 pub fn timestamp(at: UnixMillis) -> prost_types::Timestamp {

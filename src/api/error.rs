@@ -7,10 +7,10 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 use crate::{
-    job::JobState,
-    request::InvalidRequest,
+    domain::job::JobState,
+    domain::request::InvalidRequest,
+    security::tenants::AccessError,
     store::{QueueFull, StoreError},
-    tenants::AccessError,
 };
 
 /// Everything an RPC can fail with.

@@ -1,5 +1,5 @@
 //! The gRPC API: the only module that sees protobuf types. Requests become domain values at
-//! the edge ([`crate::request`]); domain errors become `tonic::Status` in one place
+//! the edge ([`crate::domain::request`]); domain errors become `tonic::Status` in one place
 //! ([`error`]).
 
 use std::{
@@ -14,15 +14,16 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
+    audit::fingerprint::Fingerprinter,
     config::Role,
-    feed::{FeedEvent, JobFeed, JobSubscription},
-    fingerprint::Fingerprinter,
-    job::{Job, JobId, UnixMillis},
-    request::{ExchangeRequest, RawExchange, parse_job_id},
-    secret::ExposeSecret,
+    domain::job::{Job, JobId, UnixMillis},
+    domain::request::{ExchangeRequest, RawExchange, parse_job_id},
+    domain::secret::ExposeSecret,
+    exchange::worker::WorkSignal,
+    security::tenants::{Caller, TenantRegistry},
+    store::Deliveries,
+    store::feed::{FeedEvent, JobFeed, JobSubscription},
     store::{CancelOutcome, NewJob, Store, SubmitOutcome},
-    tenants::{Caller, TenantRegistry},
-    worker::{Deliveries, WorkSignal},
 };
 
 mod audit_log;
@@ -30,6 +31,7 @@ pub mod codec;
 mod convert;
 mod deadline;
 mod error;
+pub mod grpc;
 
 pub use audit_log::AuditLogApi;
 pub use error::ApiError;
@@ -375,7 +377,9 @@ impl TokenBroker for TokenBrokerApi {
                 tracing::info!(job_id = %job.id, client_id = %job.client_id, "job cancelled");
                 Ok(Response::new(convert::job(&job)))
             }
-            CancelOutcome::NotCancellable(job) if job.state == crate::job::JobState::Cancelled => {
+            CancelOutcome::NotCancellable(job)
+                if job.state == crate::domain::job::JobState::Cancelled =>
+            {
                 Ok(Response::new(convert::job(&job)))
             }
             CancelOutcome::NotCancellable(job) => Err(ApiError::NotCancellable(job.state).into()),

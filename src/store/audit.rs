@@ -8,8 +8,8 @@ use sqlx::{Row, SqliteConnection};
 use super::AttemptRecord;
 use crate::{
     audit::{AuditKind, AuditRecord, GENESIS_HASH},
-    job::{FailureReason, Job, JobState, UnixMillis},
-    metrics::Metrics,
+    domain::job::{FailureReason, Job, JobState, UnixMillis},
+    ops::metrics::Metrics,
 };
 
 /// The last event of the chain, read at the start of each writing transaction (which holds the

@@ -6,7 +6,7 @@ use sqlx::Row;
 use super::{Store, StoreError, audit, job_from_row};
 use crate::{
     audit::{AuditRecord, ChainVerifier, VerifyReport},
-    job::{Job, JobState, UnixMillis},
+    domain::job::{Job, JobState, UnixMillis},
 };
 
 /// Rows read per page when the store walks the whole log.

@@ -21,21 +21,23 @@ use sqlx::{
 
 use crate::{
     config::{StorageConfig, Synchronous},
-    crypto::KeyRing,
-    feed::JobFeed,
-    job::{FailureReason, Job, JobId, JobState, Token, UnixMillis},
-    metrics::Metrics,
-    request::ExchangeRequest,
-    secret::SecretString,
-    upstream::TokenGrant,
+    domain::job::{FailureReason, Job, JobId, JobState, Token, TokenGrant, UnixMillis},
+    domain::request::ExchangeRequest,
+    domain::secret::SecretString,
+    ops::metrics::Metrics,
+    security::crypto::KeyRing,
+    store::feed::JobFeed,
 };
 
 mod audit;
+mod deliveries;
+pub mod feed;
 mod history;
 mod writer;
 
 pub use history::{EventQuery, JobQuery, Page, Pruned};
 
+pub use deliveries::Deliveries;
 pub use writer::WriterTask;
 use writer::{Op, Reply, WriterHandle};
 
@@ -67,8 +69,9 @@ fn prepare_private_file(path: &std::path::Path) -> Result<(), StoreError> {
         let at = at.display().to_string();
         move |source| StoreError::Directory { path: at, source }
     };
-    crate::private_files::create_parent_dir(path).map_err(failed(path.parent().unwrap_or(path)))?;
-    crate::private_files::write_options()
+    crate::security::private_files::create_parent_dir(path)
+        .map_err(failed(path.parent().unwrap_or(path)))?;
+    crate::security::private_files::write_options()
         .create(true)
         .truncate(false)
         .open(path)
@@ -663,7 +666,7 @@ impl Store {
 /// Reads a job row. Unknown enum values are reported, not guessed.
 /// Tokens are opened with `keys`; without keys (auditors' tools) a job carries no token.
 fn job_from_row(row: &SqliteRow, keys: Option<&KeyRing>) -> Result<Job, StoreError> {
-    let corrupt = |error: crate::job::UnknownValue| StoreError::Corrupt(error.to_string());
+    let corrupt = |error: crate::domain::job::UnknownValue| StoreError::Corrupt(error.to_string());
     let job_id: String = row.try_get("job_id")?;
     let state: String = row.try_get("state")?;
     let failure_reason: Option<String> = row.try_get("failure_reason")?;

@@ -27,11 +27,11 @@ use super::{
 };
 use crate::{
     audit::{AuditKind, AuditRecord},
-    crypto::KeyRing,
-    feed::JobFeed,
-    job::{Job, JobId, UnixMillis},
-    metrics::Metrics,
-    secret::ExposeSecret,
+    domain::job::{Job, JobId, UnixMillis},
+    domain::secret::ExposeSecret,
+    ops::metrics::Metrics,
+    security::crypto::KeyRing,
+    store::feed::JobFeed,
 };
 
 /// Changes applied in one transaction at most.
@@ -699,8 +699,9 @@ async fn claim(
             )));
         };
         let id = job.id.to_string();
-        let unreadable =
-            |error: crate::crypto::DecryptError| StoreError::Corrupt(format!("job {id}: {error}"));
+        let unreadable = |error: crate::security::crypto::DecryptError| {
+            StoreError::Corrupt(format!("job {id}: {error}"))
+        };
         let code = tracked.keys.open(&code, &id, "code").map_err(unreadable)?;
         let code_verifier = tracked
             .keys

@@ -9,10 +9,10 @@ use token_broker::{
         VerifyAuditLogRequest, audit_log_client::AuditLogClient,
     },
     audit::AuditRecord,
-    fake_upstream::{Faults, Scripted},
-    inspect::{Format, parse_export},
-    job::UnixMillis,
+    domain::job::UnixMillis,
     store::Store,
+    tools::fake_upstream::{Faults, Scripted},
+    tools::inspect::{Format, parse_export},
 };
 use tonic::transport::Channel;
 

@@ -397,10 +397,11 @@ async fn distinct_pending_client_ids_are_bounded() {
     })
     .await;
     // Slow answers keep the jobs pending while the test submits.
-    app.fake.set_faults(token_broker::fake_upstream::Faults {
-        latency_ms: 1_000,
-        ..Default::default()
-    });
+    app.fake
+        .set_faults(token_broker::tools::fake_upstream::Faults {
+            latency_ms: 1_000,
+            ..Default::default()
+        });
     app.submit(app.new_request("client-a")).await;
     let b = app.submit(app.new_request("client-b")).await;
     let status = app

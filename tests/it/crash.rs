@@ -5,7 +5,7 @@ use std::{path::Path, process::Command, time::Duration};
 
 use token_broker::{
     api::proto::{FailureReason, GetJobRequest, JobState},
-    fake_upstream::{FakeOptions, Faults},
+    tools::fake_upstream::{FakeOptions, Faults},
 };
 
 use crate::helpers::{

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use token_broker::{
     api::proto::{FailureReason, JobState},
-    job::UnixMillis,
-    request::{ExchangeRequest, RawExchange},
+    domain::job::UnixMillis,
+    domain::request::{ExchangeRequest, RawExchange},
     store::{AttemptRecord, NewJob, Store},
 };
 
@@ -35,7 +35,7 @@ async fn a_restart_completes_the_jobs_left_queued() {
     assert_eq!(stats.redeemed, 4);
 }
 
-fn request_for(fake: &token_broker::fake_upstream::FakeUpstream) -> ExchangeRequest {
+fn request_for(fake: &token_broker::tools::fake_upstream::FakeUpstream) -> ExchangeRequest {
     let raw = new_request(fake, "client-a");
     ExchangeRequest::parse(
         RawExchange {
@@ -106,7 +106,7 @@ async fn due(store: &Store) -> Vec<token_broker::store::Candidate> {
 
 fn new_job(request: &ExchangeRequest) -> NewJob<'_> {
     NewJob {
-        job_id: token_broker::job::JobId::new(),
+        job_id: token_broker::domain::job::JobId::new(),
         tenant: "default",
         request,
         code_fingerprint: "not-a-real-fingerprint",
@@ -157,7 +157,7 @@ async fn a_stale_worker_cannot_overwrite_a_newer_outcome() {
         .remove(0);
     assert_eq!(claim_b.lease.attempt, 2);
     let failed = AttemptRecord::Failed {
-        reason: token_broker::job::FailureReason::Forbidden,
+        reason: token_broker::domain::job::FailureReason::Forbidden,
         http_status: Some(403),
         detail: "upstream answered 403".into(),
         answer_lost: false,
@@ -171,8 +171,8 @@ async fn a_stale_worker_cannot_overwrite_a_newer_outcome() {
 
     // Worker A wakes up late with a success: it must change nothing.
     let late = AttemptRecord::Succeeded {
-        grant: token_broker::upstream::TokenGrant {
-            access_token: token_broker::secret::SecretString::from("stale"),
+        grant: token_broker::domain::job::TokenGrant {
+            access_token: token_broker::domain::secret::SecretString::from("stale"),
             token_type: "Bearer".into(),
             expires_in: 3600,
         },
@@ -187,7 +187,7 @@ async fn a_stale_worker_cannot_overwrite_a_newer_outcome() {
             .is_none()
     );
     let job = store.get(recorded.id).await.unwrap().unwrap();
-    assert_eq!(job.state, token_broker::job::JobState::Failed);
+    assert_eq!(job.state, token_broker::domain::job::JobState::Failed);
     assert_eq!(job.version, recorded.version);
     assert!(job.token.is_none());
     let _ = FailureReason::Forbidden;

@@ -2,7 +2,7 @@
 
 use token_broker::{
     api::proto::{FailureReason, JobState},
-    fake_upstream::Scripted,
+    tools::fake_upstream::Scripted,
 };
 use tonic::Code;
 
@@ -166,10 +166,11 @@ async fn retries_exhausted_fail_with_that_reason() {
 async fn a_job_that_cannot_finish_within_its_ttl_expires() {
     // Upstream asks for a 5 s pause; the job has 1 s to live.
     let mut app = TestApp::spawn_with(|config| config.retry.job_ttl_secs = 1).await;
-    app.fake.set_faults(token_broker::fake_upstream::Faults {
-        retry_after_secs: 5,
-        ..Default::default()
-    });
+    app.fake
+        .set_faults(token_broker::tools::fake_upstream::Faults {
+            retry_after_secs: 5,
+            ..Default::default()
+        });
     app.fake.script([Scripted::Status(429)]);
 
     let job = app.exchange(app.new_request("client-a")).await;
@@ -189,10 +190,11 @@ async fn a_queued_job_past_its_ttl_expires_without_an_upstream_request() {
         config.limits.default_client_burst = 1;
     })
     .await;
-    app.fake.set_faults(token_broker::fake_upstream::Faults {
-        latency_ms: 0,
-        ..Default::default()
-    });
+    app.fake
+        .set_faults(token_broker::tools::fake_upstream::Faults {
+            latency_ms: 0,
+            ..Default::default()
+        });
     let first = app.submit(app.new_request("client-a")).await;
     let second = app.submit(app.new_request("client-a")).await;
     let third = app.submit(app.new_request("client-a")).await;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use token_broker::fake_upstream::{FakeOptions, new_verifier, s256_challenge};
+use token_broker::tools::fake_upstream::{FakeOptions, new_verifier, s256_challenge};
 
 use crate::helpers::start_fake_with;
 

@@ -15,7 +15,7 @@ use token_broker::{
         GetJobRequest, Job, JobState, SubmitExchangeRequest, token_broker_client::TokenBrokerClient,
     },
     config::{Config, Synchronous},
-    fake_upstream::{FakeOptions, FakeUpstream, new_verifier, s256_challenge},
+    tools::fake_upstream::{FakeOptions, FakeUpstream, new_verifier, s256_challenge},
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
@@ -291,7 +291,7 @@ pub async fn start_up_error(config: Config) -> String {
 /// A fake upstream that answers every token request after `latency_ms`.
 pub async fn start_slow_fake(latency_ms: u64) -> FakeUpstream {
     start_fake_with(FakeOptions {
-        faults: token_broker::fake_upstream::Faults {
+        faults: token_broker::tools::fake_upstream::Faults {
             latency_ms,
             ..Default::default()
         },
@@ -306,7 +306,7 @@ pub async fn start_fake() -> FakeUpstream {
 
 pub async fn start_fake_with(options: FakeOptions) -> FakeUpstream {
     // The tests' own HTTP clients need it as much as the daemon's.
-    token_broker::upstream::install_crypto_provider();
+    token_broker::exchange::upstream::install_crypto_provider();
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake");
     FakeUpstream::start(listener, options).expect("fake upstream starts")
 }
@@ -334,12 +334,13 @@ pub fn is_terminal(job: &Job) -> bool {
 /// set up or inspect state the API cannot reach.
 pub async fn open_store(config: &Config) -> token_broker::store::Store {
     let (keys, _) =
-        token_broker::crypto::KeyRing::load_or_create(&config.key_file_path()).expect("key ring");
+        token_broker::security::crypto::KeyRing::load_or_create(&config.key_file_path())
+            .expect("key ring");
     let (store, writer) = token_broker::store::Store::open(
         &config.storage,
         Arc::new(keys),
-        token_broker::feed::JobFeed::new(),
-        token_broker::metrics::Metrics::new(),
+        token_broker::store::feed::JobFeed::new(),
+        token_broker::ops::metrics::Metrics::new(),
     )
     .await
     .expect("store opens");

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use token_broker::{
     api::proto::{FailureReason, Job, JobState, token_broker_client::TokenBrokerClient},
-    fake_upstream::{FakeUpstream, RawAnswer, Scripted, new_verifier, s256_challenge},
+    tools::fake_upstream::{FakeUpstream, RawAnswer, Scripted, new_verifier, s256_challenge},
 };
 use tonic::transport::Channel;
 

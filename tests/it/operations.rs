@@ -103,7 +103,7 @@ fn series(scrape: &str, name: &str) -> f64 {
 
 #[tokio::test]
 async fn metrics_move_as_jobs_flow() {
-    use token_broker::fake_upstream::Scripted;
+    use token_broker::tools::fake_upstream::Scripted;
 
     let mut app = TestApp::spawn_with(|config| {
         // Per-client rate series exist for configured clients only.
@@ -128,10 +128,11 @@ async fn metrics_move_as_jobs_flow() {
     bad.code_verifier = "v".repeat(50);
     app.exchange(bad).await;
     // A job that waits while the scrape happens.
-    app.fake.set_faults(token_broker::fake_upstream::Faults {
-        latency_ms: 2_000,
-        ..Default::default()
-    });
+    app.fake
+        .set_faults(token_broker::tools::fake_upstream::Faults {
+            latency_ms: 2_000,
+            ..Default::default()
+        });
     let waiting = app.submit(app.new_request("metered-app")).await;
     app.wait_for_state(&waiting.job_id, token_broker::api::proto::JobState::Running)
         .await;
@@ -318,7 +319,7 @@ async fn a_reload_changes_the_rate_limits_without_dropping_connections() {
     assert_eq!(series(&http_get(ops_addr, "/metrics").await, rate), 40.0);
 
     // Tenants reload too: from now on a key is required.
-    let (key, digest) = token_broker::tenants::new_key();
+    let (key, digest) = token_broker::security::tenants::new_key();
     let mut with_tenants = reload.borrow().clone();
     with_tenants.tenants = vec![token_broker::config::TenantConfig {
         name: "shop".into(),

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use token_broker::{
     api::proto::{FailureReason, Job, JobState},
     config::ClientLimit,
-    fake_upstream::{Faults, Scripted},
+    tools::fake_upstream::{Faults, Scripted},
 };
 
 use crate::helpers::{PATIENCE, TestApp};

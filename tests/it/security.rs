@@ -5,7 +5,7 @@ use std::{path::Path, process::Command};
 
 use token_broker::{
     api::proto::{GetJobRequest, JobState},
-    fake_upstream::{FakeOptions, Faults, Scripted},
+    tools::fake_upstream::{FakeOptions, Faults, Scripted},
 };
 
 use crate::helpers::{Daemon, TestApp, new_request, start_fake_with};

@@ -8,7 +8,7 @@ use token_broker::{
         token_broker_client::TokenBrokerClient,
     },
     config::{Role, TenantConfig},
-    tenants::new_key,
+    security::tenants::new_key,
 };
 use tonic::{Code, Request, transport::Channel};
 
@@ -266,12 +266,13 @@ async fn an_audit_tenant_reads_across_tenants_never_tokens_and_cannot_submit() {
 #[tokio::test]
 async fn a_cancellation_records_which_tenant_cancelled() {
     let (mut app, keys) = spawn().await;
-    app.fake.set_faults(token_broker::fake_upstream::Faults {
-        retry_after_secs: 20,
-        ..Default::default()
-    });
     app.fake
-        .script([token_broker::fake_upstream::Scripted::Status(503)]);
+        .set_faults(token_broker::tools::fake_upstream::Faults {
+            retry_after_secs: 20,
+            ..Default::default()
+        });
+    app.fake
+        .script([token_broker::tools::fake_upstream::Scripted::Status(503)]);
     let job = app
         .client
         .submit_exchange(as_key(app.new_request("shop-app"), Some(&keys.shop)))
@@ -327,10 +328,11 @@ async fn a_cancellation_records_which_tenant_cancelled() {
 async fn a_tenant_at_its_own_queue_bound_is_refused_while_others_go_on() {
     let (mut app, keys) = spawn_bounded(Some(2)).await;
     // Slow answers keep the shop's jobs pending while the test submits.
-    app.fake.set_faults(token_broker::fake_upstream::Faults {
-        latency_ms: 1_000,
-        ..Default::default()
-    });
+    app.fake
+        .set_faults(token_broker::tools::fake_upstream::Faults {
+            latency_ms: 1_000,
+            ..Default::default()
+        });
     for _ in 0..2 {
         app.client
             .submit_exchange(as_key(app.new_request("shop-app"), Some(&keys.shop)))

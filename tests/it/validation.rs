@@ -144,10 +144,11 @@ async fn a_full_queue_refuses_with_a_retry_hint_and_keeps_what_it_accepted() {
         config.upstream.timeout_ms = 5_000;
     })
     .await;
-    app.fake.set_faults(token_broker::fake_upstream::Faults {
-        latency_ms: 1_000,
-        ..Default::default()
-    });
+    app.fake
+        .set_faults(token_broker::tools::fake_upstream::Faults {
+            latency_ms: 1_000,
+            ..Default::default()
+        });
     let first = app.submit(app.new_request("client-a")).await;
     let second = app.submit(app.new_request("client-a")).await;
 
@@ -194,7 +195,7 @@ async fn watch_streams_are_bounded_per_tenant_and_released_when_closed() {
     })
     .await;
     app.fake
-        .script([token_broker::fake_upstream::Scripted::Status(503)]);
+        .script([token_broker::tools::fake_upstream::Scripted::Status(503)]);
     let job = app.submit(app.new_request("client-a")).await;
     let watch = || GetJobRequest {
         job_id: job.job_id.clone(),

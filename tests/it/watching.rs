@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use token_broker::{
     api::proto::{GetJobRequest, JobState},
-    fake_upstream::{Faults, Scripted},
+    tools::fake_upstream::{Faults, Scripted},
 };
 use tonic::Code;
 

@@ -15,11 +15,11 @@ use serde::Serialize;
 
 use crate::{
     audit::AuditRecord,
+    audit::fingerprint::Fingerprinter,
     cli::{AuditCommand, DatabaseArgs, EventFilterArgs, JobsCommand, OutputArgs},
     config::Config,
-    fingerprint::Fingerprinter,
-    job::{Job, UnixMillis},
-    request::parse_job_id,
+    domain::job::{Job, UnixMillis},
+    domain::request::parse_job_id,
     store::{EventQuery, JobQuery, Store},
 };
 
@@ -189,13 +189,6 @@ fn short(value: Option<&str>) -> String {
 fn rfc3339(at: UnixMillis) -> String {
     let time = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(at.0.max(0) as u64);
     humantime::format_rfc3339_millis(time).to_string()
-}
-
-/// Parses an RFC 3339 time given on the command line.
-pub fn parse_time(value: &str) -> Result<UnixMillis, String> {
-    humantime::parse_rfc3339_weak(value)
-        .map(UnixMillis::from)
-        .map_err(|e| format!("{value:?} is not an RFC 3339 time ({e}); e.g. 2026-11-01T00:00:00Z"))
 }
 
 /// The database the command reads: `--database`, or `storage.path` of the configuration.

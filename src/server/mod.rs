@@ -1,6 +1,12 @@
 //! The daemon's single entry point, [`run`]: `main` and the integration tests both call it with
 //! listeners they bound and a shutdown future.
 
+pub mod connections;
+pub mod supervisor;
+
+use connections::ConnectionLimits;
+use supervisor::{Failures, FaultHooks, Supervisor, TaskFailure};
+
 use std::{fs::File, future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
@@ -8,20 +14,22 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    api::{ApiContext, AuditLogApi, TokenBrokerApi, proto},
+    api::{
+        ApiContext, AuditLogApi, TokenBrokerApi,
+        grpc::{self, GrpcServices, Health},
+    },
+    audit::fingerprint::Fingerprinter,
     config::Config,
-    connections::{self, ConnectionLimits},
-    crypto::KeyRing,
-    feed::JobFeed,
-    fingerprint::Fingerprinter,
-    metrics::Metrics,
-    ops_http::{self, OpsState, Readiness},
-    private_files,
+    exchange::upstream::UpstreamClient,
+    exchange::worker::{WorkSignal, Worker},
+    ops::http::{self as ops_http, OpsState, Readiness},
+    ops::metrics::Metrics,
+    security::crypto::KeyRing,
+    security::private_files,
+    security::tenants::TenantRegistry,
+    store::Deliveries,
     store::Store,
-    supervisor::{Failures, FaultHooks, Supervisor, TaskFailure},
-    tenants::TenantRegistry,
-    upstream::UpstreamClient,
-    worker::{Deliveries, WorkSignal, Worker},
+    store::feed::JobFeed,
 };
 
 /// The listeners the daemon serves on, bound by the caller (port 0 in tests).
@@ -75,7 +83,7 @@ const TASK_STOP_BOUND: Duration = Duration::from_secs(5);
 /// limits change in place, without dropping connections; other changed settings are reported
 /// as needing a restart.
 ///
-/// Returns an error when a long-lived task failed (see [`crate::supervisor`]): the caller
+/// Returns an error when a long-lived task failed (see [`crate::server::supervisor`]): the caller
 /// exits non-zero so that the process is restarted.
 pub async fn run_with_reload(
     config: Config,
@@ -114,7 +122,8 @@ struct Daemon {
     supervisor: Supervisor,
     failures: Failures,
     readiness: Readiness,
-    health: tonic_health::server::HealthReporter,
+    /// The gRPC health status of the server and its services.
+    health: Health,
     /// Where `/metrics`, `/healthz` and `/readyz` answer, for the start-up log line.
     ops_addr: Option<std::net::SocketAddr>,
     metrics: Arc<Metrics>,
@@ -231,7 +240,7 @@ impl Daemon {
             supervisor.spawn("ops", ops_http::serve(accepted, state, ops_stop.clone()));
         }
 
-        let health = tonic_health::server::HealthReporter::new();
+        let health = Health::default();
         let api = TokenBrokerApi::new(
             store.clone(),
             ApiContext {
@@ -280,9 +289,14 @@ impl Daemon {
             Ok(addr) => addr,
             Err(error) => return (Err(error.into()), None),
         };
-        let routes = match self.routes() {
-            Ok(routes) => routes,
-            Err(error) => return (Err(error), None),
+        let services = GrpcServices {
+            broker: self.api.clone(),
+            audit: AuditLogApi::new(
+                self.store.clone(),
+                self.fingerprinter.clone(),
+                Arc::clone(&self.tenants),
+            ),
+            health: self.health.clone(),
         };
         self.set_serving(true).await;
         tracing::info!(
@@ -308,13 +322,13 @@ impl Daemon {
                         tracing::error!(task = failed.task, cause = %failed.cause,
                             "a long-lived task failed: not ready; draining, then exiting");
                         readiness.set(false);
-                        set_health(&health, false).await;
+                        health.set(false).await;
                         *failure.lock() = Some(failed);
                         tokio::time::sleep(FAILURE_NOTICE).await;
                     }
                 }
                 readiness.set(false);
-                set_health(&health, false).await;
+                health.set(false).await;
                 stop.cancel();
             }
         };
@@ -331,11 +345,7 @@ impl Daemon {
             self.stop.clone(),
         );
         self.supervisor.spawn("grpc-accept", accept_loop);
-        let incoming = tokio_stream::wrappers::ReceiverStream::new(accepted);
-        let served = routes
-            .serve_with_incoming_shutdown(incoming, drain)
-            .await
-            .context("gRPC server failed");
+        let served = grpc::serve(&self.config.server, services, accepted, drain).await;
         // Whatever ended serving, stop everything else too.
         self.stop.cancel();
         self.readiness.set(false);
@@ -343,52 +353,9 @@ impl Daemon {
         (served, failure)
     }
 
-    /// The gRPC services: health, reflection (v1 and v1alpha), TokenBroker and AuditLog.
-    fn routes(&self) -> anyhow::Result<tonic::transport::server::Router> {
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .context("cannot build reflection v1")?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .context("cannot build reflection v1alpha")?;
-        let server = &self.config.server;
-        let max_message = server.max_message_bytes;
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = &server.tls {
-            builder = builder
-                .tls_config(tls_config(tls)?)
-                .context("cannot configure TLS for the gRPC listener")?;
-        }
-        Ok(builder
-            .max_concurrent_streams(Some(server.max_concurrent_streams))
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(tonic_health::pb::health_server::HealthServer::new(
-                tonic_health::server::HealthService::from_health_reporter(self.health.clone()),
-            ))
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(
-                proto::token_broker_server::TokenBrokerServer::new(self.api.clone())
-                    .max_decoding_message_size(max_message),
-            )
-            .add_service(
-                proto::audit_log_server::AuditLogServer::new(AuditLogApi::new(
-                    self.store.clone(),
-                    self.fingerprinter.clone(),
-                    Arc::clone(&self.tenants),
-                ))
-                .max_decoding_message_size(max_message),
-            ))
-    }
-
     async fn set_serving(&self, serving: bool) {
         self.readiness.set(serving);
-        set_health(&self.health, serving).await;
+        self.health.set(serving).await;
     }
 
     /// Stops claiming, gives running attempts their grace period (shorter after a failure),
@@ -424,23 +391,6 @@ impl Daemon {
         }
         drop(self.worker);
         self.store.close().await;
-    }
-}
-
-/// Sets the gRPC health status of the whole server ("") and of both services.
-async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
-    use tonic_health::ServingStatus;
-    let status = if serving {
-        ServingStatus::Serving
-    } else {
-        ServingStatus::NotServing
-    };
-    for service in [
-        "",
-        <proto::token_broker_server::TokenBrokerServer<TokenBrokerApi> as tonic::server::NamedService>::NAME,
-        <proto::audit_log_server::AuditLogServer<AuditLogApi> as tonic::server::NamedService>::NAME,
-    ] {
-        health.set_service_status(service, status).await;
     }
 }
 
@@ -482,35 +432,13 @@ async fn apply_reloads(
     }
 }
 
-/// The listener's TLS settings, from the PEM files the configuration names.
-fn tls_config(tls: &crate::config::TlsConfig) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
-    let read = |path: &std::path::Path, what: &str| {
-        std::fs::read(path)
-            .with_context(|| format!("cannot read the TLS {what} {}", path.display()))
-    };
-    let identity = tonic::transport::Identity::from_pem(
-        read(&tls.cert_file, "certificate")?,
-        read(&tls.key_file, "key")?,
-    );
-    let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
-    if let Some(ca) = &tls.client_ca_file {
-        config = config
-            .client_ca_root(tonic::transport::Certificate::from_pem(read(
-                ca,
-                "client CA",
-            )?))
-            .client_auth_optional(false);
-    }
-    Ok(config)
-}
-
 /// How often retention looks for audit events to prune.
 const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Prunes audit events older than `keep`, at start and then hourly, until `stop`.
 async fn retention(store: Store, keep: Duration, stop: CancellationToken) {
     loop {
-        let now = crate::job::UnixMillis::now();
+        let now = crate::domain::job::UnixMillis::now();
         let cutoff = now.saturating_sub(keep);
         match store.prune_audit_events(cutoff, now).await {
             Ok(Some(pruned)) => tracing::info!(

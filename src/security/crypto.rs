@@ -20,7 +20,7 @@ use aes_gcm::{
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 
-use crate::secret::{ExposeSecret, SecretString};
+use crate::domain::secret::{ExposeSecret, SecretString};
 
 /// The environment variable that can hold the key ring instead of the key file.
 pub const KEYS_ENV: &str = "TOKEN_BROKER_ENCRYPTION_KEYS";
@@ -107,9 +107,9 @@ fn new_key_hex() -> SecretString {
 }
 
 fn write_key_file(path: &Path, contents: &str, create_new: bool) -> std::io::Result<()> {
-    crate::private_files::create_parent_dir(path)?;
+    crate::security::private_files::create_parent_dir(path)?;
     let temp = path.with_extension("tmp");
-    let mut options = crate::private_files::write_options();
+    let mut options = crate::security::private_files::write_options();
     options.create(true).truncate(true);
     let target = if create_new { path } else { &temp };
     if create_new {

@@ -12,7 +12,10 @@ use serde::Deserialize;
 
 use crate::{
     config::UpstreamConfig,
-    secret::{ExposeSecret, SecretString},
+    domain::{
+        job::TokenGrant,
+        secret::{ExposeSecret, SecretString},
+    },
 };
 
 /// What one attempt produced, as far as the client could see.
@@ -37,25 +40,6 @@ pub struct Answer {
     /// For 400 and 403: which documented refusal the body names, when it clearly names one.
     pub hint: Option<&'static str>,
 }
-
-/// A token as upstream issued it. Equality compares the token in constant time.
-#[derive(Debug, Clone)]
-pub struct TokenGrant {
-    pub access_token: SecretString,
-    pub token_type: String,
-    /// Lifetime in seconds, relative to when the answer arrived.
-    pub expires_in: i64,
-}
-
-impl PartialEq for TokenGrant {
-    fn eq(&self, other: &Self) -> bool {
-        crate::secret::constant_time_eq(&self.access_token, &other.access_token)
-            && self.token_type == other.token_type
-            && self.expires_in == other.expires_in
-    }
-}
-
-impl Eq for TokenGrant {}
 
 /// Sends token requests to upstream. One per daemon: its connection pool is shared by every
 /// attempt.
@@ -369,8 +353,8 @@ mod tests {
                 token: parse_token(&body),
                 hint: refusal_hint(&body),
             });
-            let verdict = crate::retry::classify(&answer);
-            if let crate::retry::Verdict::Fail { detail, .. } = verdict {
+            let verdict = crate::exchange::retry::classify(&answer);
+            if let crate::exchange::retry::Verdict::Fail { detail, .. } = verdict {
                 proptest::prop_assert!(detail.len() < 200);
             }
         }

@@ -19,15 +19,15 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{
-    breaker::{Admission, Breaker, BreakerConfig, Signal},
     config::Config,
-    job::{JobState, UnixMillis},
-    limits::{Permit, RateLimits},
-    metrics::Metrics,
-    retry::{self, Decision, JobHistory, RetryPolicy},
-    schedule::ClientSchedule,
-    store::{AttemptRecord, Claim, Store, StoreError},
-    upstream::{AttemptOutcome, UpstreamClient},
+    domain::job::{JobState, UnixMillis},
+    exchange::breaker::{Admission, Breaker, BreakerConfig, Signal},
+    exchange::limits::{Permit, RateLimits},
+    exchange::retry::{self, Decision, JobHistory, RetryPolicy},
+    exchange::schedule::ClientSchedule,
+    exchange::upstream::{AttemptOutcome, UpstreamClient},
+    ops::metrics::Metrics,
+    store::{AttemptRecord, Claim, Deliveries, Store, StoreError},
 };
 
 /// How often expired jobs and dead leases are swept.
@@ -59,25 +59,6 @@ impl WorkSignal {
 
     fn take(&self) -> Vec<String> {
         std::mem::take(&mut *self.clients.lock())
-    }
-}
-
-/// Jobs whose tokens the API handed to their callers, noted in the store by the next sweep
-/// (a crash in between only keeps those tokens until they expire).
-#[derive(Debug, Default)]
-pub struct Deliveries(Mutex<Vec<String>>);
-
-impl Deliveries {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
-    }
-
-    pub fn record(&self, job_id: &str) {
-        self.0.lock().push(job_id.to_string());
-    }
-
-    fn take(&self) -> Vec<String> {
-        std::mem::take(&mut *self.0.lock())
     }
 }
 
@@ -529,12 +510,12 @@ impl Worker {
     }
 
     /// The limiter's current effective rates, for the metrics.
-    pub fn rate_report(&self) -> crate::limits::RateReport {
+    pub fn rate_report(&self) -> crate::exchange::limits::RateReport {
         self.limits.rate_report()
     }
 
     /// The breaker's state, for the metrics.
-    pub fn breaker_state(&self) -> crate::breaker::BreakerState {
+    pub fn breaker_state(&self) -> crate::exchange::breaker::BreakerState {
         self.breaker.state()
     }
 

@@ -4,16 +4,9 @@
 
 use std::io::Write;
 
-use clap::ValueEnum;
 use serde::Serialize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    Table,
-    Json,
-    Jsonl,
-    Csv,
-}
+pub use crate::cli::Format;
 
 /// A row that can also be shown as a table line.
 pub trait TableRow {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::upstream::AttemptOutcome;
+use crate::exchange::upstream::AttemptOutcome;
 
 /// Breaker settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,7 +143,7 @@ impl Breaker {
                         "circuit breaker opened: upstream is failing; attempts paused"
                     );
                     *state = State::Open {
-                        until: crate::job::instant_after(now, self.config.cool_down),
+                        until: crate::domain::job::instant_after(now, self.config.cool_down),
                     };
                 }
             }
@@ -159,7 +159,7 @@ impl Breaker {
                     "circuit breaker re-opened: the probe failed"
                 );
                 *state = State::Open {
-                    until: crate::job::instant_after(now, self.config.cool_down),
+                    until: crate::domain::job::instant_after(now, self.config.cool_down),
                 };
             }
         }
@@ -251,7 +251,7 @@ mod tests {
 
     #[test]
     fn server_errors_and_lost_answers_are_unhealthy_refusals_are_not() {
-        use crate::upstream::Answer;
+        use crate::exchange::upstream::Answer;
         let answered = |status| {
             AttemptOutcome::Answered(Answer {
                 status,

@@ -9,7 +9,7 @@ use std::{collections::HashMap, sync::Arc};
 use parking_lot::Mutex;
 use tokio::sync::broadcast;
 
-use crate::job::{Job, JobId};
+use crate::domain::job::{Job, JobId};
 
 /// Per-job channel capacity. A job changes a handful of times; a watcher that still falls
 /// behind is told so and re-reads the job.

@@ -27,7 +27,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 
 /// The limits of one listener.
 #[derive(Debug, Clone, Copy)]
@@ -52,7 +52,7 @@ pub fn raise_file_limit() -> io::Result<u64> {
 }
 
 /// Accepts connections on `listener` within `limits` until `stop`, handing each admitted one to
-/// the returned channel (a stream for tonic, or the ops server's loop).
+/// the returned channel (for the gRPC server, or the ops server's loop).
 pub fn accept(
     listener: TcpListener,
     limits: ConnectionLimits,
@@ -139,6 +139,13 @@ impl Guarded {
     }
 }
 
+impl Guarded {
+    /// The TCP stream underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
 impl AsyncRead for Guarded {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -207,13 +214,5 @@ impl AsyncWrite for Guarded {
 
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
-    }
-}
-
-impl tonic::transport::server::Connected for Guarded {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
     }
 }

@@ -11,8 +11,9 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 
 use crate::{
     config::RetryConfig,
-    job::{FailureReason, UnixMillis},
-    upstream::{AttemptOutcome, TokenGrant},
+    domain::job::TokenGrant,
+    domain::job::{FailureReason, UnixMillis},
+    exchange::upstream::AttemptOutcome,
 };
 
 /// The retry settings, converted once from configuration.
@@ -231,7 +232,7 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{secret::SecretString, upstream::Answer};
+    use crate::{domain::secret::SecretString, exchange::upstream::Answer};
 
     const POLICY: RetryPolicy = RetryPolicy {
         max_attempts: 4,

@@ -14,7 +14,7 @@ use std::{
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
-use crate::secret::{ExposeSecret, SecretBox};
+use crate::domain::secret::{ExposeSecret, SecretBox};
 
 /// Key length in bytes.
 const KEY_LEN: usize = 32;
@@ -121,8 +121,8 @@ impl Fingerprinter {
 }
 
 fn write_new_key(path: &Path, hex_key: &str) -> std::io::Result<()> {
-    crate::private_files::create_parent_dir(path)?;
-    let mut file = crate::private_files::write_options()
+    crate::security::private_files::create_parent_dir(path)?;
+    let mut file = crate::security::private_files::write_options()
         .create_new(true)
         .open(path)?;
     writeln!(file, "{hex_key}")?;

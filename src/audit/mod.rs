@@ -7,9 +7,11 @@
 //! write the file can also recompute the chain; the hashes are therefore also emitted to the log
 //! pipeline with every event, where an auditor can compare them with the database's.
 
+pub mod fingerprint;
+
 use sha2::{Digest, Sha256};
 
-use crate::job::UnixMillis;
+use crate::domain::job::UnixMillis;
 
 /// The `prev_hash` of the first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";

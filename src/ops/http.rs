@@ -17,8 +17,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    breaker::BreakerState, connections::Guarded, job::UnixMillis, metrics::Metrics, store::Store,
-    worker::Worker,
+    domain::job::UnixMillis, exchange::breaker::BreakerState, exchange::worker::Worker,
+    ops::metrics::Metrics, server::connections::Guarded, store::Store,
 };
 
 /// Whether the daemon should receive traffic.
@@ -92,7 +92,7 @@ impl OpsState {
 /// How long the ops listener waits for a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves the endpoints on the connections `accept` admits ([`crate::connections::accept`])
+/// Serves the endpoints on the connections `accept` admits ([`crate::server::connections::accept`])
 /// until `stop` is cancelled.
 pub async fn serve(
     mut accepted: tokio::sync::mpsc::Receiver<std::io::Result<Guarded>>,

@@ -5,7 +5,7 @@ use std::fmt;
 
 use sha2::{Digest, Sha256};
 
-use crate::{job::JobId, secret::SecretString};
+use crate::{domain::job::JobId, domain::secret::SecretString};
 
 /// Field limits. They bound what a caller can make the daemon store.
 pub const MAX_CLIENT_ID_LEN: usize = 256;
@@ -67,7 +67,7 @@ pub struct RawExchange<'a> {
 
 impl ExchangeRequest {
     /// Checks `raw`. When it carries no idempotency key, `default_key(client_id, code)` makes
-    /// one: a keyed digest ([`crate::fingerprint::Fingerprinter::idempotency_key`]), so that
+    /// one: a keyed digest ([`crate::audit::fingerprint::Fingerprinter::idempotency_key`]), so that
     /// resubmitting the same code for the same client is recognised and the code is never
     /// presented upstream twice by accident, while a copy of the database confirms no guessed
     /// code without the key.
@@ -169,7 +169,7 @@ fn pkce_verifier(value: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::secret::ExposeSecret;
+    use crate::domain::secret::ExposeSecret;
 
     const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk0123456789abcdefghijkl";
 

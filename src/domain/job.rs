@@ -6,7 +6,7 @@ use std::{fmt, str::FromStr, time::SystemTime};
 
 use uuid::Uuid;
 
-use crate::secret::SecretString;
+use crate::domain::secret::SecretString;
 
 /// Milliseconds since the Unix epoch, the one time representation in the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -192,7 +192,29 @@ impl FromStr for FailureReason {
 #[error("unknown stored value {0:?}")]
 pub struct UnknownValue(pub String);
 
-/// An access token as upstream issued it. Equality compares the token in constant time.
+/// A token as upstream issued it, its lifetime relative to when the answer arrived (the
+/// worker hands it to the store, which records its absolute expiry as a [`Token`]). Equality
+/// compares the token in constant time.
+#[derive(Debug, Clone)]
+pub struct TokenGrant {
+    pub access_token: SecretString,
+    pub token_type: String,
+    /// Lifetime in seconds, relative to when the answer arrived.
+    pub expires_in: i64,
+}
+
+impl PartialEq for TokenGrant {
+    fn eq(&self, other: &Self) -> bool {
+        crate::domain::secret::constant_time_eq(&self.access_token, &other.access_token)
+            && self.token_type == other.token_type
+            && self.expires_in == other.expires_in
+    }
+}
+
+impl Eq for TokenGrant {}
+
+/// An access token as stored, with its absolute expiry. Equality compares the token in
+/// constant time.
 #[derive(Debug, Clone)]
 pub struct Token {
     pub access_token: SecretString,
@@ -205,7 +227,7 @@ pub struct Token {
 
 impl PartialEq for Token {
     fn eq(&self, other: &Self) -> bool {
-        crate::secret::constant_time_eq(&self.access_token, &other.access_token)
+        crate::domain::secret::constant_time_eq(&self.access_token, &other.access_token)
             && self.token_type == other.token_type
             && self.expires_in == other.expires_in
             && self.expires_at == other.expires_at
@@ -241,6 +263,6 @@ pub struct Job {
     pub outcome_unknown: bool,
     /// Incremented by every committed change, so watchers can drop stale or repeated snapshots.
     pub version: i64,
-    /// HMAC-SHA256 of the code under the daemon's fingerprint key (see [`crate::fingerprint`]).
+    /// HMAC-SHA256 of the code under the daemon's fingerprint key (see [`crate::audit::fingerprint`]).
     pub code_fingerprint: Option<String>,
 }

@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use crate::job::UnixMillis;
+use crate::domain::job::UnixMillis;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {

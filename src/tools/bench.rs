@@ -21,8 +21,8 @@ use tonic::transport::{Channel, Endpoint};
 use crate::{
     api::proto::{JobState, SubmitExchangeRequest, token_broker_client::TokenBrokerClient},
     cli::BenchArgs,
-    fake_upstream::{new_verifier, s256_challenge},
-    upstream::install_crypto_provider,
+    exchange::upstream::install_crypto_provider,
+    tools::fake_upstream::{new_verifier, s256_challenge},
 };
 
 /// What a run measured.

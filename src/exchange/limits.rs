@@ -279,7 +279,7 @@ impl RateLimits {
             .entry(client_id.to_string())
             .or_insert_with(|| ClientLimiter::new(rules.configured(client_id)));
         let pause = retry_after.unwrap_or(adaptive.default_pause).min(MAX_PAUSE);
-        let until = crate::job::instant_after(now, pause);
+        let until = crate::domain::job::instant_after(now, pause);
         // 429s that arrive while the client is paused answer requests sent before the pause:
         // they extend it but do not lower the rate again.
         let already_paused = client.paused_until.is_some_and(|p| p > now);
