@@ -39,7 +39,7 @@ pub use history::{EventQuery, JobQuery, Page, Pruned};
 
 pub use deliveries::Deliveries;
 pub use writer::WriterTask;
-use writer::{Op, Reply, WriterHandle};
+use writer::{Command, Responder, WriterHandle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -377,15 +377,13 @@ impl Store {
         let mut after = 0;
         let mut total = 0;
         loop {
-            match self.write(Op::Reencrypt { after }).await? {
-                Reply::Reencrypted { rows, last } => {
-                    total += rows;
-                    match last {
-                        Some(last) => after = last,
-                        None => return Ok(total),
-                    }
-                }
-                other => unreachable!("reencrypt answered {other:?}"),
+            let (rows, last) = self
+                .write(|reply| Command::Reencrypt { after, reply })
+                .await?;
+            total += rows;
+            match last {
+                Some(last) => after = last,
+                None => return Ok(total),
             }
         }
     }
@@ -399,10 +397,12 @@ impl Store {
         if job_ids.is_empty() {
             return Ok(0);
         }
-        match self.write(Op::MarkDelivered { job_ids, now }).await? {
-            Reply::Count(rows) => Ok(rows),
-            other => unreachable!("mark delivered answered {other:?}"),
-        }
+        self.write(|reply| Command::MarkDelivered {
+            job_ids,
+            now,
+            reply,
+        })
+        .await
     }
 
     /// Erases tokens that expired, or were delivered longer than `retention` ago. Returns how
@@ -412,24 +412,22 @@ impl Store {
         now: UnixMillis,
         retention: Duration,
     ) -> Result<u64, StoreError> {
-        let delivered_before =
-            UnixMillis(now.0 - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
-        match self
-            .write(Op::EraseTokens {
-                now,
-                delivered_before,
-            })
-            .await?
-        {
-            Reply::Count(rows) => Ok(rows),
-            other => unreachable!("erase answered {other:?}"),
-        }
+        let delivered_before = now.saturating_sub(retention);
+        self.write(|reply| Command::EraseTokens {
+            now,
+            delivered_before,
+            reply,
+        })
+        .await
     }
 
     /// Applies one change through the writer, waiting for its commit.
-    async fn write(&self, op: Op) -> Result<Reply, StoreError> {
+    async fn write<T>(
+        &self,
+        command: impl FnOnce(Responder<T>) -> Command,
+    ) -> Result<T, StoreError> {
         match &self.writer {
-            Some(writer) => writer.apply(op).await,
+            Some(writer) => writer.apply(command).await,
             None => Err(StoreError::Unavailable(
                 "the store was opened read-only".into(),
             )),
@@ -452,10 +450,12 @@ impl Store {
             max_pending_tenant: job.max_pending_tenant,
             max_pending_clients: job.max_pending_clients,
         };
-        match self.write(Op::Submit(owned, now)).await? {
-            Reply::Submit(outcome) => Ok(outcome),
-            other => unreachable!("submit answered {other:?}"),
-        }
+        self.write(|reply| Command::Submit {
+            job: owned,
+            now,
+            reply,
+        })
+        .await
     }
 
     /// Cancels a queued or waiting job on behalf of `actor` (a tenant name, recorded in the
@@ -466,10 +466,13 @@ impl Store {
         actor: &str,
         now: UnixMillis,
     ) -> Result<CancelOutcome, StoreError> {
-        match self.write(Op::Cancel(id, actor.to_string(), now)).await? {
-            Reply::Cancel(outcome) => Ok(outcome),
-            other => unreachable!("cancel answered {other:?}"),
-        }
+        self.write(|reply| Command::Cancel {
+            id,
+            actor: actor.to_string(),
+            now,
+            reply,
+        })
+        .await
     }
 
     /// Claims the given jobs for `owner` until `lease_until`, in one statement. Jobs that are no
@@ -484,16 +487,14 @@ impl Store {
         if candidates.is_empty() {
             return Ok(Vec::new());
         }
-        let op = Op::Claim {
+        self.write(|reply| Command::Claim {
             candidates: candidates.to_vec(),
             owner: Arc::clone(owner),
             lease_until,
             now,
-        };
-        match self.write(op).await? {
-            Reply::Claim(claims) => Ok(claims),
-            other => unreachable!("claim answered {other:?}"),
-        }
+            reply,
+        })
+        .await
     }
 
     /// Records an attempt's outcome, if `lease` still holds the job. Returns the job as
@@ -505,21 +506,18 @@ impl Store {
         record: &AttemptRecord,
         now: UnixMillis,
     ) -> Result<Option<Job>, StoreError> {
-        match self
-            .write(Op::Record(lease.clone(), record.clone(), now))
-            .await?
-        {
-            Reply::Record(job) => Ok(job),
-            other => unreachable!("record answered {other:?}"),
-        }
+        self.write(|reply| Command::Record {
+            lease: lease.clone(),
+            record: record.clone(),
+            now,
+            reply,
+        })
+        .await
     }
 
     /// Fails queued and waiting jobs whose time to live has passed. Returns them.
     pub async fn expire_overdue(&self, now: UnixMillis) -> Result<Vec<Job>, StoreError> {
-        match self.write(Op::Expire(now)).await? {
-            Reply::Jobs(jobs) => Ok(jobs),
-            other => unreachable!("expire answered {other:?}"),
-        }
+        self.write(|reply| Command::Expire { now, reply }).await
     }
 
     /// Returns to the queue (or fails, when no attempt is left) every running job whose lease
@@ -530,15 +528,13 @@ impl Store {
         max_attempts: u32,
         now: UnixMillis,
     ) -> Result<Vec<Job>, StoreError> {
-        let op = Op::Rescue {
+        self.write(|reply| Command::Rescue {
             lease_cutoff,
             max_attempts,
             now,
-        };
-        match self.write(op).await? {
-            Reply::Jobs(jobs) => Ok(jobs),
-            other => unreachable!("rescue answered {other:?}"),
-        }
+            reply,
+        })
+        .await
     }
 
     /// Removes audit events older than `cutoff`, leaving a checkpoint that carries the hash of
@@ -550,8 +546,9 @@ impl Store {
         now: UnixMillis,
     ) -> Result<Option<Pruned>, StoreError> {
         let mut pruned: Option<Pruned> = None;
-        while let Reply::Pruned(Some((rows, checkpoint_seq))) =
-            self.write(Op::PruneStep { cutoff, now }).await?
+        while let Some((rows, checkpoint_seq)) = self
+            .write(|reply| Command::PruneStep { cutoff, now, reply })
+            .await?
         {
             let events = pruned.as_ref().map_or(0, |p| p.events) + rows;
             pruned = Some(Pruned {

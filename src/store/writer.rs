@@ -41,61 +41,159 @@ const SWEEP_BATCH: i64 = 500;
 /// Audit events removed per retention step.
 const PRUNE_BATCH: i64 = 10_000;
 
-/// One change to apply.
+/// One change to apply, with where its result goes once the transaction commits: each
+/// command carries its own typed [`Responder`], so no reply is ever matched against the wrong
+/// change.
 #[derive(Debug)]
-pub(super) enum Op {
-    Submit(NewJobOwned, UnixMillis),
-    Cancel(JobId, String, UnixMillis),
+pub(super) enum Command {
+    Submit {
+        job: NewJobOwned,
+        now: UnixMillis,
+        reply: Responder<SubmitOutcome>,
+    },
+    Cancel {
+        id: JobId,
+        actor: String,
+        now: UnixMillis,
+        reply: Responder<CancelOutcome>,
+    },
     Claim {
         candidates: Vec<Candidate>,
         owner: Arc<str>,
         lease_until: UnixMillis,
         now: UnixMillis,
+        reply: Responder<Vec<Claim>>,
     },
-    Record(Lease, AttemptRecord, UnixMillis),
-    Expire(UnixMillis),
+    Record {
+        lease: Lease,
+        record: AttemptRecord,
+        now: UnixMillis,
+        /// The job after the outcome, or `None` when the lease was lost.
+        reply: Responder<Option<Job>>,
+    },
+    /// Fails overdue jobs; answers them.
+    Expire {
+        now: UnixMillis,
+        reply: Responder<Vec<Job>>,
+    },
+    /// Recovers attempts whose lease ran out; answers the jobs.
     Rescue {
         lease_cutoff: UnixMillis,
         max_attempts: u32,
         now: UnixMillis,
+        reply: Responder<Vec<Job>>,
     },
+    /// Prunes one step of old audit events; answers the rows deleted and the checkpoint's seq,
+    /// or `None` when nothing was left to prune.
     PruneStep {
         cutoff: UnixMillis,
         now: UnixMillis,
+        reply: Responder<Option<(u64, i64)>>,
     },
-    /// Re-seals the secrets of the next jobs after row `after` with the current key.
+    /// Re-seals the secrets of the next jobs after row `after` with the current key; answers
+    /// the jobs re-sealed and the last row done (`None` when there were no more).
     Reencrypt {
         after: i64,
+        reply: Responder<(u64, Option<i64>)>,
     },
-    /// Notes that these jobs' tokens reached their callers.
+    /// Notes that these jobs' tokens reached their callers; answers the rows changed.
     MarkDelivered {
         job_ids: Vec<String>,
         now: UnixMillis,
+        reply: Responder<u64>,
     },
-    /// Erases tokens that expired, or were delivered before `delivered_before`.
+    /// Erases tokens that expired, or were delivered before `delivered_before`; answers the
+    /// rows changed.
     EraseTokens {
         now: UnixMillis,
         delivered_before: UnixMillis,
+        reply: Responder<u64>,
     },
 }
 
-/// A change's result.
+/// Where one command's result goes: set while the transaction runs (again if it is retried),
+/// sent only after the commit.
 #[derive(Debug)]
-pub(super) enum Reply {
-    Submit(SubmitOutcome),
-    Cancel(CancelOutcome),
-    Claim(Vec<Claim>),
-    Record(Option<Job>),
-    Jobs(Vec<Job>),
-    /// Rows deleted and the checkpoint's seq, or `None` when nothing was left to prune.
-    Pruned(Option<(u64, i64)>),
-    /// Jobs re-sealed, and the last row done (`None` when there were no more).
-    Reencrypted {
-        rows: u64,
-        last: Option<i64>,
-    },
-    /// Rows changed.
-    Count(u64),
+pub(super) struct Responder<T> {
+    sender: Option<oneshot::Sender<Result<T, StoreError>>>,
+    outcome: Option<T>,
+}
+
+impl<T> Responder<T> {
+    /// A responder and the receiver its caller waits on.
+    pub(super) fn new() -> (Responder<T>, oneshot::Receiver<Result<T, StoreError>>) {
+        let (sender, receiver) = oneshot::channel();
+        let responder = Responder {
+            sender: Some(sender),
+            outcome: None,
+        };
+        (responder, receiver)
+    }
+
+    /// Keeps `result`'s value for after the commit; passes its effects on.
+    fn keep(&mut self, result: Result<(T, Effects), StoreError>) -> Result<Effects, StoreError> {
+        let (outcome, effects) = result?;
+        self.outcome = Some(outcome);
+        Ok(effects)
+    }
+
+    /// The change committed: the caller gets its result (if it is still waiting).
+    fn send(&mut self) {
+        if let (Some(sender), Some(outcome)) = (self.sender.take(), self.outcome.take()) {
+            let _ = sender.send(Ok(outcome));
+        }
+    }
+
+    /// The change failed.
+    fn fail(&mut self, error: StoreError) {
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.send(Err(error));
+        }
+    }
+}
+
+impl Command {
+    /// A submission's parts, for the runs of submissions inserted together.
+    fn submission(
+        &mut self,
+    ) -> Option<((&NewJobOwned, UnixMillis), &mut Responder<SubmitOutcome>)> {
+        match self {
+            Command::Submit { job, now, reply } => Some(((&*job, *now), reply)),
+            _ => None,
+        }
+    }
+
+    /// After the commit: the result goes to its caller.
+    fn respond(&mut self) {
+        match self {
+            Command::Submit { reply, .. } => reply.send(),
+            Command::Cancel { reply, .. } => reply.send(),
+            Command::Claim { reply, .. } => reply.send(),
+            Command::Record { reply, .. } => reply.send(),
+            Command::Expire { reply, .. } | Command::Rescue { reply, .. } => reply.send(),
+            Command::PruneStep { reply, .. } => reply.send(),
+            Command::Reencrypt { reply, .. } => reply.send(),
+            Command::MarkDelivered { reply, .. } | Command::EraseTokens { reply, .. } => {
+                reply.send()
+            }
+        }
+    }
+
+    /// The change failed: its caller gets `error`.
+    fn fail(&mut self, error: StoreError) {
+        match self {
+            Command::Submit { reply, .. } => reply.fail(error),
+            Command::Cancel { reply, .. } => reply.fail(error),
+            Command::Claim { reply, .. } => reply.fail(error),
+            Command::Record { reply, .. } => reply.fail(error),
+            Command::Expire { reply, .. } | Command::Rescue { reply, .. } => reply.fail(error),
+            Command::PruneStep { reply, .. } => reply.fail(error),
+            Command::Reencrypt { reply, .. } => reply.fail(error),
+            Command::MarkDelivered { reply, .. } | Command::EraseTokens { reply, .. } => {
+                reply.fail(error)
+            }
+        }
+    }
 }
 
 /// What becomes visible once the transaction commits.
@@ -103,11 +201,6 @@ pub(super) enum Reply {
 struct Effects {
     events: Vec<AuditRecord>,
     publish: Vec<Job>,
-}
-
-struct Request {
-    op: Op,
-    reply: oneshot::Sender<Result<Reply, StoreError>>,
 }
 
 /// What the writer carries from change to change: the cached facts (valid at the start of the
@@ -230,7 +323,7 @@ impl Tracked {
 /// Sends changes to the writer task.
 #[derive(Debug, Clone)]
 pub(super) struct WriterHandle {
-    requests: mpsc::Sender<Request>,
+    requests: mpsc::Sender<Command>,
 }
 
 impl WriterHandle {
@@ -247,11 +340,14 @@ impl WriterHandle {
         Ok((WriterHandle { requests }, task))
     }
 
-    /// Applies `op` and waits for its commit.
-    pub(super) async fn apply(&self, op: Op) -> Result<Reply, StoreError> {
-        let (reply, answer) = oneshot::channel();
+    /// Sends the command `make` builds around its responder, and waits for its commit.
+    pub(super) async fn apply<T>(
+        &self,
+        make: impl FnOnce(Responder<T>) -> Command,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = Responder::new();
         self.requests
-            .send(Request { op, reply })
+            .send(make(reply))
             .await
             .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
         answer
@@ -285,44 +381,37 @@ impl std::future::Future for WriterTask {
 
 async fn run(
     mut conn: SqliteConnection,
-    mut receiver: mpsc::Receiver<Request>,
+    mut receiver: mpsc::Receiver<Command>,
     mut tracked: Tracked,
     feed: Arc<JobFeed>,
     metrics: Arc<Metrics>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let requests = std::mem::take(&mut batch);
-        let results = match apply_batch(&mut conn, &mut tracked, &requests, &metrics).await {
-            Ok(results) => results,
+        let mut commands = std::mem::take(&mut batch);
+        match apply_batch(&mut conn, &mut tracked, &mut commands, &metrics).await {
+            Ok(effects) => {
+                for (command, effects) in commands.iter_mut().zip(effects) {
+                    publish(&effects, &feed, &metrics);
+                    command.respond();
+                }
+            }
             Err(error) => {
                 // Something failed: retry each change alone, so only the bad one fails.
-                tracing::warn!(%error, changes = requests.len(), "batch rolled back; retrying its changes one by one");
-                let mut results = Vec::with_capacity(requests.len());
-                for request in &requests {
-                    let single = std::slice::from_ref(request);
-                    results.push(
-                        match apply_batch(&mut conn, &mut tracked, single, &metrics).await {
-                            Ok(mut one) => one.pop().expect("one result per change"),
-                            Err(error) => Err(error),
-                        },
-                    );
+                tracing::warn!(%error, changes = commands.len(), "batch rolled back; retrying its changes one by one");
+                for command in &mut commands {
+                    let single = std::slice::from_mut(command);
+                    match apply_batch(&mut conn, &mut tracked, single, &metrics).await {
+                        Ok(effects) => {
+                            for effects in &effects {
+                                publish(effects, &feed, &metrics);
+                            }
+                            command.respond();
+                        }
+                        Err(error) => command.fail(error),
+                    }
                 }
-                results
             }
-        };
-        for (request, result) in requests.into_iter().zip(results) {
-            let result = result.map(|(reply, effects)| {
-                for record in &effects.events {
-                    audit::emit(record, &metrics);
-                }
-                for job in &effects.publish {
-                    feed.publish(job);
-                }
-                reply
-            });
-            // The caller may have gone away; the change is committed all the same.
-            let _ = request.reply.send(result);
         }
     }
     if let Err(error) = conn.close().await {
@@ -330,50 +419,55 @@ async fn run(
     }
 }
 
-type Applied = Result<(Reply, Effects), StoreError>;
+/// After a commit: the audit events go to the log and the metrics, the jobs to the feed.
+fn publish(effects: &Effects, feed: &JobFeed, metrics: &Metrics) {
+    for record in &effects.events {
+        audit::emit(record, metrics);
+    }
+    for job in &effects.publish {
+        feed.publish(job);
+    }
+}
 
-/// Applies `requests` in one transaction. `Ok` when it committed (each change's own result
-/// inside); `Err` when it did not, after which `tracked` is as it was before.
+/// What one change returns inside the transaction: its result and its effects.
+type Applied<T> = Result<(T, Effects), StoreError>;
+
+/// Applies `commands` in one transaction. `Ok` when it committed, with each change's effects
+/// (its result is kept in its responder); `Err` when it did not, after which `tracked` is as
+/// it was before.
 async fn apply_batch(
     conn: &mut SqliteConnection,
     tracked: &mut Tracked,
-    requests: &[Request],
+    commands: &mut [Command],
     metrics: &Metrics,
-) -> Result<Vec<Applied>, StoreError> {
+) -> Result<Vec<Effects>, StoreError> {
     let before = tracked.snapshot();
+    let count = commands.len();
     let attempt = async {
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let mut results: Vec<Applied> = Vec::with_capacity(requests.len());
+        let mut results: Vec<Effects> = Vec::with_capacity(count);
         let mut written = 0;
         let mut next = 0;
-        while next < requests.len() {
+        while next < count {
             // A run of submissions is inserted with one statement.
-            let run = requests[next..]
-                .iter()
-                .take_while(|r| matches!(r.op, Op::Submit(..)))
-                .count();
-            if run > 0 {
-                let submissions: Vec<(&NewJobOwned, UnixMillis)> = requests[next..next + run]
-                    .iter()
-                    .map(|r| match &r.op {
-                        Op::Submit(job, now) => (job, *now),
-                        _ => unreachable!("a run of submissions"),
-                    })
-                    .collect();
-                results.extend(submit_many(&mut tx, tracked, &submissions).await?);
-                next += run;
+            let (jobs, replies): (Vec<_>, Vec<_>) = commands[next..]
+                .iter_mut()
+                .map_while(Command::submission)
+                .unzip();
+            if !jobs.is_empty() {
+                next += jobs.len();
+                let outcomes = submit_many(&mut tx, tracked, &jobs).await?;
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    results.push(reply.keep(Ok(outcome))?);
+                }
                 continue;
             }
-            let request = &requests[next];
-            if matches!(request.op, Op::PruneStep { .. }) {
+            let command = &mut commands[next];
+            if matches!(command, Command::PruneStep { .. }) {
                 // Retention reads the events table: write what is chained so far first.
                 written = flush_events(&mut tx, &results, written).await?;
             }
-            let result = apply(&mut tx, tracked, &request.op).await;
-            if let Err(error) = result {
-                return Err(error);
-            }
-            results.push(result);
+            results.push(apply(&mut tx, tracked, command).await?);
             next += 1;
         }
         flush_events(&mut tx, &results, written).await?;
@@ -382,7 +476,7 @@ async fn apply_batch(
         metrics
             .sqlite_commit
             .observe(started.elapsed().as_secs_f64());
-        metrics.sqlite_batch.observe(requests.len() as f64);
+        metrics.sqlite_batch.observe(count as f64);
         Ok(results)
     };
     match attempt.await {
@@ -402,70 +496,96 @@ async fn apply_batch(
 /// Writes the audit events of `results[from..]`; returns how many results are now written.
 async fn flush_events(
     conn: &mut SqliteConnection,
-    results: &[Applied],
+    results: &[Effects],
     from: usize,
 ) -> Result<usize, StoreError> {
     let records: Vec<&AuditRecord> = results[from..]
         .iter()
-        .filter_map(|result| result.as_ref().ok())
-        .flat_map(|(_, effects)| effects.events.iter())
+        .flat_map(|effects| effects.events.iter())
         .collect();
     audit::insert_records(conn, &records).await?;
     Ok(results.len())
 }
 
 /// Applies one change inside the open transaction.
-async fn apply(conn: &mut SqliteConnection, tracked: &mut Tracked, op: &Op) -> Applied {
-    match op {
-        Op::Submit(job, now) => submit_many(conn, tracked, &[(job, *now)])
-            .await?
-            .pop()
-            .expect("one result per submission"),
-        Op::Cancel(id, actor, now) => cancel(conn, tracked, *id, actor, *now).await,
-        Op::Claim {
+async fn apply(
+    conn: &mut SqliteConnection,
+    tracked: &mut Tracked,
+    command: &mut Command,
+) -> Result<Effects, StoreError> {
+    match command {
+        Command::Submit { job, now, reply } => {
+            let mut outcomes = submit_many(conn, tracked, &[(&*job, *now)]).await?;
+            let outcome = outcomes.pop().ok_or_else(|| {
+                StoreError::Corrupt("a submission produced no outcome".to_string())
+            })?;
+            reply.keep(Ok(outcome))
+        }
+        Command::Cancel {
+            id,
+            actor,
+            now,
+            reply,
+        } => reply.keep(cancel(conn, tracked, *id, actor, *now).await),
+        Command::Claim {
             candidates,
             owner,
             lease_until,
             now,
-        } => claim(conn, tracked, candidates, owner, *lease_until, *now).await,
-        Op::Record(lease, record, now) => record_attempt(conn, tracked, lease, record, *now).await,
-        Op::Expire(now) => {
+            reply,
+        } => reply.keep(claim(conn, tracked, candidates, owner, *lease_until, *now).await),
+        Command::Record {
+            lease,
+            record,
+            now,
+            reply,
+        } => reply.keep(record_attempt(conn, tracked, lease, record, *now).await),
+        Command::Expire { now, reply } => {
             let rows = sqlx::query(include_str!("sql/expire_overdue.sql"))
                 .bind(now.0)
                 .bind(SWEEP_BATCH)
                 .fetch_all(&mut *conn)
                 .await?;
-            sweep(tracked, &rows, AuditKind::JobExpired, *now).await
+            reply.keep(sweep(tracked, &rows, AuditKind::JobExpired, *now).await)
         }
-        Op::Rescue {
+        Command::Rescue {
             lease_cutoff,
             max_attempts,
             now,
+            reply,
         } => {
             let rows = sqlx::query(include_str!("sql/rescue_leases.sql"))
                 .bind(now.0)
                 .bind(lease_cutoff.0)
-                .bind(max_attempts)
+                .bind(*max_attempts)
                 .bind(SWEEP_BATCH)
                 .fetch_all(&mut *conn)
                 .await?;
-            sweep(tracked, &rows, AuditKind::AttemptUnknown, *now).await
+            reply.keep(sweep(tracked, &rows, AuditKind::AttemptUnknown, *now).await)
         }
-        Op::PruneStep { cutoff, now } => prune_step(conn, tracked, *cutoff, *now).await,
-        Op::Reencrypt { after } => reencrypt(conn, tracked, *after).await,
-        Op::MarkDelivered { job_ids, now } => {
-            let ids = serde_json::to_string(job_ids).expect("strings serialize");
+        Command::PruneStep { cutoff, now, reply } => {
+            reply.keep(prune_step(conn, tracked, *cutoff, *now).await)
+        }
+        Command::Reencrypt { after, reply } => reply.keep(reencrypt(conn, tracked, *after).await),
+        Command::MarkDelivered {
+            job_ids,
+            now,
+            reply,
+        } => {
+            let ids = serde_json::to_string(job_ids)
+                .map_err(|error| StoreError::Corrupt(error.to_string()))?;
             let rows = sqlx::query(include_str!("sql/mark_delivered.sql"))
                 .bind(ids)
                 .bind(now.0)
                 .execute(&mut *conn)
                 .await?
                 .rows_affected();
-            Ok((Reply::Count(rows), Effects::default()))
+            reply.keep(Ok((rows, Effects::default())))
         }
-        Op::EraseTokens {
+        Command::EraseTokens {
             now,
             delivered_before,
+            reply,
         } => {
             let rows = sqlx::query(include_str!("sql/erase_tokens.sql"))
                 .bind(now.0)
@@ -473,7 +593,7 @@ async fn apply(conn: &mut SqliteConnection, tracked: &mut Tracked, op: &Op) -> A
                 .bind(SWEEP_BATCH)
                 .fetch_all(&mut *conn)
                 .await?;
-            Ok((Reply::Count(rows.len() as u64), Effects::default()))
+            reply.keep(Ok((rows.len() as u64, Effects::default())))
         }
     }
 }
@@ -497,7 +617,7 @@ async fn submit_many(
     conn: &mut SqliteConnection,
     tracked: &mut Tracked,
     submissions: &[(&NewJobOwned, UnixMillis)],
-) -> Result<Vec<Applied>, StoreError> {
+) -> Result<Vec<(SubmitOutcome, Effects)>, StoreError> {
     let mut pending = tracked.pending;
     let mut by_tenant: HashMap<&str, u64> = HashMap::new();
     // Client ids this batch adds to those with pending jobs.
@@ -595,13 +715,13 @@ async fn submit_many(
                 vec![AuditEvent::new(&job, AuditKind::JobSubmitted, *now)],
             );
             tracked.count(&job, 1);
-            results.push(Ok((
-                Reply::Submit(SubmitOutcome::Created(job.clone())),
+            results.push((
+                SubmitOutcome::Created(job.clone()),
                 Effects {
                     events,
                     publish: vec![job],
                 },
-            )));
+            ));
             continue;
         }
         let existing = sqlx::query(include_str!("sql/find_by_key.sql"))
@@ -624,7 +744,7 @@ async fn submit_many(
                 )));
             }
         };
-        results.push(Ok((Reply::Submit(outcome), Effects::default())));
+        results.push((outcome, Effects::default()));
     }
     Ok(results)
 }
@@ -635,7 +755,7 @@ async fn cancel(
     id: JobId,
     actor: &str,
     now: UnixMillis,
-) -> Applied {
+) -> Applied<CancelOutcome> {
     let row = sqlx::query(include_str!("sql/cancel_job.sql"))
         .bind(id.to_string())
         .bind(now.0)
@@ -650,7 +770,7 @@ async fn cancel(
             Some(row) => CancelOutcome::NotCancellable(job_from_row(&row, Some(&tracked.keys))?),
             None => CancelOutcome::NotFound,
         };
-        return Ok((Reply::Cancel(outcome), Effects::default()));
+        return Ok((outcome, Effects::default()));
     };
     let job = job_from_row(&row, Some(&tracked.keys))?;
     let events = append(
@@ -662,7 +782,7 @@ async fn cancel(
     );
     tracked.count(&job, -1);
     Ok((
-        Reply::Cancel(CancelOutcome::Cancelled(job.clone())),
+        CancelOutcome::Cancelled(job.clone()),
         Effects {
             events,
             publish: vec![job],
@@ -677,7 +797,7 @@ async fn claim(
     owner: &Arc<str>,
     lease_until: UnixMillis,
     now: UnixMillis,
-) -> Applied {
+) -> Applied<Vec<Claim>> {
     let row_ids: Vec<i64> = candidates.iter().map(|c| c.row_id).collect();
     let ids = serde_json::to_string(&row_ids).expect("integers serialize");
     let rows = sqlx::query(include_str!("sql/claim.sql"))
@@ -733,7 +853,7 @@ async fn claim(
         .collect();
     let events = append(tracked, events);
     let publish = claims.iter().map(|claim| claim.job.clone()).collect();
-    Ok((Reply::Claim(claims), Effects { events, publish }))
+    Ok((claims, Effects { events, publish }))
 }
 
 async fn record_attempt(
@@ -742,7 +862,7 @@ async fn record_attempt(
     lease: &Lease,
     record: &AttemptRecord,
     now: UnixMillis,
-) -> Applied {
+) -> Applied<Option<Job>> {
     let guarded = |sql| {
         sqlx::query(sql)
             .bind(lease.row_id)
@@ -807,7 +927,7 @@ async fn record_attempt(
     };
     let Some(row) = row else {
         // The lease was lost: a newer attempt owns the job. Nothing is written.
-        return Ok((Reply::Record(None), Effects::default()));
+        return Ok((None, Effects::default()));
     };
     let job = job_from_row(&row, Some(&tracked.keys))?;
     let events = append(
@@ -818,7 +938,7 @@ async fn record_attempt(
         tracked.count(&job, -1);
     }
     Ok((
-        Reply::Record(Some(job.clone())),
+        Some(job.clone()),
         Effects {
             events,
             publish: vec![job],
@@ -831,7 +951,7 @@ async fn sweep(
     rows: &[SqliteRow],
     kind: AuditKind,
     now: UnixMillis,
-) -> Applied {
+) -> Applied<Vec<Job>> {
     let jobs = rows
         .iter()
         .map(|row| job_from_row(row, Some(&tracked.keys)))
@@ -845,7 +965,7 @@ async fn sweep(
         tracked.count(job, -1);
     }
     Ok((
-        Reply::Jobs(jobs.clone()),
+        jobs.clone(),
         Effects {
             events,
             publish: jobs,
@@ -856,7 +976,11 @@ async fn sweep(
 /// Jobs re-sealed per transaction.
 const RESEAL_BATCH: i64 = 1_000;
 
-async fn reencrypt(conn: &mut SqliteConnection, tracked: &mut Tracked, after: i64) -> Applied {
+async fn reencrypt(
+    conn: &mut SqliteConnection,
+    tracked: &mut Tracked,
+    after: i64,
+) -> Applied<(u64, Option<i64>)> {
     let rows = sqlx::query(include_str!("sql/sealed_batch.sql"))
         .bind(after)
         .bind(RESEAL_BATCH)
@@ -887,13 +1011,7 @@ async fn reencrypt(conn: &mut SqliteConnection, tracked: &mut Tracked, after: i6
             .await?;
         last = Some(id);
     }
-    Ok((
-        Reply::Reencrypted {
-            rows: rows.len() as u64,
-            last,
-        },
-        Effects::default(),
-    ))
+    Ok(((rows.len() as u64, last), Effects::default()))
 }
 
 /// Removes up to [`PRUNE_BATCH`] events older than `cutoff`, leaving a checkpoint that carries
@@ -903,8 +1021,8 @@ async fn prune_step(
     tracked: &mut Tracked,
     cutoff: UnixMillis,
     now: UnixMillis,
-) -> Applied {
-    let nothing = || Ok((Reply::Pruned(None), Effects::default()));
+) -> Applied<Option<(u64, i64)>> {
+    let nothing = || Ok((None, Effects::default()));
     let bounds = sqlx::query(include_str!("sql/prune_bound.sql"))
         .bind(cutoff.0)
         .fetch_one(&mut *conn)
@@ -974,5 +1092,5 @@ async fn prune_step(
     }
     // The checkpoint is written above, not with the batch's events; it is only logged.
     audit::emit_checkpoint(&checkpoint);
-    Ok((Reply::Pruned(Some((deleted, upto))), Effects::default()))
+    Ok((Some((deleted, upto)), Effects::default()))
 }
