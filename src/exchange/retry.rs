@@ -478,10 +478,15 @@ mod tests {
         assert_eq!(gaps.len() as u32, POLICY.max_attempts - 1);
         for (i, gap) in gaps.iter().enumerate() {
             let retry = i as u32 + 1;
-            // Stored times have millisecond resolution.
-            let backoff = backoff_delay(&POLICY, retry, u64::from(retry));
-            assert_eq!(gap.as_millis(), backoff.as_millis(), "retry {retry}");
-            assert!(*gap <= POLICY.max_delay);
+            // The policy, written out: the initial delay doubled per retry, plus jitter of up
+            // to as much again, never above the cap (stored times have millisecond
+            // resolution, so a gap may be a millisecond short).
+            let base = (POLICY.initial_delay * 2u32.pow(retry - 1)).min(POLICY.max_delay);
+            let ceiling = (base * 2).min(POLICY.max_delay);
+            assert!(
+                *gap + Duration::from_millis(1) >= base && *gap <= ceiling,
+                "retry {retry}: a gap of {gap:?} is outside {base:?}..={ceiling:?}"
+            );
         }
         assert_eq!(start.elapsed(), gaps.iter().sum::<Duration>());
     }

@@ -340,6 +340,8 @@ struct State {
     stats: Mutex<Stats>,
     /// When each token request arrived.
     arrivals: Mutex<Vec<Instant>>,
+    /// Token requests received so far, for tests that wait for traffic instead of sleeping.
+    received: tokio::sync::watch::Sender<u64>,
     code_ttl: Duration,
     token_lifetime_secs: i64,
 }
@@ -390,6 +392,7 @@ impl FakeUpstream {
             script: Mutex::new(VecDeque::new()),
             stats: Mutex::new(Stats::default()),
             arrivals: Mutex::new(Vec::new()),
+            received: tokio::sync::watch::Sender::new(0),
             code_ttl: options.code_ttl,
             token_lifetime_secs: options.token_lifetime_secs,
         });
@@ -432,6 +435,13 @@ impl FakeUpstream {
     /// When each token request arrived, in order.
     pub fn arrivals(&self) -> Vec<Instant> {
         self.state.arrivals.lock().clone()
+    }
+
+    /// Waits until the fake has received at least `count` token requests.
+    pub async fn wait_for_requests(&self, count: u64) {
+        let mut received = self.state.received.subscribe();
+        // The sender lives in the state this handle holds, so the wait cannot fail.
+        let _ = received.wait_for(|received| *received >= count).await;
     }
 
     pub fn stop(&self) {
@@ -642,8 +652,13 @@ async fn handle(
 }
 
 async fn token(state: &State, body: &[u8]) -> Result<HttpResponse, DropConnection> {
-    state.stats.lock().token_requests += 1;
+    let received = {
+        let mut stats = state.stats.lock();
+        stats.token_requests += 1;
+        stats.token_requests
+    };
     state.arrivals.lock().push(Instant::now());
+    state.received.send_replace(received);
     let (scripted, mut latency, retry_after) = state.next_answer();
     let form: HashMap<String, String> = serde_urlencoded::from_bytes(body).unwrap_or_default();
     let fault = match scripted {

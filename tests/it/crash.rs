@@ -191,22 +191,36 @@ async fn repeated_sigkills_under_load_lose_nothing_and_complete_nothing_twice() 
         assert!(rounds <= 20, "load too slow: {} jobs", acknowledged.len());
         let daemon = Daemon::start(&db, &fake.token_url());
         let client = daemon.client().await;
+        let requests_before = fake.stats().token_requests;
+        let (acks, mut acked) = tokio::sync::watch::channel(0usize);
         let mut submitters = tokio::task::JoinSet::new();
         for _ in 0..4 {
             let mut client = client.clone();
             let fake = fake.clone();
+            let acks = acks.clone();
             submitters.spawn(async move {
                 let mut ids = Vec::new();
                 loop {
                     match client.submit_exchange(new_request(&fake, "client-a")).await {
-                        Ok(job) => ids.push(job.into_inner().job_id),
+                        Ok(job) => {
+                            ids.push(job.into_inner().job_id);
+                            acks.send_modify(|count| *count += 1);
+                        }
                         // The daemon was killed mid-call: this one was never acknowledged.
                         Err(_) => return ids,
                     }
                 }
             });
         }
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        // Kill it under load: once this round has acknowledged submissions and attempts are
+        // under way (events, not a fixed sleep).
+        let loaded = async {
+            let _ = acked.wait_for(|count| *count >= 150).await;
+            fake.wait_for_requests(requests_before + 20).await;
+        };
+        tokio::time::timeout(crate::helpers::PATIENCE, loaded)
+            .await
+            .expect("the round gets under load");
         daemon.kill();
         for ids in submitters.join_all().await {
             acknowledged.extend(ids);

@@ -31,7 +31,7 @@ async fn exchange_many(app: &TestApp, client_id: &str, count: usize) -> Vec<Job>
 }
 
 #[tokio::test]
-async fn a_burst_within_the_limits_draws_no_429s_and_takes_the_ideal_time() {
+async fn a_burst_within_the_limits_draws_no_429s_and_keeps_the_rate() {
     let app = TestApp::spawn_with(|config| {
         config.limits.client = vec![ClientLimit {
             client_id: "burst-app".into(),
@@ -51,16 +51,29 @@ async fn a_burst_within_the_limits_draws_no_429s_and_takes_the_ideal_time() {
     let elapsed = started.elapsed();
 
     assert!(jobs.iter().all(|job| job.state() == JobState::Succeeded));
+    // How long it took (ideally 14 s: 20 at once, then 280 at 20 per second) is measured by
+    // the benchmarks; a slow machine only makes it longer.
     eprintln!("burst: 300 jobs in {elapsed:?}");
     let stats = app.fake.stats();
     assert_eq!(stats.by_status.get(&429), None, "no 429s: {stats:?}");
     assert_eq!(stats.token_requests, 300);
-    // 20 at once, then 280 at 20 per second: 14 s; the ideal is 300 / 20 = 15 s.
-    let ideal = Duration::from_secs(15);
-    assert!(
-        elapsed >= ideal.mul_f64(0.85) && elapsed <= ideal.mul_f64(1.15),
-        "{elapsed:?} is not within 15% of {ideal:?}"
-    );
+    // The shape upstream saw, which a slow machine can only thin out: no second holds more
+    // than the burst and the rate together, and no two seconds more than one burst and two
+    // seconds' worth.
+    let arrivals = app.fake.arrivals();
+    let most_within = |window: Duration| {
+        (0..arrivals.len())
+            .map(|first| {
+                arrivals[first..]
+                    .iter()
+                    .take_while(|at| at.duration_since(arrivals[first]) < window)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    assert!(most_within(Duration::from_secs(1)) <= 20 + 20 + 1);
+    assert!(most_within(Duration::from_secs(2)) <= 20 + 40 + 1);
 }
 
 #[tokio::test]
@@ -85,8 +98,10 @@ async fn a_limit_set_too_high_adapts_to_upstreams_429s() {
         let app = &app;
         async move { exchange_many(app, "eager-app", 400).await }
     };
+    // The first phase ends with the first 60 requests (the burst of 40 draws 429s at 20 per
+    // second, and the client's rate is lowered); what follows is what adaptation achieved.
     let sample = async {
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        app.fake.wait_for_requests(60).await;
         app.fake.stats()
     };
     let (jobs, early) = tokio::join!(exchanges, sample);
@@ -99,7 +114,7 @@ async fn a_limit_set_too_high_adapts_to_upstreams_429s() {
     let requests = late.token_requests - early.token_requests;
     let rejected = late.by_status.get(&429).copied().unwrap_or(0)
         - early.by_status.get(&429).copied().unwrap_or(0);
-    eprintln!("adaptation: {rejected} of {requests} requests drew a 429 after 3 s");
+    eprintln!("adaptation: {rejected} of {requests} requests drew a 429 after the first 60");
     assert!(
         requests > 100,
         "enough traffic after the first seconds: {requests}"
@@ -134,14 +149,20 @@ async fn a_flood_from_one_client_does_not_delay_another() {
     }
     tasks.join_all().await;
 
+    let sent_before = app.fake.stats().token_requests;
     let started = Instant::now();
     let job = app.exchange(app.new_request("quiet-app")).await;
     let elapsed = started.elapsed();
     assert_eq!(job.state(), JobState::Succeeded);
     eprintln!("fairness: the quiet client's exchange took {elapsed:?}");
+    // It went ahead of the flood: meanwhile, at 5 per second, the flood sent a handful of
+    // its thousands of waiting jobs (the time itself is for the benchmarks; this holds on any
+    // machine where the quiet job waited less than about 10 s, and fails if it waited behind
+    // the flood's backlog).
+    let sent = app.fake.stats().token_requests - sent_before;
     assert!(
-        elapsed < Duration::from_millis(1500),
-        "the other client's job took {elapsed:?} during the flood"
+        sent <= 50,
+        "{sent} flood requests went out while the quiet client's job waited"
     );
 }
 
