@@ -121,7 +121,7 @@ pub fn event(record: &AuditRecord) -> proto::AuditEvent {
         job_id: record.job_id.clone(),
         tenant: record.tenant.clone(),
         client_id: record.client_id.clone(),
-        kind: record.kind.clone(),
+        kind: record.kind.to_string(),
         attempt: record.attempt.unwrap_or_default(),
         http_status: record.http_status.map_or(0, u32::from),
         detail: record.detail.clone().unwrap_or_default(),

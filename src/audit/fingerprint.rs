@@ -6,10 +6,7 @@
 //! created with mode 0600 on first start. It must never change: fingerprints computed under
 //! another key match nothing.
 
-use std::{
-    io::Write,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
@@ -56,11 +53,14 @@ impl Fingerprinter {
             Ok(text) => Ok((Self::parse(path, &text)?, false)),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 let key: [u8; KEY_LEN] = rand::random();
-                write_new_key(path, &hex::encode(key)).map_err(|source| {
-                    FingerprintKeyError::Create {
-                        path: path.to_path_buf(),
-                        source,
-                    }
+                crate::security::private_files::write_key_file(
+                    path,
+                    &format!("{}\n", hex::encode(key)),
+                    crate::security::private_files::KeyFile::CreateNew,
+                )
+                .map_err(|source| FingerprintKeyError::Create {
+                    path: path.to_path_buf(),
+                    source,
                 })?;
                 Ok((Self::from_key(key), true))
             }
@@ -118,15 +118,6 @@ impl Fingerprinter {
         }
         hex::encode(mac.finalize().into_bytes())
     }
-}
-
-fn write_new_key(path: &Path, hex_key: &str) -> std::io::Result<()> {
-    crate::security::private_files::create_parent_dir(path)?;
-    let mut file = crate::security::private_files::write_options()
-        .create_new(true)
-        .open(path)?;
-    writeln!(file, "{hex_key}")?;
-    file.sync_all()
 }
 
 #[cfg(test)]

@@ -70,6 +70,55 @@ impl AuditKind {
     }
 }
 
+/// An audit record's kind as stored: one this build knows, or the stored text of one it does
+/// not know (a newer build's, or a hand-edited row), kept verbatim so the chain still verifies
+/// and the edit is reported where it breaks the chain, not where the text fails to parse.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", from = "String")]
+pub enum RecordKind {
+    Known(AuditKind),
+    Unknown(String),
+}
+
+impl RecordKind {
+    pub fn as_str(&self) -> &str {
+        match self {
+            RecordKind::Known(kind) => kind.as_str(),
+            RecordKind::Unknown(text) => text,
+        }
+    }
+}
+
+impl From<AuditKind> for RecordKind {
+    fn from(kind: AuditKind) -> Self {
+        RecordKind::Known(kind)
+    }
+}
+
+impl From<String> for RecordKind {
+    fn from(text: String) -> Self {
+        match AuditKind::parse(&text) {
+            Some(kind) => RecordKind::Known(kind),
+            None => RecordKind::Unknown(text),
+        }
+    }
+}
+
+impl From<RecordKind> for String {
+    fn from(kind: RecordKind) -> Self {
+        match kind {
+            RecordKind::Known(kind) => kind.as_str().to_string(),
+            RecordKind::Unknown(text) => text,
+        }
+    }
+}
+
+impl std::fmt::Display for RecordKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One stored audit event.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AuditRecord {
@@ -79,7 +128,7 @@ pub struct AuditRecord {
     pub job_id: String,
     pub tenant: String,
     pub client_id: String,
-    pub kind: String,
+    pub kind: RecordKind,
     pub attempt: Option<u32>,
     pub http_status: Option<u16>,
     pub detail: Option<String>,
@@ -112,7 +161,7 @@ impl AuditRecord {
         field(Some(self.job_id.as_bytes()));
         field(Some(self.tenant.as_bytes()));
         field(Some(self.client_id.as_bytes()));
-        field(Some(self.kind.as_bytes()));
+        field(Some(self.kind.as_str().as_bytes()));
         field(self.attempt.map(u32::to_be_bytes).as_ref().map(|b| &b[..]));
         field(
             self.http_status
@@ -186,7 +235,7 @@ impl ChainVerifier {
     }
 
     fn problem(&mut self, record: &AuditRecord) -> Option<String> {
-        let is_checkpoint = record.kind == AuditKind::Checkpoint.as_str();
+        let is_checkpoint = record.kind == RecordKind::Known(AuditKind::Checkpoint);
         match &self.previous {
             None if is_checkpoint => {
                 // Retention removed what came before; the checkpoint carries the hash of the
@@ -283,7 +332,7 @@ mod tests {
                     job_id: format!("job-{}", seq % 3),
                     tenant: "default".into(),
                     client_id: "app".into(),
-                    kind: "job.submitted".into(),
+                    kind: AuditKind::JobSubmitted.into(),
                     attempt: (seq % 2 == 0).then_some(1),
                     http_status: None,
                     detail: None,
@@ -354,7 +403,7 @@ mod tests {
     fn a_checkpoint_starts_a_verifiable_chain_only_at_the_start() {
         let records = chain(10);
         let mut checkpoint = records[4].clone();
-        checkpoint.kind = AuditKind::Checkpoint.as_str().into();
+        checkpoint.kind = AuditKind::Checkpoint.into();
         checkpoint.prev_hash = records[4].hash.clone();
         checkpoint.detail = Some("pruned seq 1 to 5".into());
         let mut pruned = vec![checkpoint.clone()];

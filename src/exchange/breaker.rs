@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::exchange::upstream::AttemptOutcome;
+use crate::exchange::upstream::{AttemptOutcome, StatusClass};
 
 /// Breaker settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,7 +34,9 @@ pub enum Signal {
 impl Signal {
     pub fn of(outcome: &AttemptOutcome) -> Signal {
         match outcome {
-            AttemptOutcome::Answered(answer) if matches!(answer.status, 500 | 502 | 503 | 504) => {
+            AttemptOutcome::Answered(answer)
+                if StatusClass::of(answer.status) == StatusClass::ServerError =>
+            {
                 Signal::Unhealthy
             }
             AttemptOutcome::Answered(_) => Signal::Healthy,

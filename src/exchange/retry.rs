@@ -13,7 +13,7 @@ use crate::{
     config::RetryConfig,
     domain::job::TokenGrant,
     domain::job::{FailureReason, UnixMillis},
-    exchange::upstream::AttemptOutcome,
+    exchange::upstream::{AttemptOutcome, StatusClass},
 };
 
 /// The retry settings, converted once from configuration.
@@ -96,34 +96,34 @@ pub fn classify(outcome: &AttemptOutcome) -> Verdict {
         Some(hint) => format!("upstream answered {} ({hint})", answer.status),
         None => format!("upstream answered {} ({what})", answer.status),
     };
-    match answer.status {
-        200..=299 => match &answer.token {
+    match StatusClass::of(answer.status) {
+        StatusClass::Success => match &answer.token {
             Some(grant) => Verdict::Success(grant.clone()),
             None => Verdict::Fail {
                 reason: FailureReason::UpstreamProtocol,
                 detail: format!("upstream answered {} without a usable token", answer.status),
             },
         },
-        400 => Verdict::Fail {
+        StatusClass::BadRequest => Verdict::Fail {
             reason: FailureReason::InvalidRequest,
             detail: hint("bad request"),
         },
-        403 => Verdict::Fail {
+        StatusClass::Forbidden => Verdict::Fail {
             reason: FailureReason::Forbidden,
             detail: hint("forbidden"),
         },
-        429 => Verdict::Retry {
+        StatusClass::RateLimited => Verdict::Retry {
             cause: RetryCause::RateLimited,
             retry_after: answer.retry_after,
         },
-        status @ (500 | 502 | 503 | 504) => Verdict::Retry {
-            cause: RetryCause::ServerError(status),
+        StatusClass::ServerError => Verdict::Retry {
+            cause: RetryCause::ServerError(answer.status),
             // Retry-After is defined for 503 (and 429); a 500 carrying one is honoured too.
             retry_after: answer.retry_after,
         },
-        status => Verdict::Fail {
+        StatusClass::Undocumented => Verdict::Fail {
             reason: FailureReason::UpstreamProtocol,
-            detail: format!("upstream answered undocumented status {status}"),
+            detail: format!("upstream answered undocumented status {}", answer.status),
         },
     }
 }

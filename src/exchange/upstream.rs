@@ -41,6 +41,54 @@ pub struct Answer {
     pub hint: Option<&'static str>,
 }
 
+/// What a status from the token endpoint means: the one classification of HTTP statuses that
+/// the retry decision, the circuit breaker and the metrics share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusClass {
+    /// 2xx: a token, if the body holds a usable one.
+    Success,
+    /// 400: the request is malformed; the same request fails again.
+    BadRequest,
+    /// 403: the client id, code or verifier is refused.
+    Forbidden,
+    /// 429: too many requests; retry after slowing down.
+    RateLimited,
+    /// 500, 502, 503, 504: upstream is failing; retry with backoff.
+    ServerError,
+    /// Anything else (1xx, 3xx, other 4xx and 5xx): not in the contract.
+    Undocumented,
+}
+
+impl StatusClass {
+    pub fn of(status: u16) -> StatusClass {
+        match status {
+            200..=299 => StatusClass::Success,
+            400 => StatusClass::BadRequest,
+            403 => StatusClass::Forbidden,
+            429 => StatusClass::RateLimited,
+            500 | 502 | 503 | 504 => StatusClass::ServerError,
+            _ => StatusClass::Undocumented,
+        }
+    }
+}
+
+impl AttemptOutcome {
+    /// The status family for the metrics: `2xx`, `4xx`, `5xx`, `other`, or `not_sent` and
+    /// `lost` when there was no answer.
+    pub fn family(&self) -> &'static str {
+        match self {
+            AttemptOutcome::Answered(answer) => match answer.status {
+                200..=299 => "2xx",
+                400..=499 => "4xx",
+                500..=599 => "5xx",
+                _ => "other",
+            },
+            AttemptOutcome::NotSent => "not_sent",
+            AttemptOutcome::AnswerLost => "lost",
+        }
+    }
+}
+
 /// Sends token requests to upstream. One per daemon: its connection pool is shared by every
 /// attempt.
 #[derive(Debug, Clone)]

@@ -433,20 +433,12 @@ impl Worker {
                 .upstream
                 .exchange(&claim.job.client_id, &claim.code, &claim.code_verifier)
                 .await;
-            let (class, status) = match &outcome {
-                AttemptOutcome::Answered(answer) => (
-                    match answer.status {
-                        200..=299 => "2xx",
-                        400..=499 => "4xx",
-                        500..=599 => "5xx",
-                        _ => "other",
-                    },
-                    answer.status.to_string(),
-                ),
-                AttemptOutcome::NotSent => ("not_sent", "none".to_string()),
-                AttemptOutcome::AnswerLost => ("lost", "none".to_string()),
+            let status = match &outcome {
+                AttemptOutcome::Answered(answer) => Some(answer.status),
+                AttemptOutcome::NotSent | AttemptOutcome::AnswerLost => None,
             };
-            self.metrics.upstream_request(class, status, sent.elapsed());
+            self.metrics
+                .upstream_request(outcome.family(), status, sent.elapsed());
             self.observe(&claim.job.client_id, &outcome);
             let now = UnixMillis::now();
             let history = JobHistory {

@@ -68,7 +68,7 @@ impl OpsState {
             if rate.is_finite() {
                 self.metrics
                     .effective_rate
-                    .get_or_create(&vec![("client_id", client_id)])
+                    .get_or_create(&crate::ops::metrics::ClientLabels { client_id })
                     .set(rate);
             }
         }

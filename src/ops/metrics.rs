@@ -5,13 +5,53 @@
 use std::{sync::Arc, time::Duration};
 
 use prometheus_client::{
-    encoding::text::encode,
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
-/// Label sets are short lists of pairs.
-type Labels = Vec<(&'static str, String)>;
+use crate::domain::job::{FailureReason, JobState};
+
+/// The labels of `jobs_finished`: a terminal state and, for failures, the reason (a fixed set,
+/// never free text).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FinishedLabels {
+    state: &'static str,
+    reason: &'static str,
+}
+
+/// The labels of `upstream_requests`: the status family and the status.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    class: &'static str,
+    status: StatusLabel,
+}
+
+/// An HTTP status, or `none` when there was no answer.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub struct StatusLabel(Option<u16>);
+
+impl EncodeLabelValue for StatusLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        match self.0 {
+            Some(status) => EncodeLabelValue::encode(&status, encoder),
+            None => EncodeLabelValue::encode(&"none", encoder),
+        }
+    }
+}
+
+/// The label of per-client series: configured client ids only (see `limits::rate_report`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientLabels {
+    pub client_id: String,
+}
+
+/// The labels of `connection_events`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    listener: &'static str,
+    event: &'static str,
+}
 
 fn latency_buckets() -> Histogram {
     // 1 ms to about 33 s.
@@ -32,8 +72,8 @@ fn commit_buckets() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     pub jobs_submitted: Counter,
-    pub jobs_finished: Family<Labels, Counter>,
-    pub upstream_requests: Family<Labels, Counter>,
+    pub jobs_finished: Family<FinishedLabels, Counter>,
+    pub upstream_requests: Family<UpstreamLabels, Counter>,
     pub upstream_latency: Histogram,
     pub limiter_wait: Histogram,
     pub retries: Counter,
@@ -42,14 +82,14 @@ pub struct Metrics {
     pub sqlite_batch: Histogram,
     pub queue_depth: Gauge,
     pub oldest_job_age: Gauge<f64, std::sync::atomic::AtomicU64>,
-    pub effective_rate: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub effective_rate: Family<ClientLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Client ids without their own `[[limits.client]]` whose rate 429s lowered.
     pub other_clients_lowered: Gauge,
     /// The lowest effective rate among them (0 when none is lowered).
     pub other_clients_lowest_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub breaker_open: Gauge,
     /// Connections refused or closed by the listeners' bounds, by listener and event.
-    pub connections: Family<Labels, Counter>,
+    pub connections: Family<ConnectionLabels, Counter>,
 }
 
 impl Metrics {
@@ -172,27 +212,27 @@ impl Metrics {
         out
     }
 
-    pub fn job_finished(&self, state: &'static str, reason: Option<String>) {
+    pub fn job_finished(&self, state: JobState, reason: Option<FailureReason>) {
         self.jobs_finished
-            .get_or_create(&vec![
-                ("state", state.to_string()),
-                ("reason", reason.unwrap_or_default()),
-            ])
+            .get_or_create(&FinishedLabels {
+                state: state.as_str(),
+                reason: reason.map_or("", FailureReason::as_str),
+            })
             .inc();
     }
 
     pub fn connection_event(&self, listener: &'static str, event: &'static str) {
         self.connections
-            .get_or_create(&vec![
-                ("listener", listener.to_string()),
-                ("event", event.to_string()),
-            ])
+            .get_or_create(&ConnectionLabels { listener, event })
             .inc();
     }
 
-    pub fn upstream_request(&self, class: &'static str, status: String, took: Duration) {
+    pub fn upstream_request(&self, class: &'static str, status: Option<u16>, took: Duration) {
         self.upstream_requests
-            .get_or_create(&vec![("class", class.to_string()), ("status", status)])
+            .get_or_create(&UpstreamLabels {
+                class,
+                status: StatusLabel(status),
+            })
             .inc();
         self.upstream_latency.observe(took.as_secs_f64());
     }

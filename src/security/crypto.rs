@@ -9,10 +9,7 @@
 //! `TOKEN_BROKER_ENCRYPTION_KEYS` (`id:hexkey,id:hexkey`, the last one current). Without
 //! either, the first start creates the file beside the database, mode 0600.
 
-use std::{
-    io::Write,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use aes_gcm::{
     Aes256Gcm, KeyInit, Nonce,
@@ -20,7 +17,10 @@ use aes_gcm::{
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 
-use crate::domain::secret::{ExposeSecret, SecretString};
+use crate::{
+    domain::secret::{ExposeSecret, SecretString},
+    security::private_files::{KeyFile, write_key_file},
+};
 
 /// The environment variable that can hold the key ring instead of the key file.
 pub const KEYS_ENV: &str = "TOKEN_BROKER_ENCRYPTION_KEYS";
@@ -106,24 +106,6 @@ fn new_key_hex() -> SecretString {
     SecretString::from(hex::encode(rand::random::<[u8; 32]>()))
 }
 
-fn write_key_file(path: &Path, contents: &str, create_new: bool) -> std::io::Result<()> {
-    crate::security::private_files::create_parent_dir(path)?;
-    let temp = path.with_extension("tmp");
-    let mut options = crate::security::private_files::write_options();
-    options.create(true).truncate(true);
-    let target = if create_new { path } else { &temp };
-    if create_new {
-        options.create_new(true);
-    }
-    let mut file = options.open(target)?;
-    file.write_all(contents.as_bytes())?;
-    file.sync_all()?;
-    if !create_new {
-        std::fs::rename(&temp, path)?;
-    }
-    Ok(())
-}
-
 impl KeyRing {
     /// The ring from the environment, else from `path`, creating the file with a fresh key when
     /// neither exists. Returns whether a file was created.
@@ -143,9 +125,11 @@ impl KeyRing {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 let key = new_key_hex();
                 let contents = format!("k1 {}\n", key.expose_secret());
-                write_key_file(path, &contents, true).map_err(|source| KeyRingError::Write {
-                    path: path.to_path_buf(),
-                    source,
+                write_key_file(path, &contents, KeyFile::CreateNew).map_err(|source| {
+                    KeyRingError::Write {
+                        path: path.to_path_buf(),
+                        source,
+                    }
                 })?;
                 Ok((Self::parse_file(path, &contents)?, true))
             }
@@ -185,9 +169,11 @@ impl KeyRing {
             contents.push('\n');
         }
         contents.push_str(&format!("{id} {}\n", new_key_hex().expose_secret()));
-        write_key_file(path, &contents, false).map_err(|source| KeyRingError::Write {
-            path: path.to_path_buf(),
-            source,
+        write_key_file(path, &contents, KeyFile::Replace).map_err(|source| {
+            KeyRingError::Write {
+                path: path.to_path_buf(),
+                source,
+            }
         })?;
         Ok(id)
     }

@@ -1,7 +1,11 @@
 //! The files the daemon keeps beside its database (the database itself, its lock, the key
 //! files) are private to the daemon's user: directories it creates are mode 0700, files 0600.
 
-use std::{fs::OpenOptions, io, path::Path};
+use std::{
+    fs::OpenOptions,
+    io::{self, Write},
+    path::Path,
+};
 
 /// Creates the directory `path` lies in (and its parents), mode 0700, when it does not exist.
 pub fn create_parent_dir(path: &Path) -> io::Result<()> {
@@ -26,4 +30,38 @@ pub fn write_options() -> OpenOptions {
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     options
+}
+
+/// How [`write_key_file`] treats an existing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyFile {
+    /// Fail if the file exists (a new key never overwrites one).
+    CreateNew,
+    /// Replace it atomically (written beside it, synced, then renamed over it).
+    Replace,
+}
+
+/// Writes a key file, mode 0600 in a directory created 0700, synced to disk: the one writer
+/// of every key file (the encryption key ring, the fingerprint key).
+pub fn write_key_file(path: &Path, contents: &str, mode: KeyFile) -> io::Result<()> {
+    create_parent_dir(path)?;
+    let temp = path.with_extension("tmp");
+    let mut options = write_options();
+    let target = match mode {
+        KeyFile::CreateNew => {
+            options.create_new(true);
+            path
+        }
+        KeyFile::Replace => {
+            options.create(true).truncate(true);
+            &temp
+        }
+    };
+    let mut file = options.open(target)?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()?;
+    if mode == KeyFile::Replace {
+        std::fs::rename(&temp, path)?;
+    }
+    Ok(())
 }

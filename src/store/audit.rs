@@ -7,7 +7,7 @@ use sqlx::{Row, SqliteConnection};
 
 use super::AttemptRecord;
 use crate::{
-    audit::{AuditKind, AuditRecord, GENESIS_HASH},
+    audit::{AuditKind, AuditRecord, GENESIS_HASH, RecordKind},
     domain::job::{FailureReason, Job, JobState, UnixMillis},
     ops::metrics::Metrics,
 };
@@ -96,7 +96,7 @@ impl<'a> AuditEvent<'a> {
             job_id: self.job.id.to_string(),
             tenant: self.job.tenant.clone(),
             client_id: self.job.client_id.clone(),
-            kind: self.kind.as_str().to_string(),
+            kind: self.kind.into(),
             attempt: self.attempt,
             http_status: self.http_status,
             detail: self.detail,
@@ -136,7 +136,7 @@ pub(super) async fn insert_records(
                 .bind(&record.job_id)
                 .bind(&record.tenant)
                 .bind(&record.client_id)
-                .bind(&record.kind)
+                .bind(record.kind.as_str())
                 .bind(record.attempt)
                 .bind(record.http_status)
                 .bind(record.detail.as_deref())
@@ -165,22 +165,29 @@ pub(super) fn emit_checkpoint(record: &AuditRecord) {
 /// log pipeline holds a copy of the chain outside the database; and counts it, so logs and
 /// metrics never disagree.
 pub(super) fn emit(record: &AuditRecord, metrics: &Metrics) {
-    match AuditKind::parse(&record.kind) {
-        Some(AuditKind::JobSubmitted) => {
-            metrics.jobs_submitted.inc();
+    if let RecordKind::Known(kind) = &record.kind {
+        match kind {
+            AuditKind::JobSubmitted => {
+                metrics.jobs_submitted.inc();
+            }
+            AuditKind::JobRetryScheduled => {
+                metrics.retries.inc();
+            }
+            AuditKind::AttemptUnknown => {
+                metrics.outcome_unknown.inc();
+            }
+            AuditKind::JobSucceeded => metrics.job_finished(JobState::Succeeded, None),
+            AuditKind::JobCancelled => metrics.job_finished(JobState::Cancelled, None),
+            AuditKind::JobExpired => {
+                metrics.job_finished(JobState::Failed, Some(FailureReason::Expired))
+            }
+            // A job.failed event's detail is the failure reason; only a known one is a label.
+            AuditKind::JobFailed => metrics.job_finished(
+                JobState::Failed,
+                record.detail.as_deref().and_then(|d| d.parse().ok()),
+            ),
+            _ => {}
         }
-        Some(AuditKind::JobRetryScheduled) => {
-            metrics.retries.inc();
-        }
-        Some(AuditKind::AttemptUnknown) => {
-            metrics.outcome_unknown.inc();
-        }
-        Some(AuditKind::JobSucceeded) => metrics.job_finished("succeeded", None),
-        Some(AuditKind::JobCancelled) => metrics.job_finished("cancelled", None),
-        Some(AuditKind::JobExpired) => metrics.job_finished("failed", Some("expired".to_string())),
-        // A job.failed event's detail is the failure reason.
-        Some(AuditKind::JobFailed) => metrics.job_finished("failed", record.detail.clone()),
-        _ => {}
     }
     tracing::info!(
         target: "audit",
@@ -207,7 +214,7 @@ pub(super) fn record_from_row(row: &sqlx::sqlite::SqliteRow) -> sqlx::Result<Aud
         job_id: row.try_get("job_id")?,
         tenant: row.try_get("tenant")?,
         client_id: row.try_get("client_id")?,
-        kind: row.try_get("kind")?,
+        kind: RecordKind::from(row.try_get::<String, _>("kind")?),
         attempt: row.try_get("attempt")?,
         http_status: row.try_get("http_status")?,
         detail: row.try_get("detail")?,

@@ -26,7 +26,7 @@ use super::{
     job_from_row,
 };
 use crate::{
-    audit::{AuditKind, AuditRecord},
+    audit::{AuditKind, AuditRecord, RecordKind},
     domain::job::{Job, JobId, UnixMillis},
     domain::secret::ExposeSecret,
     ops::metrics::Metrics,
@@ -1046,7 +1046,7 @@ async fn prune_step(
     if first == last_old
         && event_at(conn, first)
             .await?
-            .is_some_and(|e| e.kind == AuditKind::Checkpoint.as_str())
+            .is_some_and(|e| e.kind == RecordKind::Known(AuditKind::Checkpoint))
     {
         return nothing();
     }
@@ -1071,7 +1071,7 @@ async fn prune_step(
         job_id: String::new(),
         tenant: String::new(),
         client_id: String::new(),
-        kind: AuditKind::Checkpoint.as_str().to_string(),
+        kind: AuditKind::Checkpoint.into(),
         attempt: None,
         http_status: None,
         detail: Some(detail),

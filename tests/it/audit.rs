@@ -411,7 +411,7 @@ async fn exports_parse_back_fingerprints_find_jobs_and_no_secret_leaks() {
             job_id: e.job_id,
             tenant: e.tenant,
             client_id: e.client_id,
-            kind: e.kind,
+            kind: e.kind.into(),
             attempt: (e.attempt > 0).then_some(e.attempt),
             http_status: (e.http_status > 0).then_some(e.http_status as u16),
             detail: (!e.detail.is_empty()).then_some(e.detail),
@@ -565,7 +565,7 @@ async fn retention_leaves_a_checkpoint_and_the_chain_still_verifies() {
         .unwrap()
         .expect("old events pruned");
     let remaining = stored_events(&store).await;
-    assert_eq!(remaining[0].kind, "audit.checkpoint");
+    assert_eq!(remaining[0].kind.as_str(), "audit.checkpoint");
     assert_eq!(remaining[0].seq, pruned.checkpoint_seq);
     assert_eq!(
         remaining[0].hash,
