@@ -13,12 +13,15 @@ use std::{
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    domain::job::UnixMillis, exchange::breaker::BreakerState, exchange::worker::Worker,
-    ops::metrics::Metrics, server::connections::Guarded, store::Store,
+    domain::job::UnixMillis,
+    exchange::breaker::BreakerState,
+    exchange::worker::Worker,
+    ops::metrics::Metrics,
+    server::connections::{Guarded, serve_http1},
+    store::Store,
 };
 
 /// Whether the daemon should receive traffic.
@@ -95,38 +98,15 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Serves the endpoints on the connections `accept` admits ([`crate::server::connections::accept`])
 /// until `stop` is cancelled.
 pub async fn serve(
-    mut accepted: tokio::sync::mpsc::Receiver<std::io::Result<Guarded>>,
+    accepted: tokio::sync::mpsc::Receiver<std::io::Result<Guarded>>,
     state: OpsState,
     stop: CancellationToken,
 ) {
-    loop {
-        let stream = tokio::select! {
-            _ = stop.cancelled() => return,
-            next = accepted.recv() => match next {
-                Some(Ok(stream)) => stream,
-                Some(Err(_)) => continue,
-                // The accept loop ended: only at shutdown.
-                None => return stop.cancelled().await,
-            },
-        };
+    let service = service_fn(move |request| {
         let state = state.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(&request, &state).await) }
-            });
-            // hyper applies the header timeout only when it has a timer.
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = connection => {}
-                _ = stop.cancelled() => {}
-            }
-        });
-    }
+        async move { Ok::<_, std::convert::Infallible>(answer(&request, &state).await) }
+    });
+    serve_http1(accepted, service, HEADER_READ_TIMEOUT, stop).await;
 }
 
 async fn answer(request: &Request<Incoming>, state: &OpsState) -> Response<Full<Bytes>> {

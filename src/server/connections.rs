@@ -216,3 +216,44 @@ impl AsyncWrite for Guarded {
         self.stream.is_write_vectored()
     }
 }
+
+/// Serves HTTP/1.1 with `service` on the connections `accepted` delivers, until `stop`: the one
+/// accept-and-serve loop of the plain HTTP listeners (the ops endpoints and the fake
+/// upstream). hyper is given a timer, so `header_timeout` applies to every request's headers.
+pub async fn serve_http1<S>(
+    mut accepted: mpsc::Receiver<io::Result<Guarded>>,
+    service: S,
+    header_timeout: Duration,
+    stop: CancellationToken,
+) where
+    S: hyper::service::HttpService<hyper::body::Incoming> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            next = accepted.recv() => match next {
+                Some(Ok(stream)) => stream,
+                Some(Err(_)) => continue,
+                // The accept loop ended: only at shutdown.
+                None => return stop.cancelled().await,
+            },
+        };
+        let service = service.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = connection => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}

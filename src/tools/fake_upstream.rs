@@ -58,13 +58,17 @@ use hyper::{
     },
     service::service_fn,
 };
-use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+
+use crate::{
+    ops::metrics::Metrics,
+    server::connections::{self, ConnectionLimits},
+};
 
 /// Random fault rates, each a probability from 0 to 1, and added latency.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -397,7 +401,7 @@ impl FakeUpstream {
             token_lifetime_secs: options.token_lifetime_secs,
         });
         let stop = CancellationToken::new();
-        tokio::spawn(accept_loop(listener, Arc::clone(&state), stop.clone()));
+        tokio::spawn(serve(listener, Arc::clone(&state), stop.clone()));
         Ok(FakeUpstream { addr, state, stop })
     }
 
@@ -599,31 +603,20 @@ impl State {
     }
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "fake upstream: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let state = Arc::clone(&state);
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| handle(Arc::clone(&state), request));
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = connection => {}
-                _ = stop.cancelled() => {}
-            }
-        });
-    }
+/// Serves the fake on `listener` through the daemon's own accept loop, with limits generous
+/// enough for any test or benchmark (the fake is not where bounds are tested).
+async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
+    let limits = ConnectionLimits {
+        listener: "fake",
+        max_connections: 100_000,
+        handshake_timeout: Duration::from_secs(60),
+        idle_timeout: Duration::from_secs(3600),
+    };
+    let (accepted, accept_loop) =
+        connections::accept(listener, limits, Metrics::new(), stop.clone());
+    tokio::spawn(accept_loop);
+    let service = service_fn(move |request| handle(Arc::clone(&state), request));
+    connections::serve_http1(accepted, service, Duration::from_secs(60), stop).await;
 }
 
 async fn handle(
