@@ -2,7 +2,7 @@
 """Builds a database holding N queued jobs (default 1,000,000) for one client id, to measure
 claiming, submitting, start-up and memory with a deep queue. The jobs use real migrations and
 valid shapes; their codes are placeholders that upstream would refuse, sealed as the daemon
-seals them (AES-256-GCM, src/crypto.rs) under a fresh key ring written to PATH.key.
+seals them (AES-256-GCM, src/security/crypto.rs) under a fresh key ring written to PATH.key.
 
 Needs the `cryptography` package (pip install cryptography).
 Usage: bench/queue_fixture.py PATH [N] [CLIENT_ID]
