@@ -43,14 +43,19 @@ for _ in $(seq 100); do
 done
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$DAEMON/stat"; }
+# Context switches (voluntary + involuntary) of every thread of the daemon. Threads that end
+# during the run take their counts with them, so this is a lower bound.
+ctx_switches() { cat /proc/"$DAEMON"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {s += $2} END {print s + 0}'; }
 TICK=$(getconf CLK_TCK)
 bench() { "$BIN" bench --fake "$FAKE" --target "http://127.0.0.1:$GRPC_PORT" "$@"; }
 
 echo "== throughput: $N exchanges, concurrency $C"
 bench --direct -n "$N" -c "$C" --json "$WORK/direct.json"
 BEFORE=$(cpu_ticks)
+CTX_BEFORE=$(ctx_switches)
 bench -n "$N" -c "$C" --json "$WORK/daemon.json"
 AFTER=$(cpu_ticks)
+CTX_AFTER=$(ctx_switches)
 
 batches() {
     curl -s "127.0.0.1:$OPS_PORT/metrics" | awk '
@@ -67,9 +72,10 @@ bench -n "$RATE_N" -c 64 --rate 200 --json "$WORK/daemon-rate.json"
 read -r SUM3 COUNT3 < <(batches)
 echo "changes per commit: $(( SUM1 / (COUNT1 > 0 ? COUNT1 : 1) )) under full load, $(( (SUM3 - SUM2) / ((COUNT3 - COUNT2) > 0 ? (COUNT3 - COUNT2) : 1) )) at 200/s (means)"
 
-python3 - "$WORK" "$BEFORE" "$AFTER" "$TICK" "$N" <<'PY'
+python3 - "$WORK" "$BEFORE" "$AFTER" "$TICK" "$N" "$CTX_BEFORE" "$CTX_AFTER" <<'PY'
 import json, sys
 work, before, after, tick, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+ctx_before, ctx_after = int(sys.argv[6]), int(sys.argv[7])
 load = lambda name: json.load(open(f"{work}/{name}.json"))
 direct, daemon = load("direct"), load("daemon")
 direct_rate, daemon_rate = load("direct-rate"), load("daemon-rate")
@@ -79,6 +85,7 @@ print(f"daemon throughput      {daemon['per_second']:8.0f} exchanges/s")
 print(f"direct throughput      {direct['per_second']:8.0f} exchanges/s")
 print(f"ratio                  {daemon['per_second'] / direct['per_second']:8.3f}")
 print(f"daemon CPU / exchange  {cpu_us:8.1f} us")
+print(f"context switches / exchange {(ctx_after - ctx_before) / max(daemon['succeeded'], 1):5.1f} (all daemon threads)")
 for q in ("p50", "p99"):
     added = daemon_rate["latency_ms"][q] - direct_rate["latency_ms"][q]
     print(f"added latency {q}      {added:8.2f} ms (daemon {daemon_rate['latency_ms'][q]:.2f}, direct {direct_rate['latency_ms'][q]:.2f})")
