@@ -306,12 +306,7 @@ async fn idle_and_slowloris_connections_cannot_exhaust_the_daemon() {
         .expect("an exchange and /healthz succeed despite the idle connections");
     assert_eq!(job.state(), JobState::Succeeded);
     assert_eq!(idle.len(), 1_100);
-    let metrics = reqwest::get(format!("http://{ops}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = crate::helpers::scrape_metrics(ops).await;
     assert!(
         metrics.contains("listener=\"grpc\"") && metrics.contains("closed_handshake_timeout"),
         "the closed connections are counted:\n{metrics}"
@@ -374,12 +369,7 @@ async fn many_distinct_client_ids_drain_at_the_global_rate() {
         "{queued} distinct clients and one more took {elapsed:?}; at the global rate: {ideal:?}"
     );
     assert_eq!(app.fake.stats().redeemed, CLIENTS as u64 + 1);
-    let metrics = reqwest::get(format!("http://{}/metrics", app.ops_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = crate::helpers::scrape_metrics(app.ops_addr).await;
     assert!(
         metrics.len() < 32 * 1024,
         "/metrics holds {} bytes after {CLIENTS} client ids",

@@ -545,3 +545,13 @@ pub fn peak_resident_bytes(pid: u32) -> u64 {
         .expect("a VmHWM line in kB");
     kib * 1024
 }
+
+/// The text of `/metrics` on an ops listener.
+pub async fn scrape_metrics(ops: SocketAddr) -> String {
+    reqwest::get(format!("http://{ops}/metrics"))
+        .await
+        .expect("scrape /metrics")
+        .text()
+        .await
+        .expect("read /metrics")
+}
