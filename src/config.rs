@@ -641,11 +641,13 @@ impl Config {
             s.handshake_timeout_ms,
             100..=600_000,
         );
+        // Longer than the HTTP/2 keepalive (a ping every 30 s, answered within 10 s), so a
+        // quiet but live call is never cut off.
         check_range(
             e,
             "server.idle_timeout_secs",
             s.idle_timeout_secs,
-            1..=86_400,
+            60..=86_400,
         );
         // SQLite takes the busy timeout as a C int of milliseconds.
         check_range(

@@ -19,7 +19,6 @@ use crate::{
     domain::job::{Job, JobId, UnixMillis},
     domain::request::{ExchangeRequest, RawExchange, parse_job_id},
     domain::secret::ExposeSecret,
-    exchange::worker::WorkSignal,
     security::tenants::{Caller, TenantRegistry},
     store::Deliveries,
     store::feed::{FeedEvent, JobFeed, JobSubscription},
@@ -53,8 +52,6 @@ use proto::token_broker_server::TokenBroker;
 pub struct TokenBrokerApi {
     store: Store,
     feed: Arc<JobFeed>,
-    /// Tells the worker that a client has new work.
-    work: Arc<WorkSignal>,
     /// Cancelled at shutdown: long waits return the job as it stands.
     stop: CancellationToken,
     /// Each job's time to live.
@@ -78,7 +75,6 @@ pub struct TokenBrokerApi {
 #[derive(Debug, Clone)]
 pub struct ApiContext {
     pub feed: Arc<JobFeed>,
-    pub work: Arc<WorkSignal>,
     pub stop: CancellationToken,
     pub job_ttl: Duration,
     pub max_pending: u64,
@@ -94,7 +90,6 @@ impl TokenBrokerApi {
         Self {
             store,
             feed: context.feed,
-            work: context.work,
             stop: context.stop,
             job_ttl: context.job_ttl,
             max_pending: context.max_pending,
@@ -150,7 +145,6 @@ impl TokenBrokerApi {
         match outcome {
             SubmitOutcome::Created(job) => {
                 tracing::info!(job_id = %job.id, client_id = %job.client_id, "job submitted");
-                self.work.announce(&job.client_id);
                 Ok((job, subscription))
             }
             SubmitOutcome::Existing(job) => {

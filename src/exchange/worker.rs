@@ -13,8 +13,7 @@ use std::{
 };
 
 use backon::{ExponentialBuilder, Retryable};
-use parking_lot::Mutex;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
@@ -27,40 +26,17 @@ use crate::{
     exchange::schedule::ClientSchedule,
     exchange::upstream::{AttemptOutcome, UpstreamClient},
     ops::metrics::Metrics,
-    store::{AttemptRecord, Claim, Deliveries, Store, StoreError},
+    store::{AttemptRecord, Claim, Deliveries, Store, StoreError, feed::JobFeed},
 };
 
 /// How often expired jobs and dead leases are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How long the dispatcher waits for more free slots after one frees up under load.
 const CLAIM_GATHER: Duration = Duration::from_millis(2);
+/// Clients a dispatch pass looks at, at most.
+const CLIENTS_PER_PASS: usize = 64;
 /// How long the dispatcher pauses after a database error.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
-
-/// Tells the dispatcher that a client has new waiting work (a submission, a scheduled retry, a
-/// rescued attempt), and wakes it.
-#[derive(Debug, Default)]
-pub struct WorkSignal {
-    notify: Notify,
-    /// Clients announced since the dispatcher last looked.
-    clients: Mutex<Vec<String>>,
-}
-
-impl WorkSignal {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
-    }
-
-    /// Call after the commit that made the client's job waiting.
-    pub fn announce(&self, client_id: &str) {
-        self.clients.lock().push(client_id.to_string());
-        self.notify.notify_one();
-    }
-
-    fn take(&self) -> Vec<String> {
-        std::mem::take(&mut *self.clients.lock())
-    }
-}
 
 /// Everything the dispatcher and its attempts share.
 #[derive(Debug)]
@@ -82,9 +58,9 @@ pub struct Worker {
     claim_batch: u32,
     /// Safety-net poll interval.
     poll_interval: Duration,
-    /// Announces clients with new work and wakes the dispatcher, so new work starts without
-    /// polling.
-    work: Arc<WorkSignal>,
+    /// Committed changes; its work signal says which clients have new waiting work (the
+    /// writer announces them after each commit), so new work starts without polling.
+    feed: Arc<JobFeed>,
     metrics: Arc<Metrics>,
     /// Tokens handed out, and how long they are kept afterwards.
     deliveries: Arc<Deliveries>,
@@ -105,7 +81,7 @@ impl Worker {
         config: &Config,
         store: Store,
         upstream: UpstreamClient,
-        work: Arc<WorkSignal>,
+        feed: Arc<JobFeed>,
         metrics: Arc<Metrics>,
         deliveries: Arc<Deliveries>,
     ) -> Self {
@@ -123,7 +99,7 @@ impl Worker {
             concurrency: config.worker.concurrency as usize,
             claim_batch: (config.worker.concurrency / 8).max(1),
             poll_interval: Duration::from_millis(config.worker.poll_interval_ms),
-            work,
+            feed,
             metrics,
             deliveries,
             token_retention: Duration::from_secs(config.security.token_retention_secs),
@@ -142,9 +118,6 @@ impl Worker {
                 .await?;
             if jobs.is_empty() {
                 break;
-            }
-            for job in &jobs {
-                self.work.announce(&job.client_id);
             }
             recovered += jobs.len();
         }
@@ -222,7 +195,7 @@ impl Worker {
             };
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = self.work.notify.notified() => {}
+                _ = self.feed.work().notified() => {}
                 _ = tokio::time::sleep(pause) => {}
             }
         }
@@ -233,9 +206,7 @@ impl Worker {
     /// dispatcher, so a slow sweep never delays claiming.
     pub async fn run_sweeps(self: Arc<Self>, stop: CancellationToken) {
         loop {
-            if let Err(error) = self.sweep().await {
-                tracing::error!(%error, "sweep failed");
-            }
+            self.sweep().await;
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
@@ -245,32 +216,45 @@ impl Worker {
 
     /// Expires overdue jobs, rescues attempts whose lease ran out, and erases tokens that were
     /// delivered (after the retention) or expired.
-    async fn sweep(&self) -> Result<(), StoreError> {
+    async fn sweep(&self) {
         let evicted = self.limits.evict_idle(Instant::now());
         if evicted > 0 {
             tracing::debug!(clients = evicted, "dropped idle clients' limiter state");
         }
+        // Each step on its own: a failing one does not hold up the others.
         let now = UnixMillis::now();
-        self.store
-            .mark_delivered(self.deliveries.take(), now)
-            .await?;
-        let erased = self.store.erase_tokens(now, self.token_retention).await?;
-        if erased > 0 {
-            tracing::debug!(tokens = erased, "erased delivered or expired tokens");
+        let delivered = self.deliveries.take();
+        if let Err(error) = self.store.mark_delivered(delivered.clone(), now).await {
+            tracing::error!(%error, "cannot note delivered tokens; will retry");
+            self.deliveries.restore(delivered);
         }
-        for job in self.store.expire_overdue(now).await? {
-            tracing::warn!(job_id = %job.id, client_id = %job.client_id, "job expired before it could succeed");
+        match self.store.erase_tokens(now, self.token_retention).await {
+            Ok(0) => {}
+            Ok(erased) => tracing::debug!(tokens = erased, "erased delivered or expired tokens"),
+            Err(error) => tracing::error!(%error, "cannot erase tokens"),
         }
-        for job in self
+        match self.store.expire_overdue(now).await {
+            Ok(jobs) => {
+                for job in jobs {
+                    tracing::warn!(job_id = %job.id, client_id = %job.client_id,
+                        "job expired before it could succeed");
+                }
+            }
+            Err(error) => tracing::error!(%error, "cannot expire overdue jobs"),
+        }
+        match self
             .store
             .rescue_leases(now, self.policy.max_attempts, now)
-            .await?
+            .await
         {
-            self.work.announce(&job.client_id);
-            tracing::warn!(job_id = %job.id, client_id = %job.client_id, attempt = job.attempts,
-                "attempt lease expired; outcome unknown");
+            Ok(jobs) => {
+                for job in jobs {
+                    tracing::warn!(job_id = %job.id, client_id = %job.client_id,
+                        attempt = job.attempts, "attempt lease expired; outcome unknown");
+                }
+            }
+            Err(error) => tracing::error!(%error, "cannot rescue expired leases"),
         }
-        Ok(())
     }
 
     /// One pass: take the next ready clients from the schedule, choose their due jobs whose
@@ -292,12 +276,24 @@ impl Worker {
             }
         };
         let free = if probe { 1 } else { slots.available_permits() };
-        for client in self.work.take() {
+        for client in self.feed.work().take() {
             schedule.announce(&client);
         }
         let now_ms = UnixMillis::now();
-        let taken = schedule.take(now_ms, free);
-        let mut candidates = self.store.due_for_clients(&taken, now_ms, free).await?;
+        // At most CLIENTS_PER_PASS clients a pass bounds the rows one pass reads (each client's
+        // due jobs are read up to `free`); more ready clients make the loop go again at once.
+        let taken = schedule.take(now_ms, free.min(CLIENTS_PER_PASS));
+        let mut candidates = match self.store.due_for_clients(&taken, now_ms, free).await {
+            Ok(candidates) => candidates,
+            Err(error) => {
+                // The probe the breaker let through will not be sent: release it, or the
+                // breaker would wait for it forever.
+                if probe {
+                    self.breaker.probe_not_sent();
+                }
+                return Err(error);
+            }
+        };
         // Clients that may have nothing due any more: those with no due job now, and (below)
         // those whose every due job this pass claims. Their next due time is asked for after
         // the claim, in one statement.
@@ -462,25 +458,19 @@ impl Worker {
                 })
                 .await;
             match written {
-                Ok(Some(job)) => {
-                    match job.state {
-                        JobState::Succeeded => tracing::info!("exchange succeeded"),
-                        JobState::RetryWait => tracing::warn!(
-                            detail = job.failure_detail.as_deref().unwrap_or_default(),
-                            retry_in_ms = job.next_attempt_at.map(|at| at.0 - now.0),
-                            "attempt failed; retry scheduled"
-                        ),
-                        _ => tracing::warn!(
-                            reason = job.failure_reason.map(|r| r.as_str()),
-                            detail = job.failure_detail.as_deref().unwrap_or_default(),
-                            "exchange failed"
-                        ),
-                    }
-                    // A retry may now be due before the dispatcher's next wake-up.
-                    if job.state == JobState::RetryWait {
-                        self.work.announce(&job.client_id);
-                    }
-                }
+                Ok(Some(job)) => match job.state {
+                    JobState::Succeeded => tracing::info!("exchange succeeded"),
+                    JobState::RetryWait => tracing::warn!(
+                        detail = job.failure_detail.as_deref().unwrap_or_default(),
+                        retry_in_ms = job.next_attempt_at.map(|at| at.0 - now.0),
+                        "attempt failed; retry scheduled"
+                    ),
+                    _ => tracing::warn!(
+                        reason = job.failure_reason.map(|r| r.as_str()),
+                        detail = job.failure_detail.as_deref().unwrap_or_default(),
+                        "exchange failed"
+                    ),
+                },
                 Ok(None) => tracing::warn!(
                     "lease lost before the outcome was recorded; the newer attempt's outcome stands"
                 ),

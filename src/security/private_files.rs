@@ -45,15 +45,18 @@ pub enum KeyFile {
 /// of every key file (the encryption key ring, the fingerprint key).
 pub fn write_key_file(path: &Path, contents: &str, mode: KeyFile) -> io::Result<()> {
     create_parent_dir(path)?;
-    let temp = path.with_extension("tmp");
+    // Beside the key file itself, so two key files never share one; created afresh, so its
+    // mode is 0600 whatever a leftover from an interrupted rotation had.
+    let temp = crate::config::beside(path, ".tmp");
     let mut options = write_options();
+    options.create_new(true);
     let target = match mode {
-        KeyFile::CreateNew => {
-            options.create_new(true);
-            path
-        }
+        KeyFile::CreateNew => path,
         KeyFile::Replace => {
-            options.create(true).truncate(true);
+            match std::fs::remove_file(&temp) {
+                Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
+                _ => {}
+            }
             &temp
         }
     };

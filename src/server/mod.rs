@@ -21,7 +21,7 @@ use crate::{
     audit::fingerprint::Fingerprinter,
     config::Config,
     exchange::upstream::UpstreamClient,
-    exchange::worker::{WorkSignal, Worker},
+    exchange::worker::Worker,
     ops::http::{self as ops_http, OpsState, Readiness},
     ops::metrics::Metrics,
     security::crypto::KeyRing,
@@ -91,7 +91,11 @@ pub async fn run_with_reload(
     shutdown: impl Future<Output = ()>,
     reloads: watch::Receiver<Config>,
 ) -> anyhow::Result<()> {
-    let mut daemon = Daemon::start(config, listeners.ops, reloads).await?;
+    let grpc_addr = listeners
+        .grpc
+        .local_addr()
+        .context("cannot read the gRPC listener's address")?;
+    let mut daemon = Daemon::start(config, grpc_addr, listeners.ops, reloads).await?;
     let (served, failure) = daemon.serve(listeners.grpc, shutdown).await;
     daemon.drain(failure.is_some()).await;
     if let Some(failure) = failure {
@@ -136,6 +140,7 @@ impl Daemon {
     /// long-lived task under supervision.
     async fn start(
         config: Config,
+        grpc_addr: std::net::SocketAddr,
         ops_listener: Option<TcpListener>,
         reloads: watch::Receiver<Config>,
     ) -> anyhow::Result<Daemon> {
@@ -174,7 +179,6 @@ impl Daemon {
         supervisor.spawn("writer", writer);
 
         let upstream = UpstreamClient::new(&config.upstream).context("cannot set up upstream")?;
-        let work = WorkSignal::new();
         let deliveries = Deliveries::new();
         let tenants = TenantRegistry::new(&config.tenants);
         if config.tenants.is_empty() {
@@ -184,7 +188,7 @@ impl Daemon {
             &config,
             store.clone(),
             upstream,
-            Arc::clone(&work),
+            Arc::clone(&feed),
             Arc::clone(&metrics),
             Arc::clone(&deliveries),
         ));
@@ -212,6 +216,7 @@ impl Daemon {
             "reload",
             apply_reloads(
                 config.clone(),
+                grpc_addr.ip().is_loopback(),
                 reloads,
                 Arc::clone(&worker),
                 Arc::clone(&tenants),
@@ -245,7 +250,6 @@ impl Daemon {
             store.clone(),
             ApiContext {
                 feed,
-                work,
                 stop: stop.clone(),
                 job_ttl: Duration::from_secs(config.retry.job_ttl_secs),
                 max_pending: config.queue.max_pending,
@@ -386,11 +390,22 @@ impl Daemon {
             );
         }
         self.ops_stop.cancel();
-        if !self.supervisor.wait(TASK_STOP_BOUND).await {
+        // The writer ends when the last store handle goes: drop this daemon's handles first
+        // (the tasks drop theirs as they end), so that it closes its connection in order.
+        // Attempts abandoned after the grace period still hold one; then the wait runs out.
+        let Daemon {
+            store,
+            worker,
+            api,
+            supervisor,
+            ..
+        } = self;
+        drop((worker, api));
+        store.close().await;
+        drop(store);
+        if !supervisor.wait(TASK_STOP_BOUND).await {
             tracing::warn!("some tasks did not stop in time");
         }
-        drop(self.worker);
-        self.store.close().await;
     }
 }
 
@@ -398,6 +413,7 @@ impl Daemon {
 /// place; other changes are reported as needing a restart.
 async fn apply_reloads(
     mut current: Config,
+    listening_on_loopback: bool,
     mut reloads: watch::Receiver<Config>,
     worker: Arc<Worker>,
     tenants: Arc<TenantRegistry>,
@@ -414,6 +430,10 @@ async fn apply_reloads(
             },
         }
         let new = reloads.borrow_and_update().clone();
+        if let Err(refusal) = reload_allowed(&new, listening_on_loopback) {
+            tracing::error!("{refusal}; reload ignored");
+            continue;
+        }
         worker.reload_limits(&new.limits);
         tenants.replace(&new.tenants);
         let others_changed = Config {
@@ -430,6 +450,20 @@ async fn apply_reloads(
         current.limits = new.limits;
         current.tenants = new.tenants;
     }
+}
+
+/// Whether a reloaded configuration may be applied to a daemon whose gRPC listener is (or is
+/// not) on loopback. The reloaded file was checked against its own `server.listen`, but the
+/// socket stays bound where it was: without tenants, authentication is off, which only a
+/// loopback listener may have.
+fn reload_allowed(new: &Config, listening_on_loopback: bool) -> Result<(), &'static str> {
+    if new.tenants.is_empty() && !listening_on_loopback {
+        return Err(
+            "the reloaded configuration has no tenants, but the gRPC listener is not \
+                    on loopback: authentication cannot be turned off",
+        );
+    }
+    Ok(())
 }
 
 /// How often retention looks for audit events to prune.
@@ -514,4 +548,28 @@ pub fn lock_database(path: &std::path::Path) -> anyhow::Result<File> {
         )
     })?;
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_cannot_turn_authentication_off_beyond_loopback() {
+        // Without tenants (the default), a file that names loopback checks on its own...
+        let open = Config::default();
+        open.validate().unwrap();
+        // ...but the socket bound at start is what counts.
+        assert!(reload_allowed(&open, false).is_err());
+        assert!(reload_allowed(&open, true).is_ok());
+        let mut with_tenants = open.clone();
+        with_tenants.tenants = vec![crate::config::TenantConfig {
+            name: "shop".into(),
+            api_key_sha256: "0".repeat(64),
+            client_ids: vec!["app".into()],
+            roles: vec![crate::config::Role::Submit],
+            max_pending: None,
+        }];
+        assert!(reload_allowed(&with_tenants, false).is_ok());
+    }
 }

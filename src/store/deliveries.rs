@@ -20,6 +20,11 @@ impl Deliveries {
         self.0.lock().push(job_id.to_string());
     }
 
+    /// Puts back deliveries that could not be noted, for the next sweep.
+    pub fn restore(&self, job_ids: Vec<String>) {
+        self.0.lock().extend(job_ids);
+    }
+
     /// The deliveries recorded since the last call.
     pub fn take(&self) -> Vec<String> {
         std::mem::take(&mut *self.0.lock())

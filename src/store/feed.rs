@@ -4,12 +4,15 @@
 //! Only jobs someone is watching have a channel; publishing for an unwatched job is one map
 //! lookup.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use parking_lot::Mutex;
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, broadcast};
 
-use crate::domain::job::{Job, JobId};
+use crate::domain::job::{Job, JobId, JobState};
 
 /// Per-job channel capacity. A job changes a handful of times; a watcher that still falls
 /// behind is told so and re-reads the job.
@@ -19,6 +22,39 @@ const CHANNEL_CAPACITY: usize = 16;
 pub struct JobFeed {
     /// One sender per watched job, removed when its last watcher leaves.
     watched: Mutex<HashMap<JobId, broadcast::Sender<Job>>>,
+    /// The clients whose committed changes left a job waiting, for the dispatcher.
+    work: WorkSignal,
+}
+
+/// Tells the dispatcher which clients have new waiting work (a submission, a scheduled retry,
+/// a rescued attempt), and wakes it. Announced by the writer after the commit that made the
+/// work waiting, so no announcement is lost when the caller that caused it goes away.
+#[derive(Debug, Default)]
+pub struct WorkSignal {
+    notify: Notify,
+    /// Clients announced since the dispatcher last looked, each once.
+    clients: Mutex<HashSet<String>>,
+}
+
+impl WorkSignal {
+    fn announce(&self, client_id: &str) {
+        let mut clients = self.clients.lock();
+        if !clients.contains(client_id) {
+            clients.insert(client_id.to_string());
+        }
+        drop(clients);
+        self.notify.notify_one();
+    }
+
+    /// The clients announced since the last call.
+    pub fn take(&self) -> Vec<String> {
+        self.clients.lock().drain().collect()
+    }
+
+    /// Completes when a client is announced (or was, since the last wait).
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
 }
 
 /// What a watcher gets next.
@@ -50,8 +86,17 @@ impl JobFeed {
         }
     }
 
-    /// Publishes a committed change. Called by the store after each commit.
+    /// The dispatcher's side: which clients have new waiting work.
+    pub fn work(&self) -> &WorkSignal {
+        &self.work
+    }
+
+    /// Publishes a committed change. Called by the store after each commit; a job left waiting
+    /// (queued, or waiting for a retry) announces its client to the dispatcher.
     pub fn publish(&self, job: &Job) {
+        if matches!(job.state, JobState::Queued | JobState::RetryWait) {
+            self.work.announce(&job.client_id);
+        }
         let watched = self.watched.lock();
         if let Some(sender) = watched.get(&job.id) {
             // An error only means every receiver is gone; the entry is removed on their drop.

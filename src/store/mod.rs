@@ -599,7 +599,8 @@ impl Store {
             .transpose()
     }
 
-    /// The due jobs of `clients`, at most `per_client` each, in one statement.
+    /// The due jobs of `clients`, closest to their TTL first, at most `per_client` each and in
+    /// all, in one statement.
     pub async fn due_for_clients(
         &self,
         clients: &[String],

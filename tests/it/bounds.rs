@@ -153,6 +153,10 @@ impl Extreme {
         config.server.max_message_bytes = pick(4096, 16 << 20) as usize;
         config.server.max_concurrent_streams = pick(1, 65_536) as u32;
         config.server.max_watches_per_tenant = pick(1, 1_000_000) as usize;
+        config.server.max_connections = pick(1, 1_000_000) as usize;
+        config.server.handshake_timeout_ms = pick(100, 600_000);
+        config.server.idle_timeout_secs = pick(60, 86_400);
+        config.queue.max_pending_clients = pick(1, 10_000_000);
         config.storage.busy_timeout_ms = pick(0, 600_000);
         config.storage.max_size_mb = pick(0, 1 << 28);
         config.upstream.timeout_ms = pick(1_000, 600_000);

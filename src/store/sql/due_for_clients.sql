@@ -1,5 +1,5 @@
--- The due jobs of the clients in ?1 (a JSON array of client ids), at most ?3 per client,
--- closest to their TTL first. Each client's jobs are found through jobs_client_due by a
+-- The due jobs of the clients in ?1 (a JSON array of client ids), at most ?3 per client and
+-- ?3 in all, closest to their TTL first. Each client's jobs are found through jobs_client_due by a
 -- correlated subquery with its own LIMIT, so a client's deep backlog is never scanned past
 -- what is taken. Jobs past their TTL are left to the expiry sweep, which fails them without an
 -- upstream request.
@@ -14,3 +14,5 @@ JOIN jobs AS j ON j.id IN (
     ORDER BY expires_at, id
     LIMIT ?3
 )
+ORDER BY j.expires_at, j.id
+LIMIT ?3
