@@ -109,9 +109,12 @@ impl StoreError {
     }
 }
 
-/// SQLite result codes (the primary code, the low byte of an extended one) that describe the
-/// database's condition: BUSY, LOCKED, NOMEM, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL.
-const TRANSIENT_SQLITE_CODES: &[i64] = &[5, 6, 7, 8, 10, 13, 14, 15];
+/// SQLite result codes (the primary code, the low byte of an extended one) that mean a bug
+/// rather than the database's condition: CORRUPT, CONSTRAINT, MISMATCH, MISUSE, RANGE,
+/// NOTADB. Every other database error (BUSY, LOCKED, FULL, IOERR, CANTOPEN, and the generic
+/// errors SQLite returns after it rolled a transaction back on its own when the disk filled)
+/// is the database's condition.
+const BUG_SQLITE_CODES: &[i64] = &[11, 19, 20, 21, 25, 26];
 
 fn database_error_is_transient(error: &sqlx::Error) -> bool {
     match error {
@@ -119,10 +122,11 @@ fn database_error_is_transient(error: &sqlx::Error) -> bool {
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(database) => database
+        sqlx::Error::Database(database) => !database
             .code()
             .and_then(|code| code.parse::<i64>().ok())
-            .is_some_and(|code| TRANSIENT_SQLITE_CODES.contains(&(code & 0xff))),
+            .is_some_and(|code| BUG_SQLITE_CODES.contains(&(code & 0xff))),
+        // Decoding, a missing row or column, configuration, protocol: a bug.
         _ => false,
     }
 }
@@ -716,4 +720,42 @@ fn job_from_row(row: &SqliteRow, keys: Option<&KeyRing>) -> Result<Job, StoreErr
         version: row.try_get("version")?,
         code_fingerprint: row.try_get("code_fingerprint")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Connection;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn bugs_are_internal_and_the_databases_condition_is_unavailable() {
+        let mut conn = sqlx::SqliteConnection::connect("sqlite::memory:")
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE t (k TEXT PRIMARY KEY)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO t VALUES ('a')")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let duplicate = sqlx::query("INSERT INTO t VALUES ('a')")
+            .execute(&mut conn)
+            .await
+            .unwrap_err();
+        assert!(
+            !StoreError::Database(duplicate).is_transient(),
+            "a constraint is a bug"
+        );
+        let missing_row = sqlx::query("SELECT k FROM t WHERE k = 'zz'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap_err();
+        assert!(!StoreError::Database(missing_row).is_transient());
+        assert!(!StoreError::Corrupt("row".into()).is_transient());
+        assert!(StoreError::Database(sqlx::Error::PoolTimedOut).is_transient());
+        assert!(StoreError::Unavailable("writer".into()).is_transient());
+    }
 }
