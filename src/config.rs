@@ -128,6 +128,9 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
+    /// A PostgreSQL URL (`postgres://` or `postgresql://`): the queue lives there, shared by
+    /// every replica given the same URL. Without it, the SQLite file at `path`.
+    pub url: Option<String>,
     /// The SQLite database file; relative paths are relative to the working directory.
     pub path: PathBuf,
     /// `full` (an acknowledged job survives power loss), `normal` (survives a process crash) or
@@ -138,15 +141,30 @@ pub struct StorageConfig {
     /// Cap on the database file's size in MiB (SQLite's max_page_count); 0 means no cap. When
     /// it is reached, writes fail cleanly (UNAVAILABLE) until space is freed or the cap raised.
     pub max_size_mb: u64,
+    /// PostgreSQL: connections for reads and the rate budget (the writer has its own, and the
+    /// change listener another).
+    pub pool_size: u32,
+    /// PostgreSQL: a statement running longer is cancelled (and the change fails UNAVAILABLE).
+    pub statement_timeout_ms: u64,
+}
+
+impl StorageConfig {
+    /// Whether the queue lives in PostgreSQL.
+    pub fn is_postgres(&self) -> bool {
+        self.url.is_some()
+    }
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
+            url: None,
             path: PathBuf::from("token-broker.db"),
             synchronous: Synchronous::Full,
             busy_timeout_ms: 5_000,
             max_size_mb: 0,
+            pool_size: 8,
+            statement_timeout_ms: 5_000,
         }
     }
 }
@@ -182,14 +200,19 @@ pub struct UpstreamConfig {
 impl UpstreamConfig {
     /// The token URL without any user name or password, for logs.
     pub fn token_url_for_logs(&self) -> String {
-        match Url::parse(&self.token_url) {
-            Ok(mut url) => {
-                let _ = url.set_username("");
-                let _ = url.set_password(None);
-                url.to_string()
-            }
-            Err(_) => "(invalid URL)".to_string(),
+        redact_url(&self.token_url)
+    }
+}
+
+/// `url` without any user name or password, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(mut url) => {
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.to_string()
         }
+        Err(_) => "(invalid URL)".to_string(),
     }
 }
 
@@ -518,7 +541,10 @@ impl Config {
                 }
             }
         }
-        self.validate_storage_path(&mut errors);
+        match &self.storage.url {
+            Some(url) => self.validate_postgres(url, &mut errors),
+            None => self.validate_storage_path(&mut errors),
+        }
         match Url::parse(&self.upstream.token_url) {
             Ok(url)
                 if url.scheme() == "http"
@@ -658,6 +684,13 @@ impl Config {
         );
         // SQLite's largest database: 4,294,967,294 pages of 64 KiB.
         check_range(e, "storage.max_size_mb", st.max_size_mb, 0..=(1 << 28));
+        check_range(e, "storage.pool_size", st.pool_size, 1..=1_000);
+        check_range(
+            e,
+            "storage.statement_timeout_ms",
+            st.statement_timeout_ms,
+            100..=3_600_000,
+        );
         check_range(e, "upstream.timeout_ms", u.timeout_ms, 1..=600_000);
         check_range(
             e,
@@ -733,6 +766,31 @@ impl Config {
         );
         // audit.retention_days takes any value: one too large to represent keeps everything
         // (see [`AuditConfig::retention`]).
+    }
+
+    /// `storage.url` must be a PostgreSQL URL, and the keys every replica shares must be named
+    /// (a replica that made its own would seal secrets no other replica can open).
+    fn validate_postgres(&self, url: &str, errors: &mut Vec<String>) {
+        match Url::parse(url) {
+            Ok(parsed) if matches!(parsed.scheme(), "postgres" | "postgresql") => {}
+            _ => errors.push(format!(
+                "storage.url: {} is not a postgres:// or postgresql:// URL",
+                redact_url(url)
+            )),
+        }
+        for (name, path) in [
+            ("security.key_file", &self.security.key_file),
+            (
+                "audit.fingerprint_key_file",
+                &self.audit.fingerprint_key_file,
+            ),
+        ] {
+            if path.as_os_str().is_empty() {
+                errors.push(format!(
+                    "{name}: must be set with storage.url: every replica must use the same key                      file (create both with `token-broker keys init`)"
+                ));
+            }
+        }
     }
 
     /// `storage.path` must name a file: not empty, not ending in `/` or `..`, not an existing

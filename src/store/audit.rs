@@ -3,9 +3,10 @@
 //! (see [`crate::audit`]). Events carry ids, statuses, the code's fingerprint and our own short
 //! details; never a code, a verifier, a token or an upstream body.
 
-use sqlx::{Row, SqliteConnection};
-
-use super::AttemptRecord;
+use super::{
+    AttemptRecord,
+    backend::{Columns, Conn, on_backend},
+};
 use crate::{
     audit::{AuditKind, AuditRecord, GENESIS_HASH, RecordKind},
     domain::job::{FailureReason, Job, JobState, UnixMillis},
@@ -28,17 +29,19 @@ impl ChainHead {
         self.seq
     }
 
-    pub(super) async fn read(conn: &mut SqliteConnection) -> sqlx::Result<ChainHead> {
-        let row = sqlx::query(include_str!("sql/chain_head.sql"))
-            .fetch_optional(&mut *conn)
-            .await?;
-        Ok(match row {
-            Some(row) => ChainHead {
-                seq: row.try_get("seq")?,
-                at: row.try_get("at")?,
-                hash: row
-                    .try_get::<Option<String>, _>("hash")?
-                    .unwrap_or_else(|| GENESIS_HASH.to_string()),
+    pub(super) async fn read(conn: &mut Conn) -> sqlx::Result<ChainHead> {
+        let head = on_backend!(conn, "chain_head", |query, conn| {
+            let row = query.fetch_optional(&mut *conn).await?;
+            match row {
+                Some(row) => Some((row.int("seq")?, row.int("at")?, row.opt_text("hash")?)),
+                None => None,
+            }
+        });
+        Ok(match head {
+            Some((seq, at, hash)) => ChainHead {
+                seq,
+                at,
+                hash: hash.unwrap_or_else(|| GENESIS_HASH.to_string()),
             },
             None => ChainHead {
                 seq: 0,
@@ -117,34 +120,29 @@ const INSERT_CHUNK: usize = 200;
 
 /// Writes chained records, many rows per statement: with group commit, a batch's events cost a
 /// few statements instead of one each.
-pub(super) async fn insert_records(
-    conn: &mut SqliteConnection,
-    records: &[&AuditRecord],
-) -> sqlx::Result<()> {
+pub(super) async fn insert_records(conn: &mut Conn, records: &[&AuditRecord]) -> sqlx::Result<()> {
     for chunk in records.chunks(INSERT_CHUNK) {
-        let mut sql = String::from(include_str!("sql/insert_audit_rows.sql").trim_end());
-        for i in 0..chunk.len() {
-            sql.push_str(if i == 0 { " " } else { ", " });
-            sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
-        }
-        // Only placeholders are generated; every value is bound.
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for record in chunk {
-            query = query
-                .bind(record.seq)
-                .bind(record.at)
-                .bind(&record.job_id)
-                .bind(&record.tenant)
-                .bind(&record.client_id)
-                .bind(record.kind.as_str())
-                .bind(record.attempt)
-                .bind(record.http_status)
-                .bind(record.detail.as_deref())
-                .bind(record.code_fingerprint.as_deref())
-                .bind(&record.prev_hash)
-                .bind(&record.hash);
-        }
-        query.execute(&mut *conn).await?;
+        let mut sql = String::from(include_str!("sql/sqlite/insert_audit_rows.sql").trim_end());
+        conn.push_tuples(&mut sql, chunk.len(), 12, None);
+        on_backend!(&mut *conn, generated sql, |query, conn| {
+            let mut query = query;
+            for record in chunk {
+                query = query
+                    .bind(record.seq)
+                    .bind(record.at)
+                    .bind(&record.job_id)
+                    .bind(&record.tenant)
+                    .bind(&record.client_id)
+                    .bind(record.kind.as_str())
+                    .bind(record.attempt.map(i64::from))
+                    .bind(record.http_status.map(i64::from))
+                    .bind(record.detail.as_deref())
+                    .bind(record.code_fingerprint.as_deref())
+                    .bind(&record.prev_hash)
+                    .bind(&record.hash);
+            }
+            query.execute(&mut *conn).await?;
+        });
     }
     Ok(())
 }
@@ -207,24 +205,24 @@ pub(super) fn emit(record: &AuditRecord, metrics: &Metrics) {
 }
 
 /// Reads a stored event row.
-pub(super) fn record_from_row(row: &sqlx::sqlite::SqliteRow) -> sqlx::Result<AuditRecord> {
+pub(super) fn record_from_row(row: &impl Columns) -> sqlx::Result<AuditRecord> {
+    // An attempt or status that does not fit its type is kept as absent: the chain check
+    // then fails at this event, which is what an edited row should do.
     Ok(AuditRecord {
-        seq: row.try_get("seq")?,
-        at: row.try_get("at")?,
-        job_id: row.try_get("job_id")?,
-        tenant: row.try_get("tenant")?,
-        client_id: row.try_get("client_id")?,
-        kind: RecordKind::from(row.try_get::<String, _>("kind")?),
-        attempt: row.try_get("attempt")?,
-        http_status: row.try_get("http_status")?,
-        detail: row.try_get("detail")?,
-        code_fingerprint: row.try_get("code_fingerprint")?,
-        prev_hash: row
-            .try_get::<Option<String>, _>("prev_hash")?
-            .unwrap_or_default(),
-        hash: row
-            .try_get::<Option<String>, _>("hash")?
-            .unwrap_or_default(),
+        seq: row.int("seq")?,
+        at: row.int("at")?,
+        job_id: row.text("job_id")?,
+        tenant: row.text("tenant")?,
+        client_id: row.text("client_id")?,
+        kind: RecordKind::from(row.text("kind")?),
+        attempt: row.opt_int("attempt")?.and_then(|a| u32::try_from(a).ok()),
+        http_status: row
+            .opt_int("http_status")?
+            .and_then(|s| u16::try_from(s).ok()),
+        detail: row.opt_text("detail")?,
+        code_fingerprint: row.opt_text("code_fingerprint")?,
+        prev_hash: row.opt_text("prev_hash")?.unwrap_or_default(),
+        hash: row.opt_text("hash")?.unwrap_or_default(),
     })
 }
 

@@ -37,7 +37,8 @@ pub struct WorkSignal {
 }
 
 impl WorkSignal {
-    fn announce(&self, client_id: &str) {
+    /// `client_id` has new waiting work.
+    pub(crate) fn announce(&self, client_id: &str) {
         let mut clients = self.clients.lock();
         if !clients.contains(client_id) {
             clients.insert(client_id.to_string());
@@ -84,6 +85,16 @@ impl JobFeed {
             id,
             receiver,
         }
+    }
+
+    /// Whether anyone here watches `id`.
+    pub(crate) fn is_watched(&self, id: JobId) -> bool {
+        self.watched.lock().contains_key(&id)
+    }
+
+    /// Every job someone here watches.
+    pub(crate) fn watched(&self) -> Vec<JobId> {
+        self.watched.lock().keys().copied().collect()
     }
 
     /// The dispatcher's side: which clients have new waiting work.

@@ -1,9 +1,10 @@
 //! The auditors' view of the store: paged job and event listings (keyset pagination, stable
 //! under concurrent inserts), chain verification, and retention.
 
-use sqlx::Row;
-
-use super::{Store, StoreError, audit, job_from_row};
+use super::{
+    JobRow, Store, StoreError, audit,
+    backend::{Columns, on_backend},
+};
 use crate::{
     audit::{AuditRecord, ChainVerifier, VerifyReport},
     domain::job::{Job, JobState, UnixMillis},
@@ -72,116 +73,124 @@ impl<T> Page<T> {
 }
 
 impl Store {
-    /// The key range (row ids or seqs) of a time range, through `sql` (a `lo`/`hi` query over a
-    /// time index); every key when the range is unbounded, `None` when nothing falls in it.
+    /// The key range (row ids of `jobs`, else event seqs) of a time range, through a time
+    /// index; every key when the range is unbounded, `None` when nothing falls in it.
     async fn key_bounds(
         &self,
-        sql: &'static str,
+        jobs: bool,
         from: i64,
         to: i64,
     ) -> Result<Option<(i64, i64)>, StoreError> {
         if from == i64::MIN && to == i64::MAX {
             return Ok(Some((i64::MIN, i64::MAX)));
         }
-        let bounds = sqlx::query(sql)
-            .bind(from)
-            .bind(to)
-            .fetch_one(&self.reader)
-            .await?;
-        Ok(
-            match (
-                bounds.try_get::<Option<i64>, _>("lo")?,
-                bounds.try_get::<Option<i64>, _>("hi")?,
-            ) {
-                (Some(lo), Some(hi)) => Some((lo, hi)),
-                _ => None,
-            },
-        )
+        let bounds = if jobs {
+            on_backend!(&self.pool, "job_id_bounds", |query, pool| {
+                let row = query.bind(from).bind(to).fetch_one(pool).await?;
+                (row.opt_int("lo")?, row.opt_int("hi")?)
+            })
+        } else {
+            on_backend!(&self.pool, "event_seq_bounds", |query, pool| {
+                let row = query.bind(from).bind(to).fetch_one(pool).await?;
+                (row.opt_int("lo")?, row.opt_int("hi")?)
+            })
+        };
+        Ok(match bounds {
+            (Some(lo), Some(hi)) => Some((lo, hi)),
+            _ => None,
+        })
     }
 
-    /// One page of jobs, in creation order.
+    /// One page of jobs matching `query`, in creation order. Never carries tokens.
     pub async fn list_jobs(&self, query: &JobQuery) -> Result<Page<(i64, Job)>, StoreError> {
         let (from, to) = (
             query.created_after.map_or(i64::MIN, |t| t.0),
             query.created_before.map_or(i64::MAX, |t| t.0),
         );
-        let Some((lo, hi)) = self
-            .key_bounds(include_str!("sql/job_id_bounds.sql"), from, to)
-            .await?
-        else {
+        let Some((lo, hi)) = self.key_bounds(true, from, to).await? else {
             return Ok(Page::empty());
         };
         let after = query.after.unwrap_or(i64::MIN).max(lo.saturating_sub(1));
-        let sql = if query.code_fingerprint.is_some() {
-            include_str!("sql/list_jobs_by_fingerprint.sql")
-        } else if query.client_id.is_some() {
-            include_str!("sql/list_jobs_by_client.sql")
-        } else {
-            include_str!("sql/list_jobs.sql")
-        };
         let limit = i64::from(query.limit.max(1));
-        let rows = sqlx::query(sql)
-            .bind(after)
-            .bind(hi)
-            .bind(from)
-            .bind(to)
-            .bind(query.client_id.as_deref())
-            .bind(query.tenant.as_deref())
-            .bind(query.state.map(JobState::as_str))
-            .bind(query.code_fingerprint.as_deref())
-            .bind(limit)
-            .fetch_all(&self.reader)
-            .await?;
+        // The same parameters for each form; each form walks its own index.
+        macro_rules! page {
+            ($name:literal) => {
+                on_backend!(&self.pool, $name, |statement, pool| {
+                    let rows = statement
+                        .bind(after)
+                        .bind(hi)
+                        .bind(from)
+                        .bind(to)
+                        .bind(query.client_id.as_deref())
+                        .bind(query.tenant.as_deref())
+                        .bind(query.state.map(JobState::as_str))
+                        .bind(query.code_fingerprint.as_deref())
+                        .bind(limit)
+                        .fetch_all(pool)
+                        .await?;
+                    rows.iter()
+                        .map(JobRow::decode)
+                        .collect::<sqlx::Result<Vec<_>>>()?
+                })
+            };
+        }
+        let rows = if query.code_fingerprint.is_some() {
+            page!("list_jobs_by_fingerprint")
+        } else if query.client_id.is_some() {
+            page!("list_jobs_by_client")
+        } else {
+            page!("list_jobs")
+        };
         let items = rows
-            .iter()
-            .map(|row| Ok((row.try_get::<i64, _>("id")?, job_from_row(row, None)?)))
+            .into_iter()
+            .map(|row| Ok((row.id, row.into_job(None)?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
         Ok(Page::of(items, limit, |(id, _)| *id))
     }
 
-    /// One page of audit events, in seq order.
+    /// One page of audit events matching `query`, in seq order.
     pub async fn list_events(&self, query: &EventQuery) -> Result<Page<AuditRecord>, StoreError> {
         let (from, to) = (
             query.after.map_or(i64::MIN, |t| t.0),
             query.before.map_or(i64::MAX, |t| t.0),
         );
-        let Some((lo, hi)) = self
-            .key_bounds(include_str!("sql/event_seq_bounds.sql"), from, to)
-            .await?
-        else {
+        let Some((lo, hi)) = self.key_bounds(false, from, to).await? else {
             return Ok(Page::empty());
         };
         let after = query
             .after_seq
             .unwrap_or(i64::MIN)
             .max(lo.saturating_sub(1));
-        let sql = if query.job_id.is_some() {
-            include_str!("sql/list_events_by_job.sql")
-        } else if query.client_id.is_some() {
-            include_str!("sql/list_events_by_client.sql")
-        } else {
-            include_str!("sql/list_events.sql")
-        };
         let limit = i64::from(query.limit.max(1));
-        let rows = sqlx::query(sql)
-            .bind(after)
-            .bind(hi)
-            .bind(from)
-            .bind(to)
-            .bind(query.job_id.as_deref())
-            .bind(query.client_id.as_deref())
-            .bind(limit)
-            .fetch_all(&self.reader)
-            .await?;
-        let items = rows
-            .iter()
-            .map(audit::record_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
+        macro_rules! page {
+            ($name:literal) => {
+                on_backend!(&self.pool, $name, |statement, pool| {
+                    let rows = statement
+                        .bind(after)
+                        .bind(hi)
+                        .bind(from)
+                        .bind(to)
+                        .bind(query.job_id.as_deref())
+                        .bind(query.client_id.as_deref())
+                        .bind(limit)
+                        .fetch_all(pool)
+                        .await?;
+                    rows.iter()
+                        .map(audit::record_from_row)
+                        .collect::<sqlx::Result<Vec<_>>>()?
+                })
+            };
+        }
+        let items = if query.job_id.is_some() {
+            page!("list_events_by_job")
+        } else if query.client_id.is_some() {
+            page!("list_events_by_client")
+        } else {
+            page!("list_events")
+        };
         Ok(Page::of(items, limit, |event| event.seq))
     }
 
-    /// Recomputes the whole chain, page by page, and checks that no event after the last one
-    /// was removed.
     pub async fn verify_audit_log(&self) -> Result<VerifyReport, StoreError> {
         let mut verifier = ChainVerifier::new();
         let mut after = None;
@@ -203,9 +212,10 @@ impl Store {
                 None => break,
             }
         }
-        let assigned: Option<i64> = sqlx::query_scalar(include_str!("sql/audit_sequence.sql"))
-            .fetch_optional(&self.reader)
-            .await?;
+        let assigned = on_backend!(&self.pool, "audit_sequence", |query, pool| {
+            let row = query.fetch_optional(pool).await?;
+            row.as_ref().map(|row| row.int("seq")).transpose()?
+        });
         let last = verifier.last_seq().unwrap_or(0);
         if let Some(assigned) = assigned
             && assigned > last

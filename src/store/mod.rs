@@ -1,22 +1,24 @@
 //! The store: the only module that runs SQL.
 //!
-//! One SQLite file in WAL mode. Every change goes to the writer task ([`writer`]), which owns
-//! the single writing connection (SQLite has one writer at a time; a pool of writers only
-//! trades throughput for `SQLITE_BUSY`) and commits changes in groups: one `BEGIN IMMEDIATE`
-//! transaction and one fsync for every change waiting, each change with its audit events.
-//! Reads use a separate read-only pool. No transaction is ever held across an upstream call:
-//! claiming commits before the request is sent, and the outcome is written in a later
-//! transaction guarded by the claim's lease owner and attempt number.
+//! Two databases behind one interface ([`backend`]): a SQLite file in WAL mode (embedded, one
+//! daemon per file), or PostgreSQL shared by several replicas. Every change goes to the writer
+//! task ([`writer`]), which owns this process's writing connection and commits changes in
+//! groups: one transaction and one fsync for every change waiting, each change with its audit
+//! events. On PostgreSQL each writing transaction first locks the audit chain's row, so the
+//! writers of all replicas take turns and the chain grows in commit order. Reads use a separate
+//! pool. No transaction is ever held across an upstream call: claiming commits before the
+//! request is sent, and the outcome is written in a later transaction guarded by the claim's
+//! lease owner and attempt number.
 //!
-//! Every committed change is published on the [`JobFeed`] after its commit, never before.
+//! Every committed change is published on the [`JobFeed`] after its commit, never before; on
+//! PostgreSQL also to the other replicas ([`listener`]).
 
 use std::{str::FromStr, sync::Arc, time::Duration};
 
 use sqlx::{
-    ConnectOptions, Row, SqlitePool,
-    sqlite::{
-        SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-    },
+    ConnectOptions,
+    postgres::{PgConnectOptions, PgPoolOptions},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
 };
 
 use crate::{
@@ -30,11 +32,14 @@ use crate::{
 };
 
 mod audit;
+mod backend;
 mod deliveries;
 pub mod feed;
 mod history;
+mod listener;
 mod writer;
 
+use backend::{Columns, Db, Pool, on_backend};
 pub use history::{EventQuery, JobQuery, Page, Pruned};
 
 pub use deliveries::Deliveries;
@@ -116,16 +121,29 @@ impl StoreError {
 /// is the database's condition.
 const BUG_SQLITE_CODES: &[i64] = &[11, 19, 20, 21, 25, 26];
 
+/// PostgreSQL error classes (the first two characters of the SQLSTATE) that are the database's
+/// condition: connection exceptions, transaction rollbacks (serialization, deadlock),
+/// insufficient resources, operator intervention (shutdown, a cancelled or timed-out
+/// statement), system errors. Every other class (data, integrity, syntax) is a bug.
+const TRANSIENT_POSTGRES_CLASSES: &[&str] = &["08", "40", "53", "55", "57", "58"];
+
 fn database_error_is_transient(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(database) => !database
-            .code()
-            .and_then(|code| code.parse::<i64>().ok())
-            .is_some_and(|code| BUG_SQLITE_CODES.contains(&(code & 0xff))),
+        sqlx::Error::Database(database) => {
+            if let Some(postgres) = database.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                let class = postgres.code().get(..2).unwrap_or_default();
+                return TRANSIENT_POSTGRES_CLASSES.contains(&class);
+            }
+            !database
+                .code()
+                .and_then(|code| code.parse::<i64>().ok())
+                .is_some_and(|code| BUG_SQLITE_CODES.contains(&(code & 0xff)))
+        }
         // Decoding, a missing row or column, configuration, protocol: a bug.
         _ => false,
     }
@@ -136,8 +154,8 @@ fn database_error_is_transient(error: &sqlx::Error) -> bool {
 pub struct Store {
     /// The writer task; `None` for a read-only store.
     writer: Option<WriterHandle>,
-    /// Read-only connections for lookups.
-    reader: SqlitePool,
+    /// Connections for lookups (read-only on SQLite; on PostgreSQL also the rate budget's).
+    pool: Pool,
     /// Opens sealed tokens; `None` for auditors' read-only stores, which never show tokens.
     keys: Option<Arc<KeyRing>>,
 }
@@ -274,49 +292,40 @@ impl Store {
         feed: Arc<JobFeed>,
         metrics: Arc<Metrics>,
     ) -> Result<(Store, WriterTask), StoreError> {
-        let path = &config.path;
-        prepare_private_file(path)?;
-        let synchronous = match config.synchronous {
-            Synchronous::Normal => SqliteSynchronous::Normal,
-            Synchronous::Full => SqliteSynchronous::Full,
-            Synchronous::Extra => SqliteSynchronous::Extra,
+        let (pool, conn, shared) = match &config.url {
+            None => {
+                let (pool, conn) = open_sqlite(config).await?;
+                (pool, conn, None)
+            }
+            Some(url) => {
+                let (pool, conn, options) = open_postgres(config, url).await?;
+                let instance = uuid::Uuid::now_v7().to_string().into();
+                (pool, conn, Some(writer::Shared { options, instance }))
+            }
         };
-        let busy_timeout = Duration::from_millis(config.busy_timeout_ms);
-        let base = SqliteConnectOptions::new()
-            .filename(path)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(synchronous)
-            .busy_timeout(busy_timeout)
-            .foreign_keys(true);
-        // Migrations run through a one-connection pool (the migrator's connection form is not
-        // Send in an async fn), closed before the writer opens its own connection.
-        let migrations = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(base.clone().create_if_missing(true))
-            .await?;
-        sqlx::migrate!("./migrations").run(&migrations).await?;
-        migrations.close().await;
-        // The writer touches every index of a deep queue: give it a page cache that holds them
-        // (32 MiB; the readers keep SQLite's default 2 MiB each).
-        let mut writer_options = base.clone().pragma("cache_size", "-32768");
-        if config.max_size_mb > 0 {
-            // 4 KiB pages (SQLite's default page size).
-            writer_options =
-                writer_options.pragma("max_page_count", (config.max_size_mb * 256).to_string());
-        }
-        let conn = writer_options.connect().await?;
-        let (writer, task) = WriterHandle::start(conn, Arc::clone(&keys), feed, metrics).await?;
-        let reader = SqlitePoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(busy_timeout + Duration::from_secs(5))
-            .connect_with(base.read_only(true))
-            .await?;
+        let (writer, task) = WriterHandle::start(
+            conn,
+            shared.clone(),
+            Arc::clone(&keys),
+            Arc::clone(&feed),
+            metrics,
+        )
+        .await?;
         let store = Store {
             writer: Some(writer),
-            reader,
+            pool,
             keys: Some(keys),
         };
         store.check_keys().await?;
+        let task = match shared {
+            Some(shared) => task.alongside(listener::run(
+                shared.options,
+                shared.instance,
+                store.clone(),
+                feed,
+            )),
+            None => task,
+        };
         Ok((store, task))
     }
 
@@ -339,15 +348,56 @@ impl Store {
             .await?;
         Ok(Store {
             writer: None,
-            reader,
+            pool: Db::Sqlite(reader),
             keys: None,
         })
+    }
+
+    /// [`Store::open_read_only`] for a PostgreSQL database: every transaction is read-only.
+    pub async fn open_read_only_url(url: &str) -> Result<Store, StoreError> {
+        let options = PgConnectOptions::from_str(url)?
+            .application_name("token-broker (read-only)")
+            .options([("default_transaction_read_only", "on")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(Store {
+            writer: None,
+            pool: Db::Postgres(pool),
+            keys: None,
+        })
+    }
+
+    /// Whether this daemon is the only one using the database (SQLite, whose file the daemon
+    /// locks), so that every lease found at start-up is dead. On a shared database a lease is
+    /// only rescued once it expires: its owner may be another replica, alive.
+    pub fn is_exclusive(&self) -> bool {
+        matches!(self.pool, Db::Sqlite(_))
+    }
+
+    /// Whether the rate budget is shared through the database (with other replicas) rather
+    /// than kept in this process alone.
+    pub fn shares_rate_budget(&self) -> bool {
+        matches!(self.pool, Db::Postgres(_))
+    }
+
+    /// Whether the database answers, for readiness: one trivial statement.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        on_backend!(&self.pool, "ping", |query, pool| {
+            query.execute(pool).await?;
+        });
+        Ok(())
     }
 
     /// Closes the read connections. The writer closes its connection (checkpointing the WAL)
     /// once every handle to it is dropped.
     pub async fn close(&self) {
-        self.reader.close().await;
+        match &self.pool {
+            Db::Sqlite(pool) => pool.close().await,
+            Db::Postgres(pool) => pool.close().await,
+        }
     }
 
     /// Refuses to start when the key ring cannot open the secrets already stored: a wrong key
@@ -356,14 +406,26 @@ impl Store {
         let Some(keys) = &self.keys else {
             return Ok(());
         };
-        let rows = sqlx::query(include_str!("sql/sealed_samples.sql"))
-            .fetch_all(&self.reader)
-            .await?;
-        for row in &rows {
-            let job_id: String = row.try_get("job_id")?;
-            for column in ["code", "code_verifier", "access_token"] {
-                if let Some(sealed) = row.try_get::<Option<String>, _>(column)? {
-                    keys.open(&sealed, &job_id, column).map_err(|error| {
+        let samples: Vec<(String, [Option<String>; 3])> =
+            on_backend!(&self.pool, "sealed_samples", |query, pool| {
+                let rows = query.fetch_all(pool).await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok((
+                            row.text("job_id")?,
+                            [
+                                row.opt_text("code")?,
+                                row.opt_text("code_verifier")?,
+                                row.opt_text("access_token")?,
+                            ],
+                        ))
+                    })
+                    .collect::<sqlx::Result<_>>()?
+            });
+        for (job_id, sealed) in &samples {
+            for (column, sealed) in ["code", "code_verifier", "access_token"].iter().zip(sealed) {
+                if let Some(sealed) = sealed {
+                    keys.open(sealed, job_id, column).map_err(|error| {
                         StoreError::Keys(format!(
                             "the encryption keys do not open the stored secrets ({error}); \
                              start with the key file the database was written with"
@@ -565,41 +627,42 @@ impl Store {
 
     /// Jobs not yet terminal.
     pub async fn pending_count(&self) -> Result<u64, StoreError> {
-        let pending: i64 = sqlx::query_scalar(include_str!("sql/count_pending.sql"))
-            .fetch_one(&self.reader)
-            .await?;
+        let pending = on_backend!(&self.pool, "count_pending", |query, pool| {
+            query.fetch_one(pool).await?.int("pending")?
+        });
         Ok(u64::try_from(pending).unwrap_or(0))
     }
 
     /// When the oldest job waiting to be attempted was created.
     pub async fn oldest_pending(&self) -> Result<Option<UnixMillis>, StoreError> {
-        let oldest: Option<i64> = sqlx::query_scalar(include_str!("sql/oldest_pending.sql"))
-            .fetch_one(&self.reader)
-            .await?;
+        let oldest = on_backend!(&self.pool, "oldest_pending", |query, pool| {
+            query.fetch_one(pool).await?.opt_int("oldest")?
+        });
         Ok(oldest.map(UnixMillis))
     }
 
     /// The job as it stands.
     pub async fn get(&self, id: JobId) -> Result<Option<Job>, StoreError> {
-        let row = sqlx::query(include_str!("sql/get_job.sql"))
-            .bind(id.to_string())
-            .fetch_optional(&self.reader)
-            .await?;
-        row.as_ref()
-            .map(|row| job_from_row(row, self.keys.as_deref()))
+        let row = on_backend!(&self.pool, "get_job", |query, pool| {
+            let row = query.bind(id.to_string()).fetch_optional(pool).await?;
+            row.as_ref().map(JobRow::decode).transpose()?
+        });
+        row.map(|row| row.into_job(self.keys.as_deref()))
             .transpose()
     }
 
     /// The job `id` if it belongs to `tenant`; `None` for a missing job and for another
     /// tenant's alike, at the same cost (the ownership is part of the lookup).
     pub async fn get_owned(&self, id: JobId, tenant: &str) -> Result<Option<Job>, StoreError> {
-        let row = sqlx::query(include_str!("sql/get_owned_job.sql"))
-            .bind(id.to_string())
-            .bind(tenant)
-            .fetch_optional(&self.reader)
-            .await?;
-        row.as_ref()
-            .map(|row| job_from_row(row, self.keys.as_deref()))
+        let row = on_backend!(&self.pool, "get_owned_job", |query, pool| {
+            let row = query
+                .bind(id.to_string())
+                .bind(tenant)
+                .fetch_optional(pool)
+                .await?;
+            row.as_ref().map(JobRow::decode).transpose()?
+        });
+        row.map(|row| row.into_job(self.keys.as_deref()))
             .transpose()
     }
 
@@ -615,22 +678,25 @@ impl Store {
             return Ok(Vec::new());
         }
         let ids = serde_json::to_string(clients).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let rows = sqlx::query(include_str!("sql/due_for_clients.sql"))
-            .bind(ids)
-            .bind(now.0)
-            .bind(i64::try_from(per_client).unwrap_or(i64::MAX))
-            .fetch_all(&self.reader)
-            .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(Candidate {
-                    row_id: row.try_get("id")?,
-                    client_id: row.try_get("client_id")?,
-                    due_at: UnixMillis(row.try_get("next_attempt_at")?),
-                    expires_at: UnixMillis(row.try_get("expires_at")?),
+        let per_client = i64::try_from(per_client).unwrap_or(i64::MAX);
+        Ok(on_backend!(&self.pool, "due_for_clients", |query, pool| {
+            let rows = query
+                .bind(ids)
+                .bind(now.0)
+                .bind(per_client)
+                .fetch_all(pool)
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(Candidate {
+                        row_id: row.int("id")?,
+                        client_id: row.text("client_id")?,
+                        due_at: UnixMillis(row.int("next_attempt_at")?),
+                        expires_at: UnixMillis(row.int("expires_at")?),
+                    })
                 })
-            })
-            .collect()
+                .collect::<sqlx::Result<Vec<_>>>()?
+        }))
     }
 
     /// For each of `clients`, when its next waiting job (not past its TTL) falls due; `None`
@@ -644,82 +710,211 @@ impl Store {
             return Ok(Vec::new());
         }
         let ids = serde_json::to_string(clients).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let rows = sqlx::query(include_str!("sql/next_waiting_for_clients.sql"))
-            .bind(ids)
-            .bind(now.0)
-            .fetch_all(&self.reader)
-            .await?;
-        rows.iter()
-            .map(|row| {
-                let next: Option<i64> = row.try_get("next_at")?;
-                Ok((row.try_get("client_id")?, next.map(UnixMillis)))
-            })
-            .collect()
+        Ok(on_backend!(
+            &self.pool,
+            "next_waiting_for_clients",
+            |query, pool| {
+                let rows = query.bind(ids).bind(now.0).fetch_all(pool).await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok((
+                            row.text("client_id")?,
+                            row.opt_int("next_at")?.map(UnixMillis),
+                        ))
+                    })
+                    .collect::<sqlx::Result<Vec<_>>>()?
+            }
+        ))
     }
 
     /// Every client with a job waiting.
     pub async fn waiting_clients(&self) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar(include_str!("sql/waiting_clients.sql"))
-            .fetch_all(&self.reader)
-            .await?)
+        Ok(on_backend!(&self.pool, "waiting_clients", |query, pool| {
+            let rows = query.fetch_all(pool).await?;
+            rows.iter()
+                .map(|row| row.text("client_id"))
+                .collect::<sqlx::Result<Vec<_>>>()?
+        }))
     }
 }
 
-/// Reads a job row. Unknown enum values are reported, not guessed.
-/// Tokens are opened with `keys`; without keys (auditors' tools) a job carries no token.
-fn job_from_row(row: &SqliteRow, keys: Option<&KeyRing>) -> Result<Job, StoreError> {
-    let corrupt = |error: crate::domain::job::UnknownValue| StoreError::Corrupt(error.to_string());
-    let job_id: String = row.try_get("job_id")?;
-    let state: String = row.try_get("state")?;
-    let failure_reason: Option<String> = row.try_get("failure_reason")?;
-    let access_token: Option<String> = row.try_get("access_token")?;
-    let token = match (access_token, keys) {
-        (Some(sealed), Some(keys)) => Some(Token {
-            access_token: keys
-                .open(&sealed, &job_id, "access_token")
-                .map_err(|error| StoreError::Corrupt(format!("job {job_id}: {error}")))?,
-            token_type: row
-                .try_get::<Option<String>, _>("token_type")?
-                .unwrap_or_default(),
-            expires_in: row
-                .try_get::<Option<i64>, _>("token_expires_in")?
-                .unwrap_or_default(),
-            expires_at: UnixMillis(
-                row.try_get::<Option<i64>, _>("token_expires_at")?
-                    .unwrap_or_default(),
-            ),
-        }),
-        _ => None,
+/// Opens (creating if needed) the SQLite database and applies its migrations: the read pool
+/// and the writer's connection.
+async fn open_sqlite(config: &StorageConfig) -> Result<(Pool, backend::Conn), StoreError> {
+    let path = &config.path;
+    prepare_private_file(path)?;
+    let synchronous = match config.synchronous {
+        Synchronous::Normal => SqliteSynchronous::Normal,
+        Synchronous::Full => SqliteSynchronous::Full,
+        Synchronous::Extra => SqliteSynchronous::Extra,
     };
-    Ok(Job {
-        id: JobId::from_str(&job_id)
-            .map_err(|_| StoreError::Corrupt(format!("job id {job_id:?} is not a UUID")))?,
-        tenant: row.try_get("tenant")?,
-        client_id: row.try_get("client_id")?,
-        state: JobState::from_str(&state).map_err(corrupt)?,
-        attempts: row.try_get("attempts")?,
-        created_at: UnixMillis(row.try_get("created_at")?),
-        updated_at: UnixMillis(row.try_get("updated_at")?),
-        next_attempt_at: row
-            .try_get::<Option<i64>, _>("next_attempt_at")?
-            .map(UnixMillis),
-        expires_at: UnixMillis(row.try_get("expires_at")?),
-        token,
-        failure_reason: failure_reason
-            .as_deref()
-            .map(FailureReason::from_str)
-            .transpose()
-            .map_err(corrupt)?,
-        last_http_status: row
-            .try_get::<Option<i64>, _>("last_http_status")?
-            .and_then(|status| u16::try_from(status).ok()),
-        failure_detail: row.try_get("failure_detail")?,
-        state_param: row.try_get("state_param")?,
-        idempotency_key: row.try_get("idempotency_key")?,
-        outcome_unknown: row.try_get("outcome_unknown")?,
-        version: row.try_get("version")?,
-        code_fingerprint: row.try_get("code_fingerprint")?,
-    })
+    let busy_timeout = Duration::from_millis(config.busy_timeout_ms);
+    let base = SqliteConnectOptions::new()
+        .filename(path)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(synchronous)
+        .busy_timeout(busy_timeout)
+        .foreign_keys(true);
+    // Migrations run through a one-connection pool (the migrator's connection form is not
+    // Send in an async fn), closed before the writer opens its own connection.
+    let migrations = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(base.clone().create_if_missing(true))
+        .await?;
+    sqlx::migrate!("./migrations/sqlite")
+        .run(&migrations)
+        .await?;
+    migrations.close().await;
+    // The writer touches every index of a deep queue: give it a page cache that holds them
+    // (32 MiB; the readers keep SQLite's default 2 MiB each).
+    let mut writer_options = base.clone().pragma("cache_size", "-32768");
+    if config.max_size_mb > 0 {
+        // 4 KiB pages (SQLite's default page size).
+        writer_options =
+            writer_options.pragma("max_page_count", (config.max_size_mb * 256).to_string());
+    }
+    let conn = writer_options.connect().await?;
+    let reader = SqlitePoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(busy_timeout + Duration::from_secs(5))
+        .connect_with(base.read_only(true))
+        .await?;
+    Ok((Db::Sqlite(reader), Db::Sqlite(conn)))
+}
+
+/// Connects to PostgreSQL and applies its migrations (sqlx takes an advisory lock for them, so
+/// replicas starting together apply each once): the pool, the writer's connection, and the
+/// options the writer reconnects with and the change listener connects with.
+async fn open_postgres(
+    config: &StorageConfig,
+    url: &str,
+) -> Result<(Pool, backend::Conn, PgConnectOptions), StoreError> {
+    let options = PgConnectOptions::from_str(url)?
+        .application_name("token-broker")
+        .options([("statement_timeout", config.statement_timeout_ms.to_string())]);
+    let pool = PgPoolOptions::new()
+        .max_connections(config.pool_size)
+        .acquire_timeout(
+            Duration::from_millis(config.statement_timeout_ms) + Duration::from_secs(5),
+        )
+        .connect_with(options.clone())
+        .await?;
+    sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+    let conn = options.connect().await?;
+    Ok((Db::Postgres(pool), Db::Postgres(conn), options))
+}
+
+/// A job row as stored, read the same way from either database; [`JobRow::into_job`] opens
+/// its token and checks its enums.
+#[derive(Debug)]
+pub(super) struct JobRow {
+    id: i64,
+    job_id: String,
+    tenant: String,
+    client_id: String,
+    state: String,
+    attempts: i64,
+    created_at: i64,
+    updated_at: i64,
+    next_attempt_at: Option<i64>,
+    expires_at: i64,
+    access_token: Option<String>,
+    token_type: Option<String>,
+    token_expires_in: Option<i64>,
+    token_expires_at: Option<i64>,
+    failure_reason: Option<String>,
+    last_http_status: Option<i64>,
+    failure_detail: Option<String>,
+    state_param: String,
+    idempotency_key: String,
+    request_digest: String,
+    outcome_unknown: bool,
+    version: i64,
+    code_fingerprint: Option<String>,
+    /// Sealed; only claims read them.
+    code: Option<String>,
+    code_verifier: Option<String>,
+}
+
+impl JobRow {
+    fn decode(row: &impl Columns) -> sqlx::Result<JobRow> {
+        Ok(JobRow {
+            id: row.int("id")?,
+            job_id: row.text("job_id")?,
+            tenant: row.text("tenant")?,
+            client_id: row.text("client_id")?,
+            state: row.text("state")?,
+            attempts: row.int("attempts")?,
+            created_at: row.int("created_at")?,
+            updated_at: row.int("updated_at")?,
+            next_attempt_at: row.opt_int("next_attempt_at")?,
+            expires_at: row.int("expires_at")?,
+            access_token: row.opt_text("access_token")?,
+            token_type: row.opt_text("token_type")?,
+            token_expires_in: row.opt_int("token_expires_in")?,
+            token_expires_at: row.opt_int("token_expires_at")?,
+            failure_reason: row.opt_text("failure_reason")?,
+            last_http_status: row.opt_int("last_http_status")?,
+            failure_detail: row.opt_text("failure_detail")?,
+            state_param: row.text("state_param")?,
+            idempotency_key: row.text("idempotency_key")?,
+            request_digest: row.text("request_digest")?,
+            outcome_unknown: row.flag("outcome_unknown")?,
+            version: row.int("version")?,
+            code_fingerprint: row.opt_text("code_fingerprint")?,
+            code: row.opt_text("code")?,
+            code_verifier: row.opt_text("code_verifier")?,
+        })
+    }
+
+    /// The job. Unknown enum values are reported, not guessed. Tokens are opened with `keys`;
+    /// without keys (auditors' tools) a job carries no token.
+    fn into_job(self, keys: Option<&KeyRing>) -> Result<Job, StoreError> {
+        let corrupt =
+            |error: crate::domain::job::UnknownValue| StoreError::Corrupt(error.to_string());
+        let job_id = self.job_id;
+        let token = match (self.access_token, keys) {
+            (Some(sealed), Some(keys)) => Some(Token {
+                access_token: keys
+                    .open(&sealed, &job_id, "access_token")
+                    .map_err(|error| StoreError::Corrupt(format!("job {job_id}: {error}")))?,
+                token_type: self.token_type.unwrap_or_default(),
+                expires_in: self.token_expires_in.unwrap_or_default(),
+                expires_at: UnixMillis(self.token_expires_at.unwrap_or_default()),
+            }),
+            _ => None,
+        };
+        Ok(Job {
+            id: JobId::from_str(&job_id)
+                .map_err(|_| StoreError::Corrupt(format!("job id {job_id:?} is not a UUID")))?,
+            tenant: self.tenant,
+            client_id: self.client_id,
+            state: JobState::from_str(&self.state).map_err(corrupt)?,
+            attempts: u32::try_from(self.attempts).map_err(|_| {
+                StoreError::Corrupt(format!("job {job_id}: {} attempts", self.attempts))
+            })?,
+            created_at: UnixMillis(self.created_at),
+            updated_at: UnixMillis(self.updated_at),
+            next_attempt_at: self.next_attempt_at.map(UnixMillis),
+            expires_at: UnixMillis(self.expires_at),
+            token,
+            failure_reason: self
+                .failure_reason
+                .as_deref()
+                .map(FailureReason::from_str)
+                .transpose()
+                .map_err(corrupt)?,
+            last_http_status: self
+                .last_http_status
+                .and_then(|status| u16::try_from(status).ok()),
+            failure_detail: self.failure_detail,
+            state_param: self.state_param,
+            idempotency_key: self.idempotency_key,
+            outcome_unknown: self.outcome_unknown,
+            version: self.version,
+            code_fingerprint: self.code_fingerprint,
+        })
+    }
 }
 
 #[cfg(test)]

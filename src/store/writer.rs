@@ -10,20 +10,24 @@
 //! retried in a transaction of its own, so one bad change cannot fail its neighbours.
 //!
 //! The writer also keeps facts that would otherwise cost a query per change: the head of the
-//! audit chain, and the number of jobs not yet terminal, overall and per tenant (for the queue
-//! bounds). They are read once at start; a transaction that does not commit restores them as
-//! they were before it.
+//! audit chain, and the number of jobs not yet terminal, overall, per tenant and per client id
+//! (for the queue bounds). On SQLite, the only writer, it reads them once at start; a
+//! transaction that does not commit restores them as they were before it. On PostgreSQL the
+//! writers of several replicas take turns: each transaction first locks the chain's row
+//! (`lock_chain.sql`), then reads the chain head, and the counts when it admits submissions, as
+//! the other replicas left them. Its committed changes are also announced to the other
+//! replicas with `NOTIFY` (delivered at commit), which [`super::listener`] hears.
 
 use std::{collections::HashMap, sync::Arc, time::Instant};
 
-use sqlx::{Connection, Row, SqliteConnection, sqlite::SqliteRow};
+use sqlx::{ConnectOptions, Connection, postgres::PgConnectOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    AttemptRecord, CancelOutcome, Candidate, Claim, Lease, NewJobOwned, QueueFull, StoreError,
-    SubmitOutcome,
+    AttemptRecord, CancelOutcome, Candidate, Claim, JobRow, Lease, NewJobOwned, QueueFull,
+    StoreError, SubmitOutcome,
     audit::{self, AuditEvent, ChainHead},
-    job_from_row,
+    backend::{Columns, Conn, Db, on_backend},
 };
 use crate::{
     audit::{AuditKind, AuditRecord, RecordKind},
@@ -231,30 +235,36 @@ struct Snapshot {
 }
 
 impl Tracked {
-    async fn read(conn: &mut SqliteConnection, keys: Arc<KeyRing>) -> Result<Tracked, sqlx::Error> {
-        let head = ChainHead::read(conn).await?;
-        let mut pending_by_tenant = HashMap::new();
-        for row in sqlx::query(include_str!("sql/pending_by_tenant.sql"))
-            .fetch_all(&mut *conn)
-            .await?
-        {
-            pending_by_tenant.insert(row.try_get("tenant")?, row.try_get("pending")?);
-        }
-        let mut pending_by_client = HashMap::new();
-        for row in sqlx::query(include_str!("sql/pending_by_client.sql"))
-            .fetch_all(&mut *conn)
-            .await?
-        {
-            pending_by_client.insert(row.try_get("client_id")?, row.try_get("pending")?);
-        }
-        Ok(Tracked {
-            head,
-            pending: pending_by_tenant.values().sum(),
-            pending_by_tenant,
-            pending_by_client,
+    async fn read(conn: &mut Conn, keys: Arc<KeyRing>) -> Result<Tracked, sqlx::Error> {
+        let mut tracked = Tracked {
+            head: ChainHead::read(conn).await?,
+            pending: 0,
+            pending_by_tenant: HashMap::new(),
+            pending_by_client: HashMap::new(),
             client_journal: Vec::new(),
             keys,
-        })
+        };
+        tracked.read_counts(conn).await?;
+        Ok(tracked)
+    }
+
+    /// (Re)reads the counts of jobs not yet terminal.
+    async fn read_counts(&mut self, conn: &mut Conn) -> Result<(), sqlx::Error> {
+        self.pending_by_tenant = on_backend!(&mut *conn, "pending_by_tenant", |query, conn| {
+            let rows = query.fetch_all(&mut *conn).await?;
+            rows.iter()
+                .map(|row| Ok((row.text("tenant")?, row.int("pending")?)))
+                .collect::<sqlx::Result<HashMap<_, _>>>()?
+        });
+        self.pending_by_client = on_backend!(&mut *conn, "pending_by_client", |query, conn| {
+            let rows = query.fetch_all(&mut *conn).await?;
+            rows.iter()
+                .map(|row| Ok((row.text("client_id")?, row.int("pending")?)))
+                .collect::<sqlx::Result<HashMap<_, _>>>()?
+        });
+        self.pending = self.pending_by_tenant.values().sum();
+        self.client_journal.clear();
+        Ok(())
     }
 
     /// A job became pending (`+1`) or terminal (`-1`).
@@ -329,14 +339,22 @@ pub(super) struct WriterHandle {
 impl WriterHandle {
     /// Prepares the writer task on `conn`; the caller spawns the returned future.
     pub(super) async fn start(
-        mut conn: SqliteConnection,
+        mut conn: Conn,
+        shared: Option<Shared>,
         keys: Arc<KeyRing>,
         feed: Arc<JobFeed>,
         metrics: Arc<Metrics>,
     ) -> Result<(WriterHandle, WriterTask), StoreError> {
         let tracked = Tracked::read(&mut conn, keys).await?;
         let (requests, receiver) = mpsc::channel(4 * MAX_BATCH);
-        let task = WriterTask(Box::pin(run(conn, receiver, tracked, feed, metrics)));
+        let writer = Writer {
+            conn,
+            shared,
+            tracked,
+            feed,
+            metrics,
+        };
+        let task = WriterTask(Box::pin(writer.run(receiver)));
         Ok((WriterHandle { requests }, task))
     }
 
@@ -368,6 +386,22 @@ impl std::fmt::Debug for WriterTask {
     }
 }
 
+impl WriterTask {
+    /// This task and `other` as one: it ends when either does (the writer when the last store
+    /// handle is dropped; `other`, such as the change listener, only if it fails).
+    pub(super) fn alongside(
+        self,
+        other: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> WriterTask {
+        WriterTask(Box::pin(async move {
+            tokio::select! {
+                () = self => {}
+                () = other => {}
+            }
+        }))
+    }
+}
+
 impl std::future::Future for WriterTask {
     type Output = ();
 
@@ -379,44 +413,192 @@ impl std::future::Future for WriterTask {
     }
 }
 
-async fn run(
-    mut conn: SqliteConnection,
-    mut receiver: mpsc::Receiver<Command>,
-    mut tracked: Tracked,
+/// What the writer needs on a database shared with other replicas (PostgreSQL).
+#[derive(Debug, Clone)]
+pub(super) struct Shared {
+    /// To reconnect when the writer's connection is lost (a restart, a fail-over).
+    pub(super) options: PgConnectOptions,
+    /// This process, as its `NOTIFY` payloads name it, so its listener skips its own changes.
+    pub(super) instance: Arc<str>,
+}
+
+/// The writer task's state.
+struct Writer {
+    conn: Conn,
+    shared: Option<Shared>,
+    tracked: Tracked,
     feed: Arc<JobFeed>,
     metrics: Arc<Metrics>,
-) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let mut commands = std::mem::take(&mut batch);
-        match apply_batch(&mut conn, &mut tracked, &mut commands, &metrics).await {
-            Ok(effects) => {
-                for (command, effects) in commands.iter_mut().zip(effects) {
-                    publish(&effects, &feed, &metrics);
-                    command.respond();
+}
+
+impl Writer {
+    async fn run(mut self, mut receiver: mpsc::Receiver<Command>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            let mut commands = std::mem::take(&mut batch);
+            match self.apply_batch(&mut commands).await {
+                Ok(effects) => {
+                    for (command, effects) in commands.iter_mut().zip(effects) {
+                        publish(&effects, &self.feed, &self.metrics);
+                        command.respond();
+                    }
                 }
-            }
-            Err(error) => {
-                // Something failed: retry each change alone, so only the bad one fails.
-                tracing::warn!(%error, changes = commands.len(), "batch rolled back; retrying its changes one by one");
-                for command in &mut commands {
-                    let single = std::slice::from_mut(command);
-                    match apply_batch(&mut conn, &mut tracked, single, &metrics).await {
-                        Ok(effects) => {
-                            for effects in &effects {
-                                publish(effects, &feed, &metrics);
+                Err(error) => {
+                    // Something failed: retry each change alone, so only the bad one fails.
+                    tracing::warn!(%error, changes = commands.len(), "batch rolled back; retrying its changes one by one");
+                    for command in &mut commands {
+                        let single = std::slice::from_mut(command);
+                        match self.apply_batch(single).await {
+                            Ok(effects) => {
+                                for effects in &effects {
+                                    publish(effects, &self.feed, &self.metrics);
+                                }
+                                command.respond();
                             }
-                            command.respond();
+                            Err(error) => command.fail(error),
                         }
-                        Err(error) => command.fail(error),
                     }
                 }
             }
         }
+        let closed = match self.conn {
+            Db::Sqlite(conn) => conn.close().await,
+            Db::Postgres(conn) => conn.close().await,
+        };
+        if let Err(error) = closed {
+            tracing::warn!(%error, "closing the writing connection failed");
+        }
     }
-    if let Err(error) = conn.close().await {
-        tracing::warn!(%error, "closing the writing connection failed");
+
+    /// Applies `commands` in one transaction. `Ok` when it committed, with each change's
+    /// effects (its result is kept in its responder); `Err` when it did not, after which the
+    /// tracked facts are as they were before.
+    async fn apply_batch(&mut self, commands: &mut [Command]) -> Result<Vec<Effects>, StoreError> {
+        let before = self.tracked.snapshot();
+        let result = self.try_batch(commands).await;
+        match result {
+            Ok(results) => {
+                self.tracked.committed();
+                Ok(results)
+            }
+            Err(error) => {
+                // The rollback undid exactly what the batch did. On SQLite nothing else writes:
+                // the facts as they stood before the batch are the facts now. On PostgreSQL the
+                // next transaction reads them again.
+                self.rollback().await;
+                self.tracked.restore(before);
+                Err(error)
+            }
+        }
     }
+
+    async fn try_batch(&mut self, commands: &mut [Command]) -> Result<Vec<Effects>, StoreError> {
+        let count = commands.len();
+        let conn = &mut self.conn;
+        let tracked = &mut self.tracked;
+        // SQLite: take the write lock now rather than at the first write.
+        conn.run(match conn {
+            Db::Sqlite(_) => "BEGIN IMMEDIATE",
+            Db::Postgres(_) => "BEGIN",
+        })
+        .await?;
+        if let Db::Postgres(pg) = conn {
+            // Take the fleet's turn, then read what the other replicas left.
+            sqlx::query(include_str!("sql/postgres/lock_chain.sql"))
+                .execute(&mut *pg)
+                .await?;
+            tracked.head = ChainHead::read(conn).await?;
+            if commands.iter().any(|c| matches!(c, Command::Submit { .. })) {
+                tracked.read_counts(conn).await?;
+            }
+        }
+        let mut results: Vec<Effects> = Vec::with_capacity(count);
+        let mut written = 0;
+        let mut next = 0;
+        while next < count {
+            // A run of submissions is inserted with one statement.
+            let (jobs, replies): (Vec<_>, Vec<_>) = commands[next..]
+                .iter_mut()
+                .map_while(Command::submission)
+                .unzip();
+            if !jobs.is_empty() {
+                next += jobs.len();
+                let outcomes = submit_many(conn, tracked, &jobs).await?;
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    results.push(reply.keep(Ok(outcome))?);
+                }
+                continue;
+            }
+            let command = &mut commands[next];
+            if matches!(command, Command::PruneStep { .. }) {
+                // Retention reads the events table: write what is chained so far first.
+                written = flush_events(conn, &results, written).await?;
+            }
+            results.push(apply(conn, tracked, command).await?);
+            next += 1;
+        }
+        flush_events(conn, &results, written).await?;
+        if let Some(shared) = &self.shared {
+            announce(conn, tracked, shared, &results).await?;
+        }
+        let started = Instant::now();
+        conn.run("COMMIT").await?;
+        self.metrics
+            .sqlite_commit
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.sqlite_batch.observe(count as f64);
+        Ok(results)
+    }
+
+    /// Ends a failed transaction. On PostgreSQL a connection that cannot even roll back is
+    /// replaced (the server restarted or failed over); if that fails too, the next batch fails
+    /// the same way and tries again.
+    async fn rollback(&mut self) {
+        // SQLite may already have rolled back on its own (a full disk): then this fails, and
+        // there is nothing to undo.
+        let rolled_back = self.conn.run("ROLLBACK").await;
+        if let (Err(error), Some(shared)) = (rolled_back, &self.shared) {
+            tracing::warn!(%error, "the writing connection is lost; reconnecting");
+            match shared.options.connect().await {
+                Ok(conn) => {
+                    self.conn = Db::Postgres(conn);
+                    tracing::info!("the writing connection is back");
+                }
+                Err(error) => tracing::error!(%error, "cannot reconnect the writing connection"),
+            }
+        }
+    }
+}
+
+/// Before a shared database's commit: the chain's high-water mark (so a cut tail shows), and a
+/// `NOTIFY` per changed job for the other replicas, delivered at commit.
+async fn announce(
+    conn: &mut Conn,
+    tracked: &Tracked,
+    shared: &Shared,
+    results: &[Effects],
+) -> Result<(), StoreError> {
+    let Db::Postgres(conn) = conn else {
+        return Ok(());
+    };
+    sqlx::query(include_str!("sql/postgres/advance_chain.sql"))
+        .bind(tracked.head.seq())
+        .execute(&mut *conn)
+        .await?;
+    let payloads: Vec<String> = results
+        .iter()
+        .flat_map(|effects| &effects.publish)
+        .map(|job| super::listener::payload(&shared.instance, job))
+        .collect();
+    if !payloads.is_empty() {
+        let payloads =
+            serde_json::to_string(&payloads).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        sqlx::query(include_str!("sql/postgres/notify.sql"))
+            .bind(payloads)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
 }
 
 /// After a commit: the audit events go to the log and the metrics, the jobs to the feed.
@@ -432,70 +614,9 @@ fn publish(effects: &Effects, feed: &JobFeed, metrics: &Metrics) {
 /// What one change returns inside the transaction: its result and its effects.
 type Applied<T> = Result<(T, Effects), StoreError>;
 
-/// Applies `commands` in one transaction. `Ok` when it committed, with each change's effects
-/// (its result is kept in its responder); `Err` when it did not, after which `tracked` is as
-/// it was before.
-async fn apply_batch(
-    conn: &mut SqliteConnection,
-    tracked: &mut Tracked,
-    commands: &mut [Command],
-    metrics: &Metrics,
-) -> Result<Vec<Effects>, StoreError> {
-    let before = tracked.snapshot();
-    let count = commands.len();
-    let attempt = async {
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let mut results: Vec<Effects> = Vec::with_capacity(count);
-        let mut written = 0;
-        let mut next = 0;
-        while next < count {
-            // A run of submissions is inserted with one statement.
-            let (jobs, replies): (Vec<_>, Vec<_>) = commands[next..]
-                .iter_mut()
-                .map_while(Command::submission)
-                .unzip();
-            if !jobs.is_empty() {
-                next += jobs.len();
-                let outcomes = submit_many(&mut tx, tracked, &jobs).await?;
-                for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                    results.push(reply.keep(Ok(outcome))?);
-                }
-                continue;
-            }
-            let command = &mut commands[next];
-            if matches!(command, Command::PruneStep { .. }) {
-                // Retention reads the events table: write what is chained so far first.
-                written = flush_events(&mut tx, &results, written).await?;
-            }
-            results.push(apply(&mut tx, tracked, command).await?);
-            next += 1;
-        }
-        flush_events(&mut tx, &results, written).await?;
-        let started = Instant::now();
-        tx.commit().await?;
-        metrics
-            .sqlite_commit
-            .observe(started.elapsed().as_secs_f64());
-        metrics.sqlite_batch.observe(count as f64);
-        Ok(results)
-    };
-    match attempt.await {
-        Ok(results) => {
-            tracked.committed();
-            Ok(results)
-        }
-        Err(error) => {
-            // The rollback undid exactly what the batch did, and nothing else writes: the
-            // facts as they stood before the batch are the facts now.
-            tracked.restore(before);
-            Err(error)
-        }
-    }
-}
-
 /// Writes the audit events of `results[from..]`; returns how many results are now written.
 async fn flush_events(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     results: &[Effects],
     from: usize,
 ) -> Result<usize, StoreError> {
@@ -509,7 +630,7 @@ async fn flush_events(
 
 /// Applies one change inside the open transaction.
 async fn apply(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     tracked: &mut Tracked,
     command: &mut Command,
 ) -> Result<Effects, StoreError> {
@@ -541,12 +662,16 @@ async fn apply(
             reply,
         } => reply.keep(record_attempt(conn, tracked, lease, record, *now).await),
         Command::Expire { now, reply } => {
-            let rows = sqlx::query(include_str!("sql/expire_overdue.sql"))
-                .bind(now.0)
-                .bind(SWEEP_BATCH)
-                .fetch_all(&mut *conn)
-                .await?;
-            reply.keep(sweep(tracked, &rows, AuditKind::JobExpired, *now).await)
+            let now = *now;
+            let rows = on_backend!(&mut *conn, "expire_overdue", |query, conn| {
+                let rows = query
+                    .bind(now.0)
+                    .bind(SWEEP_BATCH)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                decode_all(&rows)?
+            });
+            reply.keep(sweep(tracked, rows, AuditKind::JobExpired, now))
         }
         Command::Rescue {
             lease_cutoff,
@@ -554,14 +679,18 @@ async fn apply(
             now,
             reply,
         } => {
-            let rows = sqlx::query(include_str!("sql/rescue_leases.sql"))
-                .bind(now.0)
-                .bind(lease_cutoff.0)
-                .bind(*max_attempts)
-                .bind(SWEEP_BATCH)
-                .fetch_all(&mut *conn)
-                .await?;
-            reply.keep(sweep(tracked, &rows, AuditKind::AttemptUnknown, *now).await)
+            let (now, max_attempts) = (*now, i64::from(*max_attempts));
+            let rows = on_backend!(&mut *conn, "rescue_leases", |query, conn| {
+                let rows = query
+                    .bind(now.0)
+                    .bind(lease_cutoff.0)
+                    .bind(max_attempts)
+                    .bind(SWEEP_BATCH)
+                    .fetch_all(&mut *conn)
+                    .await?;
+                decode_all(&rows)?
+            });
+            reply.keep(sweep(tracked, rows, AuditKind::AttemptUnknown, now))
         }
         Command::PruneStep { cutoff, now, reply } => {
             reply.keep(prune_step(conn, tracked, *cutoff, *now).await)
@@ -574,12 +703,14 @@ async fn apply(
         } => {
             let ids = serde_json::to_string(job_ids)
                 .map_err(|error| StoreError::Corrupt(error.to_string()))?;
-            let rows = sqlx::query(include_str!("sql/mark_delivered.sql"))
-                .bind(ids)
-                .bind(now.0)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
+            let rows = on_backend!(&mut *conn, "mark_delivered", |query, conn| {
+                query
+                    .bind(ids)
+                    .bind(now.0)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected()
+            });
             reply.keep(Ok((rows, Effects::default())))
         }
         Command::EraseTokens {
@@ -587,15 +718,23 @@ async fn apply(
             delivered_before,
             reply,
         } => {
-            let rows = sqlx::query(include_str!("sql/erase_tokens.sql"))
-                .bind(now.0)
-                .bind(delivered_before.0)
-                .bind(SWEEP_BATCH)
-                .fetch_all(&mut *conn)
-                .await?;
-            reply.keep(Ok((rows.len() as u64, Effects::default())))
+            let rows = on_backend!(&mut *conn, "erase_tokens", |query, conn| {
+                query
+                    .bind(now.0)
+                    .bind(delivered_before.0)
+                    .bind(SWEEP_BATCH)
+                    .fetch_all(&mut *conn)
+                    .await?
+                    .len()
+            });
+            reply.keep(Ok((rows as u64, Effects::default())))
         }
     }
+}
+
+/// Reads job rows.
+fn decode_all(rows: &[impl Columns]) -> sqlx::Result<Vec<JobRow>> {
+    rows.iter().map(JobRow::decode).collect()
 }
 
 /// Chains `events` after the head. They are written with the rest of the batch's events,
@@ -614,7 +753,7 @@ const SUBMIT_CHUNK: usize = 100;
 /// idempotency key inserts nothing), then, only for those not inserted, a lookup that tells a
 /// resubmission from a reused key. Submissions beyond the queue bound are not inserted.
 async fn submit_many(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     tracked: &mut Tracked,
     submissions: &[(&NewJobOwned, UnixMillis)],
 ) -> Result<Vec<(SubmitOutcome, Effects)>, StoreError> {
@@ -658,27 +797,34 @@ async fn submit_many(
         })
         .collect();
     let admitted: Vec<bool> = refusals.iter().map(Option::is_none).collect();
-    let mut inserted: std::collections::HashMap<String, SqliteRow> =
-        std::collections::HashMap::new();
+    let mut inserted: std::collections::HashMap<String, JobRow> = std::collections::HashMap::new();
     let to_insert: Vec<&(&NewJobOwned, UnixMillis)> = submissions
         .iter()
         .zip(&admitted)
         .filter_map(|(submission, admitted)| admitted.then_some(submission))
         .collect();
     for chunk in to_insert.chunks(SUBMIT_CHUNK) {
-        let mut sql = String::from(include_str!("sql/insert_jobs_head.sql").trim_end());
-        for i in 0..chunk.len() {
-            sql.push_str(if i == 0 { " " } else { ", " });
-            sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?)");
-        }
+        let (head, tail) = match conn {
+            Db::Sqlite(_) => (
+                include_str!("sql/sqlite/insert_jobs_head.sql"),
+                include_str!("sql/sqlite/insert_jobs_tail.sql"),
+            ),
+            Db::Postgres(_) => (
+                include_str!("sql/postgres/insert_jobs_head.sql"),
+                include_str!("sql/postgres/insert_jobs_tail.sql"),
+            ),
+        };
+        let mut sql = String::from(head.trim_end());
+        // 13 values per job, the state (column 9) a constant.
+        conn.push_tuples(&mut sql, chunk.len(), 13, Some((8, "'queued'")));
         sql.push(' ');
-        sql.push_str(include_str!("sql/insert_jobs_tail.sql").trim());
-        // Only placeholders are generated; every value is bound.
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (new, now) in chunk {
-            let request = &new.request;
-            let job_id = new.job_id.to_string();
-            query = query
+        sql.push_str(tail.trim());
+        let rows = on_backend!(&mut *conn, generated sql, |query, conn| {
+            let mut query = query;
+            for (new, now) in chunk {
+                let request = &new.request;
+                let job_id = new.job_id.to_string();
+                query = query
                 .bind(job_id.clone())
                 .bind(&new.tenant)
                 .bind(&request.client_id)
@@ -700,16 +846,18 @@ async fn submit_many(
                 .bind(now.0)
                 .bind(now.saturating_add(new.ttl).0)
                 .bind(&new.code_fingerprint);
-        }
-        for row in query.fetch_all(&mut *conn).await? {
-            inserted.insert(row.try_get("job_id")?, row);
+            }
+            decode_all(&query.fetch_all(&mut *conn).await?)?
+        });
+        for row in rows {
+            inserted.insert(row.job_id.clone(), row);
         }
     }
     let mut results = Vec::with_capacity(submissions.len());
     for ((new, now), refusal) in submissions.iter().zip(refusals) {
         let request = &new.request;
-        if let Some(row) = inserted.get(&new.job_id.to_string()) {
-            let job = job_from_row(row, Some(&tracked.keys))?;
+        if let Some(row) = inserted.remove(&new.job_id.to_string()) {
+            let job = row.into_job(Some(&tracked.keys))?;
             let events = append(
                 tracked,
                 vec![AuditEvent::new(&job, AuditKind::JobSubmitted, *now)],
@@ -724,14 +872,17 @@ async fn submit_many(
             ));
             continue;
         }
-        let existing = sqlx::query(include_str!("sql/find_by_key.sql"))
-            .bind(&new.tenant)
-            .bind(&request.idempotency_key)
-            .fetch_optional(&mut *conn)
-            .await?;
+        let existing = on_backend!(&mut *conn, "find_by_key", |query, conn| {
+            let row = query
+                .bind(&new.tenant)
+                .bind(&request.idempotency_key)
+                .fetch_optional(&mut *conn)
+                .await?;
+            row.as_ref().map(JobRow::decode).transpose()?
+        });
         let outcome = match existing {
-            Some(row) if row.try_get::<String, _>("request_digest")? == request.request_digest => {
-                SubmitOutcome::Existing(job_from_row(&row, Some(&tracked.keys))?)
+            Some(row) if row.request_digest == request.request_digest => {
+                SubmitOutcome::Existing(row.into_job(Some(&tracked.keys))?)
             }
             Some(_) => SubmitOutcome::KeyConflict,
             None if refusal.is_some() => {
@@ -750,29 +901,35 @@ async fn submit_many(
 }
 
 async fn cancel(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     tracked: &mut Tracked,
     id: JobId,
     actor: &str,
     now: UnixMillis,
 ) -> Applied<CancelOutcome> {
-    let row = sqlx::query(include_str!("sql/cancel_job.sql"))
-        .bind(id.to_string())
-        .bind(now.0)
-        .fetch_optional(&mut *conn)
-        .await?;
-    let Some(row) = row else {
-        let current = sqlx::query(include_str!("sql/get_job.sql"))
+    let row = on_backend!(&mut *conn, "cancel_job", |query, conn| {
+        let row = query
             .bind(id.to_string())
+            .bind(now.0)
             .fetch_optional(&mut *conn)
             .await?;
+        row.as_ref().map(JobRow::decode).transpose()?
+    });
+    let Some(row) = row else {
+        let current = on_backend!(&mut *conn, "get_job", |query, conn| {
+            let row = query
+                .bind(id.to_string())
+                .fetch_optional(&mut *conn)
+                .await?;
+            row.as_ref().map(JobRow::decode).transpose()?
+        });
         let outcome = match current {
-            Some(row) => CancelOutcome::NotCancellable(job_from_row(&row, Some(&tracked.keys))?),
+            Some(row) => CancelOutcome::NotCancellable(row.into_job(Some(&tracked.keys))?),
             None => CancelOutcome::NotFound,
         };
         return Ok((outcome, Effects::default()));
     };
-    let job = job_from_row(&row, Some(&tracked.keys))?;
+    let job = row.into_job(Some(&tracked.keys))?;
     let events = append(
         tracked,
         vec![
@@ -791,7 +948,7 @@ async fn cancel(
 }
 
 async fn claim(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     tracked: &mut Tracked,
     candidates: &[Candidate],
     owner: &Arc<str>,
@@ -800,18 +957,22 @@ async fn claim(
 ) -> Applied<Vec<Claim>> {
     let row_ids: Vec<i64> = candidates.iter().map(|c| c.row_id).collect();
     let ids = serde_json::to_string(&row_ids).expect("integers serialize");
-    let rows = sqlx::query(include_str!("sql/claim.sql"))
-        .bind(ids)
-        .bind(owner.as_ref())
-        .bind(lease_until.0)
-        .bind(now.0)
-        .fetch_all(&mut *conn)
-        .await?;
+    let rows = on_backend!(&mut *conn, "claim", |query, conn| {
+        let rows = query
+            .bind(ids)
+            .bind(owner.as_ref())
+            .bind(lease_until.0)
+            .bind(now.0)
+            .fetch_all(&mut *conn)
+            .await?;
+        decode_all(&rows)?
+    });
     let mut claims = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let job = job_from_row(row, Some(&tracked.keys))?;
-        let code: Option<String> = row.try_get("code")?;
-        let code_verifier: Option<String> = row.try_get("code_verifier")?;
+    for mut row in rows {
+        let row_id = row.id;
+        let code = row.code.take();
+        let code_verifier = row.code_verifier.take();
+        let job = row.into_job(Some(&tracked.keys))?;
         let (Some(code), Some(code_verifier)) = (code, code_verifier) else {
             return Err(StoreError::Corrupt(format!(
                 "job {} is claimable but its code or verifier is gone",
@@ -829,7 +990,7 @@ async fn claim(
             .map_err(unreadable)?;
         claims.push(Claim {
             lease: Lease {
-                row_id: row.try_get("id")?,
+                row_id,
                 job_id: job.id,
                 owner: Arc::clone(owner),
                 attempt: job.attempts,
@@ -857,18 +1018,14 @@ async fn claim(
 }
 
 async fn record_attempt(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     tracked: &mut Tracked,
     lease: &Lease,
     record: &AttemptRecord,
     now: UnixMillis,
 ) -> Applied<Option<Job>> {
-    let guarded = |sql| {
-        sqlx::query(sql)
-            .bind(lease.row_id)
-            .bind(lease.owner.as_ref())
-            .bind(lease.attempt)
-    };
+    // Every outcome is guarded by the lease: row, owner and attempt (?1..?3).
+    let (row_id, owner, attempt) = (lease.row_id, lease.owner.as_ref(), i64::from(lease.attempt));
     let row = match record {
         AttemptRecord::Succeeded {
             grant,
@@ -877,20 +1034,27 @@ async fn record_attempt(
         } => {
             let lifetime =
                 std::time::Duration::from_secs(u64::try_from(grant.expires_in).unwrap_or(0));
-            guarded(include_str!("sql/finish_succeeded.sql"))
-                .bind(tracked.keys.seal(
-                    grant.access_token.expose_secret(),
-                    &lease.job_id.to_string(),
-                    "access_token",
-                ))
-                .bind(&grant.token_type)
-                .bind(grant.expires_in)
-                .bind(now.saturating_add(lifetime).0)
-                .bind(http_status)
-                .bind(outcome_unknown)
-                .bind(now.0)
-                .fetch_optional(&mut *conn)
-                .await?
+            let sealed = tracked.keys.seal(
+                grant.access_token.expose_secret(),
+                &lease.job_id.to_string(),
+                "access_token",
+            );
+            on_backend!(&mut *conn, "finish_succeeded", |query, conn| {
+                let row = query
+                    .bind(row_id)
+                    .bind(owner)
+                    .bind(attempt)
+                    .bind(sealed)
+                    .bind(&grant.token_type)
+                    .bind(grant.expires_in)
+                    .bind(now.saturating_add(lifetime).0)
+                    .bind(i64::from(*http_status))
+                    .bind(outcome_unknown)
+                    .bind(now.0)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                row.as_ref().map(JobRow::decode).transpose()?
+            })
         }
         AttemptRecord::RetryAt {
             at,
@@ -898,38 +1062,46 @@ async fn record_attempt(
             detail,
             outcome_unknown,
             ..
-        } => {
-            guarded(include_str!("sql/finish_retry.sql"))
+        } => on_backend!(&mut *conn, "finish_retry", |query, conn| {
+            let row = query
+                .bind(row_id)
+                .bind(owner)
+                .bind(attempt)
                 .bind(at.0)
-                .bind(http_status)
+                .bind(http_status.map(i64::from))
                 .bind(detail)
                 .bind(outcome_unknown)
                 .bind(now.0)
                 .fetch_optional(&mut *conn)
-                .await?
-        }
+                .await?;
+            row.as_ref().map(JobRow::decode).transpose()?
+        }),
         AttemptRecord::Failed {
             reason,
             http_status,
             detail,
             outcome_unknown,
             ..
-        } => {
-            guarded(include_str!("sql/finish_failed.sql"))
+        } => on_backend!(&mut *conn, "finish_failed", |query, conn| {
+            let row = query
+                .bind(row_id)
+                .bind(owner)
+                .bind(attempt)
                 .bind(reason.as_str())
-                .bind(http_status)
+                .bind(http_status.map(i64::from))
                 .bind(detail)
                 .bind(outcome_unknown)
                 .bind(now.0)
                 .fetch_optional(&mut *conn)
-                .await?
-        }
+                .await?;
+            row.as_ref().map(JobRow::decode).transpose()?
+        }),
     };
     let Some(row) = row else {
         // The lease was lost: a newer attempt owns the job. Nothing is written.
         return Ok((None, Effects::default()));
     };
-    let job = job_from_row(&row, Some(&tracked.keys))?;
+    let job = row.into_job(Some(&tracked.keys))?;
     let events = append(
         tracked,
         audit::attempt_events(&job, lease.attempt, record, now),
@@ -946,15 +1118,15 @@ async fn record_attempt(
     ))
 }
 
-async fn sweep(
+fn sweep(
     tracked: &mut Tracked,
-    rows: &[SqliteRow],
+    rows: Vec<JobRow>,
     kind: AuditKind,
     now: UnixMillis,
 ) -> Applied<Vec<Job>> {
     let jobs = rows
-        .iter()
-        .map(|row| job_from_row(row, Some(&tracked.keys)))
+        .into_iter()
+        .map(|row| row.into_job(Some(&tracked.keys)))
         .collect::<Result<Vec<_>, _>>()?;
     let events = jobs
         .iter()
@@ -977,22 +1149,37 @@ async fn sweep(
 const RESEAL_BATCH: i64 = 1_000;
 
 async fn reencrypt(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     tracked: &mut Tracked,
     after: i64,
 ) -> Applied<(u64, Option<i64>)> {
-    let rows = sqlx::query(include_str!("sql/sealed_batch.sql"))
-        .bind(after)
-        .bind(RESEAL_BATCH)
-        .fetch_all(&mut *conn)
-        .await?;
+    type Sealed = (i64, String, [Option<String>; 3]);
+    let rows: Vec<Sealed> = on_backend!(&mut *conn, "sealed_batch", |query, conn| {
+        let rows = query
+            .bind(after)
+            .bind(RESEAL_BATCH)
+            .fetch_all(&mut *conn)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.int("id")?,
+                    row.text("job_id")?,
+                    [
+                        row.opt_text("code")?,
+                        row.opt_text("code_verifier")?,
+                        row.opt_text("access_token")?,
+                    ],
+                ))
+            })
+            .collect::<sqlx::Result<_>>()?
+    });
     let keys = Arc::clone(&tracked.keys);
     let mut last = None;
-    for row in &rows {
-        let id: i64 = row.try_get("id")?;
-        let job_id: String = row.try_get("job_id")?;
-        let reseal = |column: &str| -> Result<Option<String>, StoreError> {
-            match row.try_get::<Option<String>, _>(column)? {
+    let count = rows.len() as u64;
+    for (id, job_id, [code, code_verifier, access_token]) in rows {
+        let reseal = |sealed: Option<String>, column: &str| -> Result<Option<String>, StoreError> {
+            match sealed {
                 Some(sealed) => {
                     let plain = keys
                         .open(&sealed, &job_id, column)
@@ -1002,46 +1189,48 @@ async fn reencrypt(
                 None => Ok(None),
             }
         };
-        sqlx::query(include_str!("sql/reseal.sql"))
-            .bind(id)
-            .bind(reseal("code")?)
-            .bind(reseal("code_verifier")?)
-            .bind(reseal("access_token")?)
-            .execute(&mut *conn)
-            .await?;
+        let resealed = [
+            reseal(code, "code")?,
+            reseal(code_verifier, "code_verifier")?,
+            reseal(access_token, "access_token")?,
+        ];
+        on_backend!(&mut *conn, "reseal", |query, conn| {
+            let [code, code_verifier, access_token] = &resealed;
+            query
+                .bind(id)
+                .bind(code)
+                .bind(code_verifier)
+                .bind(access_token)
+                .execute(&mut *conn)
+                .await?;
+        });
         last = Some(id);
     }
-    Ok(((rows.len() as u64, last), Effects::default()))
+    Ok(((count, last), Effects::default()))
 }
 
 /// Removes up to [`PRUNE_BATCH`] events older than `cutoff`, leaving a checkpoint that carries
 /// the hash of the last removed event.
 async fn prune_step(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     tracked: &mut Tracked,
     cutoff: UnixMillis,
     now: UnixMillis,
 ) -> Applied<Option<(u64, i64)>> {
     let nothing = || Ok((None, Effects::default()));
-    let bounds = sqlx::query(include_str!("sql/prune_bound.sql"))
-        .bind(cutoff.0)
-        .fetch_one(&mut *conn)
-        .await?;
-    let (Some(last_old), Some(first)) = (
-        bounds.try_get::<Option<i64>, _>("last_old")?,
-        bounds.try_get::<Option<i64>, _>("first")?,
-    ) else {
+    let bounds = on_backend!(&mut *conn, "prune_bound", |query, conn| {
+        let row = query.bind(cutoff.0).fetch_one(&mut *conn).await?;
+        (row.opt_int("last_old")?, row.opt_int("first")?)
+    });
+    let (Some(last_old), Some(first)) = bounds else {
         return nothing();
     };
-    let event_at =
-        async |conn: &mut SqliteConnection, seq: i64| -> Result<Option<AuditRecord>, StoreError> {
-            Ok(sqlx::query(include_str!("sql/get_event.sql"))
-                .bind(seq)
-                .fetch_optional(&mut *conn)
-                .await?
-                .map(|row| audit::record_from_row(&row))
-                .transpose()?)
-        };
+    let event_at = async |conn: &mut Conn, seq: i64| -> Result<Option<AuditRecord>, StoreError> {
+        Ok(on_backend!(&mut *conn, "get_event", |query, conn| {
+            let row = query.bind(seq).fetch_optional(&mut *conn).await?;
+            row.as_ref().map(audit::record_from_row).transpose()?
+        }))
+    };
     // A checkpoint already standing at the oldest old event is nothing to prune.
     if first == last_old
         && event_at(conn, first)
@@ -1056,11 +1245,9 @@ async fn prune_step(
             "audit event {upto} is missing; run audit verify"
         )));
     };
-    let deleted = sqlx::query(include_str!("sql/delete_events.sql"))
-        .bind(upto)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
+    let deleted = on_backend!(&mut *conn, "delete_events", |query, conn| {
+        query.bind(upto).execute(&mut *conn).await?.rows_affected()
+    });
     let detail = format!(
         "retention removed events up to seq {upto} (older than {} ms since the epoch)",
         cutoff.0
@@ -1079,13 +1266,15 @@ async fn prune_step(
         prev_hash: last_removed.hash.clone(),
         hash: last_removed.hash.clone(),
     };
-    sqlx::query(include_str!("sql/insert_checkpoint.sql"))
-        .bind(checkpoint.seq)
-        .bind(checkpoint.at)
-        .bind(checkpoint.detail.as_deref())
-        .bind(&checkpoint.hash)
-        .execute(&mut *conn)
-        .await?;
+    on_backend!(&mut *conn, "insert_checkpoint", |query, conn| {
+        query
+            .bind(checkpoint.seq)
+            .bind(checkpoint.at)
+            .bind(checkpoint.detail.as_deref())
+            .bind(&checkpoint.hash)
+            .execute(&mut *conn)
+            .await?;
+    });
     // The chain head moves only if the checkpoint replaced the last event.
     if tracked.head.seq() == upto {
         tracked.head = ChainHead::read(conn).await?;

@@ -1,0 +1,2 @@
+SELECT (SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'retry_wait'))
+     + (SELECT COUNT(*) FROM jobs WHERE state = 'running') AS pending

@@ -1,0 +1,2 @@
+SELECT (SELECT seq FROM audit_events WHERE at >= $1 ORDER BY at, seq LIMIT 1) AS lo,
+       (SELECT seq FROM audit_events WHERE at < $2 ORDER BY at DESC, seq DESC LIMIT 1) AS hi

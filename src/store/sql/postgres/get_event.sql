@@ -1,0 +1,1 @@
+SELECT * FROM audit_events WHERE seq = $1

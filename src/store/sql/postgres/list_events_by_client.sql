@@ -1,0 +1,5 @@
+SELECT * FROM audit_events
+WHERE client_id = $6 AND seq > $1 AND seq <= $2 AND at >= $3 AND at < $4
+  AND ($5::text IS NULL OR job_id = $5)
+ORDER BY seq
+LIMIT $7

@@ -1,0 +1,1 @@
+SELECT MIN(created_at) AS oldest FROM jobs WHERE state IN ('queued', 'retry_wait')

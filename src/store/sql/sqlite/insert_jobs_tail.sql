@@ -1,0 +1,1 @@
+ON CONFLICT (tenant, idempotency_key) DO NOTHING RETURNING *
