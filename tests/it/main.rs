@@ -11,6 +11,7 @@ mod faults;
 mod helpers;
 mod hostile;
 mod operations;
+mod postgres;
 mod resilience;
 mod security;
 mod supervision;
