@@ -115,9 +115,13 @@ pub struct BenchArgs {
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
     /// The SQLite file; defaults to storage.path of the configuration.
-    #[arg(long, env = "TOKEN_BROKER_DATABASE")]
+    #[arg(long, env = "TOKEN_BROKER_DATABASE", conflicts_with = "database_url")]
     pub database: Option<PathBuf>,
-    /// The configuration whose storage.path to read.
+    /// A PostgreSQL database (postgres://…) shared by replicas; read in read-only
+    /// transactions.
+    #[arg(long, env = "TOKEN_BROKER_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// The configuration whose storage.url, or else storage.path, to read.
     #[arg(long, env = "TOKEN_BROKER_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -264,6 +268,14 @@ pub enum KeysCommand {
     /// Run it with the daemon stopped; older keys stay in the file until no secret uses them.
     Rotate {
         /// The configuration naming the database and the key file.
+        #[arg(long, env = "TOKEN_BROKER_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Create the encryption key file and the audit fingerprint key file the configuration
+    /// names, if they do not exist yet. With storage.url (several replicas), run it once and
+    /// give every replica a copy of both files: the daemon does not create them there.
+    Init {
+        /// The configuration naming the key files.
         #[arg(long, env = "TOKEN_BROKER_CONFIG")]
         config: Option<PathBuf>,
     },

@@ -80,6 +80,16 @@ fn main() -> ExitCode {
             };
             report(runtime.block_on(rotate_keys(config)))
         }
+        Command::Keys(KeysCommand::Init { config }) => {
+            let config = match Config::load(config.as_deref()) {
+                Ok(config) => config,
+                Err(errors) => {
+                    eprint!("{errors}");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            report(init_keys(&config))
+        }
         Command::Bench(args) => report(runtime.block_on(bench(args))),
         Command::Jobs(command) => report(runtime.block_on(inspect::jobs(command))),
         Command::Audit(command) => match runtime.block_on(inspect::audit(command)) {
@@ -88,6 +98,27 @@ fn main() -> ExitCode {
             Err(error) => report(Err(error)),
         },
     }
+}
+
+/// `keys init`: the key files the configuration names, created when missing.
+fn init_keys(config: &Config) -> anyhow::Result<()> {
+    let key_file = config.key_file_path();
+    let (_, created) = token_broker::security::crypto::KeyRing::load_or_create(&key_file)?;
+    println!(
+        "{} {}",
+        if created { "created " } else { "kept    " },
+        key_file.display()
+    );
+    let fingerprint_file = config.fingerprint_key_path();
+    let (_, created) =
+        token_broker::audit::fingerprint::Fingerprinter::load_or_create(&fingerprint_file)?;
+    println!(
+        "{} {}",
+        if created { "created " } else { "kept    " },
+        fingerprint_file.display()
+    );
+    eprintln!("Back both files up apart from the database; every replica needs the same two.");
+    Ok(())
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {

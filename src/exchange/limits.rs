@@ -25,7 +25,10 @@ use governor::{
     clock::{Clock, DefaultClock},
 };
 
-use crate::config::LimitsConfig;
+use crate::{
+    config::LimitsConfig,
+    domain::budget::{Adaptation, Rate},
+};
 
 /// The answer to "may an attempt for this client start now?".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +166,8 @@ impl ClientLimiter {
 struct Rules {
     /// Shared by all clients; `None` when the global limit is off.
     global: Option<DefaultDirectRateLimiter>,
+    /// Its rate and burst.
+    global_quota: Option<(f64, u32)>,
     /// Rate and burst for clients without their own entry; `None` means unlimited.
     default_quota: Option<(f64, u32)>,
     /// Configured per-client rates and bursts.
@@ -175,6 +180,7 @@ impl Rules {
         Self {
             global: rate(config.global_rps, config.global_burst)
                 .and_then(|(rps, burst)| limiter_for(rps, burst)),
+            global_quota: rate(config.global_rps, config.global_burst),
             default_quota: rate(config.default_client_rps, config.default_client_burst),
             overrides: config
                 .client
@@ -201,6 +207,10 @@ pub struct RateLimits {
     clock: DefaultClock,
 }
 
+fn shared_rate((per_second, burst): (f64, u32)) -> Rate {
+    Rate { per_second, burst }
+}
+
 fn rate(rps: u32, burst: u32) -> Option<(f64, u32)> {
     (rps > 0).then(|| (f64::from(rps), if burst == 0 { rps } else { burst }))
 }
@@ -216,6 +226,31 @@ impl RateLimits {
 
     fn rules(&self) -> Arc<Rules> {
         Arc::clone(&self.rules.read())
+    }
+
+    /// The configured limit of `client_id`, for a budget shared with other replicas
+    /// (`None`: unlimited).
+    pub fn client_rate(&self, client_id: &str) -> Option<Rate> {
+        self.rules().configured(client_id).map(shared_rate)
+    }
+
+    /// The configured global limit, for a budget shared with other replicas.
+    pub fn global_rate(&self) -> Option<Rate> {
+        self.rules().global_quota.map(shared_rate)
+    }
+
+    /// How a shared budget adapts to 429s: as this process's limiters do.
+    pub fn adaptation(&self) -> Adaptation {
+        let adaptive = self.rules().adaptive;
+        let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        Adaptation {
+            enabled: adaptive.enabled,
+            decrease_factor: adaptive.decrease_factor,
+            floor_fraction: adaptive.floor_fraction,
+            quiet_period_ms: millis(adaptive.quiet_period),
+            recovery_step: adaptive.recovery_step,
+            default_pause_ms: millis(adaptive.default_pause),
+        }
     }
 
     /// Replaces the configured limits (SIGHUP). Every client starts again from its newly

@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use crate::{
     config::Config,
+    domain::budget::Throttled,
     domain::job::{JobState, UnixMillis},
     exchange::breaker::{Admission, Breaker, BreakerConfig, Signal},
     exchange::limits::{Permit, RateLimits},
@@ -26,7 +27,10 @@ use crate::{
     exchange::schedule::ClientSchedule,
     exchange::upstream::{AttemptOutcome, UpstreamClient},
     ops::metrics::Metrics,
-    store::{AttemptRecord, Claim, Deliveries, Store, StoreError, feed::JobFeed},
+    store::{
+        AttemptRecord, BudgetRequest, Candidate, Claim, Deliveries, Store, StoreError,
+        feed::JobFeed,
+    },
 };
 
 /// How often expired jobs and dead leases are swept.
@@ -106,9 +110,14 @@ impl Worker {
         }
     }
 
-    /// Takes back the attempts a previous run of the daemon left unfinished. Only one daemon
-    /// uses a database (the start-up lock ensures it), so every lease found is dead.
+    /// Takes back the attempts a previous run of the daemon left unfinished. On a database
+    /// only this daemon uses (the start-up lock ensures it), every lease found is dead. On a
+    /// shared one a lease may be another replica's, alive: leases are only rescued once they
+    /// expire, by the sweeps of whichever replica comes first.
     pub async fn recover(&self) -> Result<usize, StoreError> {
+        if !self.store.is_exclusive() {
+            return Ok(0);
+        }
         let now = UnixMillis::now();
         let mut recovered = 0;
         loop {
@@ -342,6 +351,19 @@ impl Worker {
                 }
             }
         }
+        if self.store.shares_rate_budget() && !chosen.is_empty() {
+            // Other replicas draw on the same limits: take this pass's permits from the budget
+            // they share.
+            chosen = match self.share_budget(chosen, schedule, &mut pass).await {
+                Ok(chosen) => chosen,
+                Err(error) => {
+                    if probe {
+                        self.breaker.probe_not_sent();
+                    }
+                    return Err(error);
+                }
+            };
+        }
         let now = UnixMillis::now();
         let claims = self
             .store
@@ -403,6 +425,62 @@ impl Worker {
         Ok(pass)
     }
 
+    /// Keeps, of `chosen` (in priority order), the candidates the shared rate budget grants
+    /// permits for, in one reservation for every client of the pass. A client held back by its
+    /// own limit is parked until its next permit; when the global limit holds some back, the
+    /// pass is blocked until its next permit.
+    async fn share_budget(
+        &self,
+        chosen: Vec<Candidate>,
+        schedule: &mut ClientSchedule,
+        pass: &mut Pass,
+    ) -> Result<Vec<Candidate>, StoreError> {
+        let mut requests: Vec<BudgetRequest> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for candidate in &chosen {
+            let at = *index.entry(candidate.client_id.clone()).or_insert_with(|| {
+                requests.push(BudgetRequest {
+                    client_id: candidate.client_id.clone(),
+                    rate: self.limits.client_rate(&candidate.client_id),
+                    want: 0,
+                });
+                requests.len() - 1
+            });
+            requests[at].want += 1;
+        }
+        let reservation = self
+            .store
+            .reserve_budget(
+                &requests,
+                self.limits.global_rate(),
+                &self.limits.adaptation(),
+            )
+            .await?;
+        let now = UnixMillis::now();
+        let mut granted: HashMap<&str, u32> = HashMap::new();
+        for (request, grant) in requests.iter().zip(&reservation.grants) {
+            granted.insert(request.client_id.as_str(), grant.granted);
+            if grant.granted < request.want
+                && let Some(at) = grant.client_retry_at
+            {
+                schedule.park(&request.client_id, at.max(now));
+            }
+        }
+        if let Some(at) = reservation.global_retry_at {
+            pass.blocked_for = Some(now.until(at).max(Duration::from_millis(1)));
+        }
+        let mut kept = Vec::with_capacity(chosen.len());
+        for candidate in chosen {
+            if let Some(left) = granted.get_mut(candidate.client_id.as_str())
+                && *left > 0
+            {
+                *left -= 1;
+                kept.push(candidate);
+            }
+        }
+        Ok(kept)
+    }
+
     /// How long to wait when nothing more is due for a client with permits: until the first
     /// parked client wakes (its next job falls due or its limiter refills), or the poll
     /// interval passes. New work wakes the dispatcher sooner.
@@ -436,6 +514,12 @@ impl Worker {
             self.metrics
                 .upstream_request(outcome.family(), status, sent.elapsed());
             self.observe(&claim.job.client_id, &outcome);
+            if let AttemptOutcome::Answered(answer) = &outcome
+                && answer.status == 429
+            {
+                self.throttle_shared(&claim.job.client_id, answer.retry_after)
+                    .await;
+            }
             let now = UnixMillis::now();
             let history = JobHistory {
                 attempt: claim.lease.attempt,
@@ -486,6 +570,11 @@ impl Worker {
 }
 
 impl Worker {
+    /// This process's lease owner id, as claims record it.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
     /// Applies reloaded rate limits.
     pub fn reload_limits(&self, config: &crate::config::LimitsConfig) {
         self.limits.reconfigure(config);
@@ -499,6 +588,31 @@ impl Worker {
     /// The breaker's state, for the metrics.
     pub fn breaker_state(&self) -> crate::exchange::breaker::BreakerState {
         self.breaker.state()
+    }
+
+    /// A 429 lowers and pauses the client's budget shared with other replicas, for all of
+    /// them (this process's own limiter was told in [`Worker::observe`]).
+    async fn throttle_shared(&self, client_id: &str, retry_after: Option<Duration>) {
+        let Some(rate) = self.limits.client_rate(client_id) else {
+            return;
+        };
+        let retry_after_ms = retry_after.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        match self
+            .store
+            .throttle_budget(client_id, rate, &self.limits.adaptation(), retry_after_ms)
+            .await
+        {
+            Ok(Some(Throttled::Lowered { from, to })) => tracing::warn!(
+                client_id,
+                from_rps = from,
+                to_rps = to,
+                "upstream rate-limited this client; its rate is lowered for every replica"
+            ),
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, client_id, "cannot lower the shared rate after a 429")
+            }
+        }
     }
 
     /// Feeds an attempt's outcome to the breaker and, for a 429, to the client's rate limit.

@@ -1,6 +1,7 @@
 //! The operations HTTP listener (`server.metrics_listen`): `/metrics` in the Prometheus text
 //! format; `/healthz` answers while the process runs; `/readyz` answers 200 only once migrations
-//! ran and the worker is up, and 503 again while draining.
+//! ran and the worker is up, and 503 again while draining, or while the database does not
+//! answer (a PostgreSQL server restarting or failing over: readiness comes back by itself).
 
 use std::{
     sync::{
@@ -27,6 +28,9 @@ use crate::{
 /// Whether the daemon should receive traffic.
 #[derive(Debug, Default, Clone)]
 pub struct Readiness(Arc<AtomicBool>);
+
+/// How long `/readyz` waits for the database to answer.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
@@ -122,8 +126,15 @@ async fn answer(request: &Request<Incoming>, state: &OpsState) -> Response<Full<
             return response;
         }
         "/healthz" => (StatusCode::OK, "ok\n"),
-        "/readyz" if state.readiness.get() => (StatusCode::OK, "ready\n"),
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/readyz" if !state.readiness.get() => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/readyz" => match tokio::time::timeout(PING_TIMEOUT, state.store.ping()).await {
+            Ok(Ok(())) => (StatusCode::OK, "ready\n"),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "not ready: the database does not answer");
+                (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n")
+            }
+            Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n"),
+        },
         _ => (StatusCode::NOT_FOUND, "not found\n"),
     };
     let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));

@@ -53,6 +53,14 @@ pub struct ConnectionLabels {
     event: &'static str,
 }
 
+/// The labels of `replica_info`: this process's lease owner (as the database's `lease_owner`
+/// column names it) and where its queue lives.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplicaLabels {
+    pub replica: String,
+    pub storage: &'static str,
+}
+
 fn latency_buckets() -> Histogram {
     // 1 ms to about 33 s.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -90,6 +98,8 @@ pub struct Metrics {
     pub breaker_open: Gauge,
     /// Connections refused or closed by the listeners' bounds, by listener and event.
     pub connections: Family<ConnectionLabels, Counter>,
+    /// Always 1, labelled with this replica's identity.
+    pub replica_info: Family<ReplicaLabels, Gauge>,
 }
 
 impl Metrics {
@@ -114,6 +124,7 @@ impl Metrics {
             other_clients_lowest_rate: Gauge::default(),
             connections: Family::default(),
             breaker_open: Gauge::default(),
+            replica_info: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -198,6 +209,12 @@ impl Metrics {
              nothing in time (closed_handshake_timeout, closed_idle), and failed accepts \
              (accept_error), by listener (grpc, ops)",
             metrics.connections.clone(),
+        );
+        registry.register(
+            "replica_info",
+            "Always 1: this replica's lease owner id (the jobs table's lease_owner) and its \
+             storage (sqlite, postgres), to tell replicas sharing one queue apart",
+            metrics.replica_info.clone(),
         );
         Arc::new(Metrics {
             registry,

@@ -19,11 +19,11 @@ use crate::{
         grpc::{self, GrpcServices, Health},
     },
     audit::fingerprint::Fingerprinter,
-    config::Config,
+    config::{Config, redact_url},
     exchange::upstream::UpstreamClient,
     exchange::worker::Worker,
     ops::http::{self as ops_http, OpsState, Readiness},
-    ops::metrics::Metrics,
+    ops::metrics::{Metrics, ReplicaLabels},
     security::crypto::KeyRing,
     security::private_files,
     security::tenants::TenantRegistry,
@@ -110,7 +110,7 @@ pub async fn run_with_reload(
 struct Daemon {
     config: Config,
     /// Held for the daemon's lifetime: one daemon per database file.
-    _lock: File,
+    _lock: Option<File>,
     store: Store,
     worker: Arc<Worker>,
     tenants: Arc<TenantRegistry>,
@@ -144,7 +144,15 @@ impl Daemon {
         ops_listener: Option<TcpListener>,
         reloads: watch::Receiver<Config>,
     ) -> anyhow::Result<Daemon> {
-        let lock = lock_database(&config.storage.path)?;
+        // A SQLite file is one daemon's; a PostgreSQL database is shared by replicas, each
+        // with the same key files.
+        let lock = match config.storage.is_postgres() {
+            false => Some(lock_database(&config.storage.path)?),
+            true => {
+                require_shared_keys(&config)?;
+                None
+            }
+        };
         let max_connections = connection_cap(&config);
         let key_path = config.fingerprint_key_path();
         let (fingerprinter, created) = Fingerprinter::load_or_create(&key_path)?;
@@ -173,7 +181,10 @@ impl Daemon {
             Arc::clone(&metrics),
         )
         .await
-        .with_context(|| format!("cannot open storage.path {}", config.storage.path.display()))?;
+        .with_context(|| match &config.storage.url {
+            Some(url) => format!("cannot open storage.url {}", redact_url(url)),
+            None => format!("cannot open storage.path {}", config.storage.path.display()),
+        })?;
         let stop = CancellationToken::new();
         let (supervisor, failures) = Supervisor::new(stop.clone(), FaultHooks::from_env());
         supervisor.spawn("writer", writer);
@@ -192,6 +203,17 @@ impl Daemon {
             Arc::clone(&metrics),
             Arc::clone(&deliveries),
         ));
+        metrics
+            .replica_info
+            .get_or_create(&ReplicaLabels {
+                replica: worker.owner().to_string(),
+                storage: if config.storage.is_postgres() {
+                    "postgres"
+                } else {
+                    "sqlite"
+                },
+            })
+            .set(1);
         worker
             .recover()
             .await
@@ -527,6 +549,32 @@ fn connection_cap(config: &Config) -> usize {
         );
     }
     cap
+}
+
+/// On a shared database every replica must seal and fingerprint with the same keys: a key file
+/// a replica created for itself would seal secrets no other replica can open. So the files must
+/// exist (`token-broker keys init` makes them once; every replica gets a copy).
+fn require_shared_keys(config: &Config) -> anyhow::Result<()> {
+    let keys_from_env = std::env::var_os(crate::security::crypto::KEYS_ENV).is_some();
+    let files = [
+        ("security.key_file", config.key_file_path(), keys_from_env),
+        (
+            "audit.fingerprint_key_file",
+            config.fingerprint_key_path(),
+            false,
+        ),
+    ];
+    for (setting, path, elsewhere) in files {
+        if !elsewhere && !path.is_file() {
+            anyhow::bail!(
+                "{setting} {} does not exist: with storage.url every replica uses the same key \
+                 files, so none is created here; create them once with `token-broker keys init \
+                 --config FILE` and give every replica a copy",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Takes an exclusive lock beside the database, so two daemons never share one: every lease

@@ -33,6 +33,7 @@ use crate::{
 
 mod audit;
 mod backend;
+mod budget;
 mod deliveries;
 pub mod feed;
 mod history;
@@ -40,6 +41,7 @@ mod listener;
 mod writer;
 
 use backend::{Columns, Db, Pool, on_backend};
+pub use budget::{BudgetGrant, BudgetRequest, Reservation};
 pub use history::{EventQuery, JobQuery, Page, Pruned};
 
 pub use deliveries::Deliveries;

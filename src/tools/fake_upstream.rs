@@ -332,6 +332,8 @@ struct IssuedCode {
     challenge: String,
     issued_at: Instant,
     used: bool,
+    /// The token its redemption issued, so tests can check the broker returned that one.
+    token: Option<String>,
 }
 
 #[derive(Debug)]
@@ -419,6 +421,15 @@ impl FakeUpstream {
         self.state.issue_code(client_id, code_challenge)
     }
 
+    /// The token the redemption of `code` issued, if it was redeemed.
+    pub fn issued_token(&self, code: &str) -> Option<String> {
+        self.state
+            .codes
+            .lock()
+            .get(code)
+            .and_then(|issued| issued.token.clone())
+    }
+
     /// Queues answers ([`Scripted`] faults or [`RawAnswer`]s) for the next token requests. A raw
     /// answer that [`RawAnswer::validate`] refuses is answered as a 500.
     pub fn script<A: Into<ScriptedAnswer>>(&self, answers: impl IntoIterator<Item = A>) {
@@ -494,6 +505,7 @@ impl State {
                 challenge: challenge.to_string(),
                 issued_at: Instant::now(),
                 used: false,
+                token: None,
             },
         );
         code
@@ -568,9 +580,10 @@ impl State {
             ));
         }
         issued.used = true;
+        let token = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+        issued.token = Some(token.clone());
         drop(codes);
         self.stats.lock().redeemed += 1;
-        let token = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
         Ok(Bytes::from(
             serde_json::json!({
                 "access_token": token,

@@ -441,7 +441,6 @@ impl Daemon {
             None => Command::new(binary),
         };
         let mut child = command
-            .envs(env.iter().copied())
             .args(["--log-format", "json", "serve"])
             .env("RUST_LOG", "info")
             .env("TOKEN_BROKER_SERVER__LISTEN", "127.0.0.1:0")
@@ -452,6 +451,8 @@ impl Daemon {
             .env("TOKEN_BROKER_LIMITS__DEFAULT_CLIENT_RPS", "0")
             .env("TOKEN_BROKER_RETRY__INITIAL_DELAY_MS", "10")
             .env("TOKEN_BROKER_RETRY__MAX_DELAY_MS", "50")
+            // The caller's settings win over these defaults.
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -12,6 +12,7 @@ mod helpers;
 mod hostile;
 mod operations;
 mod postgres;
+mod replicas;
 mod resilience;
 mod security;
 mod supervision;

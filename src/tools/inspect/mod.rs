@@ -17,7 +17,7 @@ use crate::{
     audit::AuditRecord,
     audit::fingerprint::Fingerprinter,
     cli::{AuditCommand, DatabaseArgs, EventFilterArgs, JobsCommand, OutputArgs},
-    config::Config,
+    config::{Config, redact_url},
     domain::job::{Job, UnixMillis},
     domain::request::parse_job_id,
     store::{EventQuery, JobQuery, Store},
@@ -191,20 +191,37 @@ fn rfc3339(at: UnixMillis) -> String {
     humantime::format_rfc3339_millis(time).to_string()
 }
 
-/// The database the command reads: `--database`, or `storage.path` of the configuration.
-fn database_path(args: &DatabaseArgs) -> anyhow::Result<PathBuf> {
+/// Where the command reads.
+enum Database {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+/// The database the command reads: `--database` or `--database-url`, else the configuration's
+/// `storage.url` or `storage.path`.
+fn database(args: &DatabaseArgs) -> anyhow::Result<Database> {
+    if let Some(url) = &args.database_url {
+        return Ok(Database::Postgres(url.clone()));
+    }
     if let Some(path) = &args.database {
-        return Ok(path.clone());
+        return Ok(Database::Sqlite(path.clone()));
     }
     let config = Config::load(args.config.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(config.storage.path)
+    Ok(match config.storage.url {
+        Some(url) => Database::Postgres(url),
+        None => Database::Sqlite(config.storage.path),
+    })
 }
 
 async fn open(args: &DatabaseArgs) -> anyhow::Result<Store> {
-    let path = database_path(args)?;
-    Store::open_read_only(&path)
-        .await
-        .with_context(|| format!("cannot open {} read-only", path.display()))
+    match database(args)? {
+        Database::Sqlite(path) => Store::open_read_only(&path)
+            .await
+            .with_context(|| format!("cannot open {} read-only", path.display())),
+        Database::Postgres(url) => Store::open_read_only_url(&url)
+            .await
+            .with_context(|| format!("cannot open {} read-only", redact_url(&url))),
+    }
 }
 
 fn writer(output: &OutputArgs) -> anyhow::Result<RowWriter<Box<dyn Write>>> {
