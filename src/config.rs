@@ -919,6 +919,35 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_database_needs_its_key_files_named_and_a_postgres_url() {
+        let mut config = Config::default();
+        config.storage.url = Some("postgres://broker:s3cret@db.internal/broker".into());
+        let errors = config.validate().unwrap_err().to_string();
+        assert!(
+            errors.contains("security.key_file: must be set"),
+            "{errors}"
+        );
+        assert!(
+            errors.contains("audit.fingerprint_key_file: must be set"),
+            "{errors}"
+        );
+        config.security.key_file = PathBuf::from("/etc/token-broker/broker.key");
+        config.audit.fingerprint_key_file = PathBuf::from("/etc/token-broker/fingerprint.key");
+        config.validate().unwrap();
+        config.storage.url = Some("mysql://broker:s3cret@db.internal/broker".into());
+        let errors = config.validate().unwrap_err().to_string();
+        assert!(errors.contains("storage.url"), "{errors}");
+        assert!(
+            !errors.contains("s3cret"),
+            "no password in errors: {errors}"
+        );
+        config.storage.url = Some("postgresql://db.internal/broker".into());
+        config.storage.pool_size = 0;
+        let errors = config.validate().unwrap_err().to_string();
+        assert!(errors.contains("storage.pool_size"), "{errors}");
+    }
+
+    #[test]
     fn a_retention_too_large_to_represent_keeps_everything() {
         let keep = |days| {
             AuditConfig {

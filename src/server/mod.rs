@@ -328,7 +328,10 @@ impl Daemon {
         tracing::info!(
             listen = %grpc_addr,
             ops_listen = self.ops_addr.map(|addr| addr.to_string()),
-            database = %self.config.storage.path.display(),
+            database = %match &self.config.storage.url {
+                Some(url) => redact_url(url),
+                None => self.config.storage.path.display().to_string(),
+            },
             upstream = %self.config.upstream.token_url_for_logs(),
             "token-broker serving"
         );

@@ -2,6 +2,7 @@
 //! directory, and the fake Truecaller upstream over HTTP. One binary, one module per area.
 
 mod audit;
+mod backends;
 mod bounds;
 mod crash;
 mod durability;

@@ -417,3 +417,34 @@ async fn a_replica_killed_mid_run_loses_nothing_and_redeems_nothing_twice() {
     assert!(!intact, "{report}");
     assert!(report.contains(&format!("seq {seq}")), "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_bound_counts_every_replicas_jobs() {
+    // Upstream answers slowly: every job stays pending while the test submits.
+    let fake = start_fake_with(FakeOptions {
+        faults: Faults {
+            latency_ms: 10_000,
+            ..Faults::default()
+        },
+        ..FakeOptions::default()
+    })
+    .await;
+    let Some(fleet) = Fleet::start(2, &fake, &[("TOKEN_BROKER_QUEUE__MAX_PENDING", "4")]).await
+    else {
+        return;
+    };
+    let clients = fleet.clients().await;
+    let mut accepted = 0;
+    let mut refused = 0;
+    for n in 0..8 {
+        let mut client = clients[n % 2].clone();
+        match client.submit_exchange(new_request(&fake, "app")).await {
+            Ok(_) => accepted += 1,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((accepted, refused), (4, 4), "one bound for the whole queue");
+}

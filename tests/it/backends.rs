@@ -1,0 +1,386 @@
+//! The store's behaviour on both databases: each test here runs once on a SQLite file and once
+//! on a fresh PostgreSQL database (skipped loudly without one, a failure under CI), through the
+//! real gRPC server, so that what callers and auditors see does not depend on the backend.
+//! Plus what only a server database can do: go away and come back.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use token_broker::{
+    api::proto::{
+        FailureReason, GetJobRequest, JobState, ListAuditEventsRequest, SubmitExchangeRequest,
+        VerifyAuditLogRequest, audit_log_client::AuditLogClient,
+    },
+    config::Config,
+    tools::fake_upstream::{Faults, Scripted},
+};
+use tokio::{net::TcpListener, task::JoinSet};
+use tonic::Code;
+
+use crate::{
+    helpers::{PATIENCE, TestApp, start_up_error},
+    postgres::fresh_database,
+};
+
+/// Which database a test runs on.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Starts a daemon on `backend`, with the test configuration `adjust` changes. `None` when the
+/// backend is PostgreSQL and there is none (the skip is printed).
+async fn spawn(backend: Backend, adjust: impl FnOnce(&mut Config)) -> Option<TestApp> {
+    let url = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => Some(fresh_database().await?),
+    };
+    Some(
+        TestApp::spawn_with(|config| {
+            if let Some(url) = url {
+                use_postgres(config, url);
+            }
+            adjust(config);
+        })
+        .await,
+    )
+}
+
+/// Points `config` at `url`, with key files beside its (unused) SQLite path, made the way
+/// `keys init` makes them.
+fn use_postgres(config: &mut Config, url: String) {
+    let dir = config
+        .storage
+        .path
+        .parent()
+        .expect("the test database's directory")
+        .to_path_buf();
+    config.storage.url = Some(url);
+    config.security.key_file = dir.join("broker.key");
+    config.audit.fingerprint_key_file = dir.join("fingerprint.key");
+    token_broker::security::crypto::KeyRing::load_or_create(&config.key_file_path())
+        .expect("key file");
+    token_broker::audit::fingerprint::Fingerprinter::load_or_create(&config.fingerprint_key_path())
+        .expect("fingerprint key file");
+}
+
+/// Runs `test` on SQLite and on PostgreSQL, as two tests.
+macro_rules! on_both {
+    ($name:ident, $test:expr) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test]
+            async fn sqlite() {
+                ($test)(Backend::Sqlite).await
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                ($test)(Backend::Postgres).await
+            }
+        }
+    };
+}
+
+async fn audit_kinds(app: &TestApp, job_id: &str) -> Vec<String> {
+    let mut client = AuditLogClient::connect(format!("http://{}", app.grpc_addr))
+        .await
+        .expect("connect");
+    client
+        .list_audit_events(ListAuditEventsRequest {
+            job_id: job_id.to_string(),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("list events")
+        .into_inner()
+        .events
+        .into_iter()
+        .map(|event| event.kind)
+        .collect()
+}
+
+async fn verified(app: &TestApp) -> bool {
+    let mut client = AuditLogClient::connect(format!("http://{}", app.grpc_addr))
+        .await
+        .expect("connect");
+    let report = client
+        .verify_audit_log(VerifyAuditLogRequest {})
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(report.ok, "{report:?}");
+    report.ok
+}
+
+fn exchange_idempotency_and_the_trail(backend: Backend) -> impl Future<Output = ()> {
+    async move {
+        let Some(mut app) = spawn(backend, |_| {}).await else {
+            return;
+        };
+        let request = SubmitExchangeRequest {
+            idempotency_key: "sign-in-1".into(),
+            ..app.new_request("app")
+        };
+        let job = app.exchange(request.clone()).await;
+        assert_eq!(job.state(), JobState::Succeeded);
+        assert!(
+            job.token
+                .as_ref()
+                .is_some_and(|t| !t.access_token.is_empty())
+        );
+        // The same submission again is the same job, the code not presented again.
+        let again = app.exchange(request.clone()).await;
+        assert_eq!(again.job_id, job.job_id);
+        assert_eq!(app.fake.stats().token_requests, 1);
+        // The key with other contents is refused.
+        let reused = app
+            .client
+            .submit_exchange(SubmitExchangeRequest {
+                state: "another".into(),
+                ..request
+            })
+            .await
+            .expect_err("a reused key");
+        assert_eq!(reused.code(), Code::AlreadyExists);
+        assert_eq!(
+            audit_kinds(&app, &job.job_id).await,
+            [
+                "job.submitted",
+                "attempt.started",
+                "attempt.finished",
+                "job.succeeded"
+            ]
+        );
+        assert!(verified(&app).await);
+    }
+}
+on_both!(
+    exchange_idempotency_and_the_trail_are_the_same,
+    exchange_idempotency_and_the_trail
+);
+
+fn retries_and_failures(backend: Backend) -> impl Future<Output = ()> {
+    async move {
+        let Some(mut app) = spawn(backend, |_| {}).await else {
+            return;
+        };
+        app.fake
+            .script([Scripted::Status(503), Scripted::Status(500)]);
+        let retried = app.exchange(app.new_request("app")).await;
+        assert_eq!(retried.state(), JobState::Succeeded);
+        assert_eq!(retried.attempts, 3);
+        // A code upstream refuses fails fast.
+        let mut refused = app.new_request("app");
+        refused.code_verifier = token_broker::tools::fake_upstream::new_verifier();
+        let failed = app.exchange(refused).await;
+        assert_eq!(failed.state(), JobState::Failed);
+        assert_eq!(failed.failure_reason(), FailureReason::Forbidden);
+        assert_eq!(failed.attempts, 1);
+        assert!(verified(&app).await);
+    }
+}
+on_both!(retries_and_failures_are_the_same, retries_and_failures);
+
+fn cancellation_and_bounds(backend: Backend) -> impl Future<Output = ()> {
+    async move {
+        // One request a second: submissions stay queued.
+        let Some(mut app) = spawn(backend, |config| {
+            config.limits.global_rps = 1;
+            config.limits.global_burst = 1;
+            config.queue.max_pending = 3;
+        })
+        .await
+        else {
+            return;
+        };
+        // Upstream answers slowly: a job that started stays pending (running).
+        app.fake.set_faults(Faults {
+            latency_ms: 10_000,
+            ..Faults::default()
+        });
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(app.submit(app.new_request("app")).await.job_id);
+        }
+        let full = app
+            .client
+            .submit_exchange(app.new_request("app"))
+            .await
+            .expect_err("the queue is full");
+        assert_eq!(full.code(), Code::ResourceExhausted);
+        // The newest is still queued (one permit a second, the first to the oldest).
+        let cancelled = app.cancel(&ids[2]).await.expect("cancel a queued job");
+        assert_eq!(cancelled.state(), JobState::Cancelled);
+        // Its place in the queue is free again.
+        app.submit(app.new_request("app")).await;
+        let missing = app
+            .client
+            .get_job(GetJobRequest {
+                job_id: token_broker::domain::job::JobId::new().to_string(),
+            })
+            .await
+            .expect_err("no such job");
+        assert_eq!(missing.code(), Code::NotFound);
+        assert!(verified(&app).await);
+    }
+}
+on_both!(
+    cancellation_and_bounds_are_the_same,
+    cancellation_and_bounds
+);
+
+fn restarts(backend: Backend) -> impl Future<Output = ()> {
+    async move {
+        let Some(mut app) = spawn(backend, |config| {
+            config.limits.global_rps = 1;
+            config.limits.global_burst = 1;
+        })
+        .await
+        else {
+            return;
+        };
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(app.submit(app.new_request("app")).await.job_id);
+        }
+        let (mut config, fake, dir) = app.stop().await;
+        config.limits.global_rps = 0;
+        let mut app = TestApp::start(config.clone(), fake, Arc::clone(&dir)).await;
+        for id in &ids {
+            assert_eq!(app.wait_terminal(id).await.state(), JobState::Succeeded);
+        }
+        assert!(verified(&app).await);
+        let (mut config, _, _) = app.stop().await;
+        // Another key file opens none of the stored secrets: the daemon refuses to start.
+        config.security.key_file = dir.path().join("another.key");
+        token_broker::security::crypto::KeyRing::load_or_create(&config.key_file_path())
+            .expect("another key file");
+        let error = start_up_error(config).await;
+        assert!(error.contains("do not open the stored secrets"), "{error}");
+    }
+}
+on_both!(restarts_keep_every_job_and_refuse_a_wrong_key, restarts);
+
+/// A TCP proxy in front of the database, which the test can cut and restore: the database
+/// going away (a restart, a fail-over) as the daemon sees it.
+struct Cable {
+    addr: SocketAddr,
+    connected: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Cable {
+    async fn to(target: SocketAddr) -> Cable {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let (connected, _) = tokio::sync::watch::channel(true);
+        let connected = Arc::new(connected);
+        let state = Arc::clone(&connected);
+        tokio::spawn(async move {
+            let mut links = JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !*state.borrow() {
+                    continue; // dropped: refused
+                }
+                let mut cut = state.subscribe();
+                links.spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Cable { addr, connected }
+    }
+
+    fn cut(&self) {
+        self.connected.send_replace(false);
+    }
+
+    fn restore(&self) {
+        self.connected.send_replace(true);
+    }
+}
+
+async fn readyz(app: &TestApp) -> u16 {
+    reqwest::get(format!("http://{}/readyz", app.ops_addr))
+        .await
+        .expect("ask /readyz")
+        .status()
+        .as_u16()
+}
+
+async fn wait_readyz(app: &TestApp, status: u16) {
+    tokio::time::timeout(PATIENCE, async {
+        while readyz(app).await != status {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("/readyz answers {status}"));
+}
+
+#[tokio::test]
+async fn readiness_follows_the_database_and_work_resumes_when_it_returns() {
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let mut parsed = url::Url::parse(&url).expect("a URL");
+    let target: SocketAddr = format!(
+        "{}:{}",
+        parsed.host_str().expect("a host"),
+        parsed.port().unwrap_or(5432)
+    )
+    .parse()
+    .expect("an address");
+    let cable = Cable::to(target).await;
+    parsed.set_port(Some(cable.addr.port())).expect("a port");
+    let mut app = TestApp::spawn_with(|config| {
+        use_postgres(config, parsed.to_string());
+        config.storage.statement_timeout_ms = 1_000;
+    })
+    .await;
+    assert_eq!(
+        app.exchange(app.new_request("app")).await.state(),
+        JobState::Succeeded
+    );
+    assert_eq!(readyz(&app).await, 200);
+
+    cable.cut();
+    wait_readyz(&app, 503).await;
+    // A submission meanwhile is refused as unavailable, not lost: the caller may retry.
+    let refused = app
+        .client
+        .submit_exchange(app.new_request("app"))
+        .await
+        .expect_err("no database");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+
+    cable.restore();
+    wait_readyz(&app, 200).await;
+    // The writer reconnects by itself.
+    let job = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match app.client.exchange(app.new_request("app")).await {
+                Ok(job) => return job.into_inner(),
+                Err(status) if status.code() == Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(status) => panic!("{status:?}"),
+            }
+        }
+    })
+    .await
+    .expect("exchanges work again");
+    assert_eq!(job.state(), JobState::Succeeded);
+    assert!(verified(&app).await);
+}
