@@ -3,7 +3,7 @@
 //! real gRPC server, so that what callers and auditors see does not depend on the backend.
 //! Plus what only a server database can do: go away and come back.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use token_broker::{
     api::proto::{
@@ -115,152 +115,144 @@ async fn verified(app: &TestApp) -> bool {
     report.ok
 }
 
-fn exchange_idempotency_and_the_trail(backend: Backend) -> impl Future<Output = ()> {
-    async move {
-        let Some(mut app) = spawn(backend, |_| {}).await else {
-            return;
-        };
-        let request = SubmitExchangeRequest {
-            idempotency_key: "sign-in-1".into(),
-            ..app.new_request("app")
-        };
-        let job = app.exchange(request.clone()).await;
-        assert_eq!(job.state(), JobState::Succeeded);
-        assert!(
-            job.token
-                .as_ref()
-                .is_some_and(|t| !t.access_token.is_empty())
-        );
-        // The same submission again is the same job, the code not presented again.
-        let again = app.exchange(request.clone()).await;
-        assert_eq!(again.job_id, job.job_id);
-        assert_eq!(app.fake.stats().token_requests, 1);
-        // The key with other contents is refused.
-        let reused = app
-            .client
-            .submit_exchange(SubmitExchangeRequest {
-                state: "another".into(),
-                ..request
-            })
-            .await
-            .expect_err("a reused key");
-        assert_eq!(reused.code(), Code::AlreadyExists);
-        assert_eq!(
-            audit_kinds(&app, &job.job_id).await,
-            [
-                "job.submitted",
-                "attempt.started",
-                "attempt.finished",
-                "job.succeeded"
-            ]
-        );
-        assert!(verified(&app).await);
-    }
+async fn exchange_idempotency_and_the_trail(backend: Backend) {
+    let Some(mut app) = spawn(backend, |_| {}).await else {
+        return;
+    };
+    let request = SubmitExchangeRequest {
+        idempotency_key: "sign-in-1".into(),
+        ..app.new_request("app")
+    };
+    let job = app.exchange(request.clone()).await;
+    assert_eq!(job.state(), JobState::Succeeded);
+    assert!(
+        job.token
+            .as_ref()
+            .is_some_and(|t| !t.access_token.is_empty())
+    );
+    // The same submission again is the same job, the code not presented again.
+    let again = app.exchange(request.clone()).await;
+    assert_eq!(again.job_id, job.job_id);
+    assert_eq!(app.fake.stats().token_requests, 1);
+    // The key with other contents is refused.
+    let reused = app
+        .client
+        .submit_exchange(SubmitExchangeRequest {
+            state: "another".into(),
+            ..request
+        })
+        .await
+        .expect_err("a reused key");
+    assert_eq!(reused.code(), Code::AlreadyExists);
+    assert_eq!(
+        audit_kinds(&app, &job.job_id).await,
+        [
+            "job.submitted",
+            "attempt.started",
+            "attempt.finished",
+            "job.succeeded"
+        ]
+    );
+    assert!(verified(&app).await);
 }
 on_both!(
     exchange_idempotency_and_the_trail_are_the_same,
     exchange_idempotency_and_the_trail
 );
 
-fn retries_and_failures(backend: Backend) -> impl Future<Output = ()> {
-    async move {
-        let Some(mut app) = spawn(backend, |_| {}).await else {
-            return;
-        };
-        app.fake
-            .script([Scripted::Status(503), Scripted::Status(500)]);
-        let retried = app.exchange(app.new_request("app")).await;
-        assert_eq!(retried.state(), JobState::Succeeded);
-        assert_eq!(retried.attempts, 3);
-        // A code upstream refuses fails fast.
-        let mut refused = app.new_request("app");
-        refused.code_verifier = token_broker::tools::fake_upstream::new_verifier();
-        let failed = app.exchange(refused).await;
-        assert_eq!(failed.state(), JobState::Failed);
-        assert_eq!(failed.failure_reason(), FailureReason::Forbidden);
-        assert_eq!(failed.attempts, 1);
-        assert!(verified(&app).await);
-    }
+async fn retries_and_failures(backend: Backend) {
+    let Some(mut app) = spawn(backend, |_| {}).await else {
+        return;
+    };
+    app.fake
+        .script([Scripted::Status(503), Scripted::Status(500)]);
+    let retried = app.exchange(app.new_request("app")).await;
+    assert_eq!(retried.state(), JobState::Succeeded);
+    assert_eq!(retried.attempts, 3);
+    // A code upstream refuses fails fast.
+    let mut refused = app.new_request("app");
+    refused.code_verifier = token_broker::tools::fake_upstream::new_verifier();
+    let failed = app.exchange(refused).await;
+    assert_eq!(failed.state(), JobState::Failed);
+    assert_eq!(failed.failure_reason(), FailureReason::Forbidden);
+    assert_eq!(failed.attempts, 1);
+    assert!(verified(&app).await);
 }
 on_both!(retries_and_failures_are_the_same, retries_and_failures);
 
-fn cancellation_and_bounds(backend: Backend) -> impl Future<Output = ()> {
-    async move {
-        // One request a second: submissions stay queued.
-        let Some(mut app) = spawn(backend, |config| {
-            config.limits.global_rps = 1;
-            config.limits.global_burst = 1;
-            config.queue.max_pending = 3;
+async fn cancellation_and_bounds(backend: Backend) {
+    // One request a second: submissions stay queued.
+    let Some(mut app) = spawn(backend, |config| {
+        config.limits.global_rps = 1;
+        config.limits.global_burst = 1;
+        config.queue.max_pending = 3;
+    })
+    .await
+    else {
+        return;
+    };
+    // Upstream answers slowly: a job that started stays pending (running).
+    app.fake.set_faults(Faults {
+        latency_ms: 10_000,
+        ..Faults::default()
+    });
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(app.submit(app.new_request("app")).await.job_id);
+    }
+    let full = app
+        .client
+        .submit_exchange(app.new_request("app"))
+        .await
+        .expect_err("the queue is full");
+    assert_eq!(full.code(), Code::ResourceExhausted);
+    // The newest is still queued (one permit a second, the first to the oldest).
+    let cancelled = app.cancel(&ids[2]).await.expect("cancel a queued job");
+    assert_eq!(cancelled.state(), JobState::Cancelled);
+    // Its place in the queue is free again.
+    app.submit(app.new_request("app")).await;
+    let missing = app
+        .client
+        .get_job(GetJobRequest {
+            job_id: token_broker::domain::job::JobId::new().to_string(),
         })
         .await
-        else {
-            return;
-        };
-        // Upstream answers slowly: a job that started stays pending (running).
-        app.fake.set_faults(Faults {
-            latency_ms: 10_000,
-            ..Faults::default()
-        });
-        let mut ids = Vec::new();
-        for _ in 0..3 {
-            ids.push(app.submit(app.new_request("app")).await.job_id);
-        }
-        let full = app
-            .client
-            .submit_exchange(app.new_request("app"))
-            .await
-            .expect_err("the queue is full");
-        assert_eq!(full.code(), Code::ResourceExhausted);
-        // The newest is still queued (one permit a second, the first to the oldest).
-        let cancelled = app.cancel(&ids[2]).await.expect("cancel a queued job");
-        assert_eq!(cancelled.state(), JobState::Cancelled);
-        // Its place in the queue is free again.
-        app.submit(app.new_request("app")).await;
-        let missing = app
-            .client
-            .get_job(GetJobRequest {
-                job_id: token_broker::domain::job::JobId::new().to_string(),
-            })
-            .await
-            .expect_err("no such job");
-        assert_eq!(missing.code(), Code::NotFound);
-        assert!(verified(&app).await);
-    }
+        .expect_err("no such job");
+    assert_eq!(missing.code(), Code::NotFound);
+    assert!(verified(&app).await);
 }
 on_both!(
     cancellation_and_bounds_are_the_same,
     cancellation_and_bounds
 );
 
-fn restarts(backend: Backend) -> impl Future<Output = ()> {
-    async move {
-        let Some(mut app) = spawn(backend, |config| {
-            config.limits.global_rps = 1;
-            config.limits.global_burst = 1;
-        })
-        .await
-        else {
-            return;
-        };
-        let mut ids = Vec::new();
-        for _ in 0..3 {
-            ids.push(app.submit(app.new_request("app")).await.job_id);
-        }
-        let (mut config, fake, dir) = app.stop().await;
-        config.limits.global_rps = 0;
-        let mut app = TestApp::start(config.clone(), fake, Arc::clone(&dir)).await;
-        for id in &ids {
-            assert_eq!(app.wait_terminal(id).await.state(), JobState::Succeeded);
-        }
-        assert!(verified(&app).await);
-        let (mut config, _, _) = app.stop().await;
-        // Another key file opens none of the stored secrets: the daemon refuses to start.
-        config.security.key_file = dir.path().join("another.key");
-        token_broker::security::crypto::KeyRing::load_or_create(&config.key_file_path())
-            .expect("another key file");
-        let error = start_up_error(config).await;
-        assert!(error.contains("do not open the stored secrets"), "{error}");
+async fn restarts(backend: Backend) {
+    let Some(mut app) = spawn(backend, |config| {
+        config.limits.global_rps = 1;
+        config.limits.global_burst = 1;
+    })
+    .await
+    else {
+        return;
+    };
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(app.submit(app.new_request("app")).await.job_id);
     }
+    let (mut config, fake, dir) = app.stop().await;
+    config.limits.global_rps = 0;
+    let mut app = TestApp::start(config.clone(), fake, Arc::clone(&dir)).await;
+    for id in &ids {
+        assert_eq!(app.wait_terminal(id).await.state(), JobState::Succeeded);
+    }
+    assert!(verified(&app).await);
+    let (mut config, _, _) = app.stop().await;
+    // Another key file opens none of the stored secrets: the daemon refuses to start.
+    config.security.key_file = dir.path().join("another.key");
+    token_broker::security::crypto::KeyRing::load_or_create(&config.key_file_path())
+        .expect("another key file");
+    let error = start_up_error(config).await;
+    assert!(error.contains("do not open the stored secrets"), "{error}");
 }
 on_both!(restarts_keep_every_job_and_refuse_a_wrong_key, restarts);
 
