@@ -264,6 +264,19 @@ fn a_bad_configuration_is_reported_whole_before_anything_binds() {
     assert!(output.status.success(), "{output:?}");
 }
 
+#[test]
+fn the_shipped_compose_configurations_pass_config_check() {
+    for file in ["deploy/token-broker.toml", "deploy/replica.toml"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_token-broker"))
+            .args(["config", "check"])
+            .arg(&path)
+            .output()
+            .expect("run the binary");
+        assert!(output.status.success(), "{file}: {output:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_reload_changes_the_rate_limits_without_dropping_connections() {
     use crate::helpers::{start_fake, test_config};
