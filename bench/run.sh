@@ -4,6 +4,9 @@
 # per exchange and the added latency at a steady rate. Usage:
 #   bench/run.sh [N] [CONCURRENCY]        (defaults: 20000 64)
 # BENCH_SMOKE=1 makes a short run that only checks the tools work (CI).
+# BENCH_POSTGRES_URL=postgres://… (an empty database) runs the daemon on PostgreSQL instead of
+# SQLite, and BENCH_REPLICAS=N runs N replicas on it, the load spread over them (CPU time and
+# context switches are then the sum over the replicas).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-20000}
@@ -20,36 +23,59 @@ cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; r
 trap cleanup EXIT
 
 FAKE_PORT=$((20000 + RANDOM % 10000))
-GRPC_PORT=$((30000 + RANDOM % 10000))
-OPS_PORT=$((40000 + RANDOM % 10000))
 FAKE="http://127.0.0.1:$FAKE_PORT"
 "$BIN" fake-upstream --listen "127.0.0.1:$FAKE_PORT" --code-ttl-secs 3600 >"$WORK/fake.log" 2>&1 &
 PIDS+=($!)
-TOKEN_BROKER_SERVER__LISTEN="127.0.0.1:$GRPC_PORT" \
-TOKEN_BROKER_SERVER__METRICS_LISTEN="127.0.0.1:$OPS_PORT" \
-TOKEN_BROKER_STORAGE__PATH="$WORK/broker.db" \
-TOKEN_BROKER_STORAGE__SYNCHRONOUS=full \
-TOKEN_BROKER_UPSTREAM__TOKEN_URL="$FAKE/v1/token" \
-TOKEN_BROKER_LIMITS__GLOBAL_RPS=0 \
-TOKEN_BROKER_LIMITS__DEFAULT_CLIENT_RPS=0 \
-TOKEN_BROKER_QUEUE__MAX_PENDING=10000000 \
-RUST_LOG=warn \
-    "$BIN" serve >"$WORK/broker.log" 2>&1 &
-DAEMON=$!
-PIDS+=($DAEMON)
-for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$GRPC_PORT") 2>/dev/null && break
-    sleep 0.1
+
+# Storage: a fresh SQLite file, or the PostgreSQL database given (keys made once, shared).
+STORAGE=(TOKEN_BROKER_STORAGE__PATH="$WORK/broker.db" TOKEN_BROKER_STORAGE__SYNCHRONOUS=full)
+REPLICAS=1
+if [[ -n "${BENCH_POSTGRES_URL:-}" ]]; then
+    REPLICAS=${BENCH_REPLICAS:-1}
+    STORAGE=(TOKEN_BROKER_STORAGE__URL="$BENCH_POSTGRES_URL"
+             TOKEN_BROKER_SECURITY__KEY_FILE="$WORK/broker.key"
+             TOKEN_BROKER_AUDIT__FINGERPRINT_KEY_FILE="$WORK/fingerprint.key")
+    env "${STORAGE[@]}" "$BIN" keys init >/dev/null 2>&1
+fi
+DAEMONS=()
+OPS_PORTS=()
+TARGETS=""
+for r in $(seq "$REPLICAS"); do
+    GRPC_PORT=$((30000 + RANDOM % 10000))
+    OPS_PORT=$((40000 + RANDOM % 10000))
+    env "${STORAGE[@]}" \
+        TOKEN_BROKER_SERVER__LISTEN="127.0.0.1:$GRPC_PORT" \
+        TOKEN_BROKER_SERVER__METRICS_LISTEN="127.0.0.1:$OPS_PORT" \
+        TOKEN_BROKER_UPSTREAM__TOKEN_URL="$FAKE/v1/token" \
+        TOKEN_BROKER_LIMITS__GLOBAL_RPS=0 \
+        TOKEN_BROKER_LIMITS__DEFAULT_CLIENT_RPS=0 \
+        TOKEN_BROKER_QUEUE__MAX_PENDING=10000000 \
+        RUST_LOG=warn \
+        "$BIN" serve >"$WORK/broker-$r.log" 2>&1 &
+    DAEMONS+=($!)
+    PIDS+=($!)
+    OPS_PORTS+=("$OPS_PORT")
+    TARGETS="${TARGETS:+$TARGETS,}http://127.0.0.1:$GRPC_PORT"
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$GRPC_PORT") 2>/dev/null && break
+        sleep 0.1
+    done
 done
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$DAEMON/stat"; }
-# Context switches (voluntary + involuntary) of every thread of the daemon. Threads that end
+# CPU time (user + sys) of every replica, in clock ticks.
+cpu_ticks() { for pid in "${DAEMONS[@]}"; do awk '{print $14 + $15}' "/proc/$pid/stat"; done | awk '{s += $1} END {print s}'; }
+# Context switches (voluntary + involuntary) of every thread of every replica. Threads that end
 # during the run take their counts with them, so this is a lower bound.
-ctx_switches() { cat /proc/"$DAEMON"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {s += $2} END {print s + 0}'; }
+ctx_switches() {
+    for pid in "${DAEMONS[@]}"; do cat /proc/"$pid"/task/*/status 2>/dev/null; done |
+        awk '/ctxt_switches/ {s += $2} END {print s + 0}'
+}
 TICK=$(getconf CLK_TCK)
-bench() { "$BIN" bench --fake "$FAKE" --target "http://127.0.0.1:$GRPC_PORT" "$@"; }
+bench() { "$BIN" bench --fake "$FAKE" --target "$TARGETS" "$@"; }
 
-echo "== throughput: $N exchanges, concurrency $C"
+BACKEND=SQLite
+[[ -n "${BENCH_POSTGRES_URL:-}" ]] && BACKEND=PostgreSQL
+echo "== throughput: $N exchanges, concurrency $C, $REPLICAS replica(s) on $BACKEND"
 bench --direct -n "$N" -c "$C" --json "$WORK/direct.json"
 BEFORE=$(cpu_ticks)
 CTX_BEFORE=$(ctx_switches)
@@ -58,9 +84,9 @@ AFTER=$(cpu_ticks)
 CTX_AFTER=$(ctx_switches)
 
 batches() {
-    curl -s "127.0.0.1:$OPS_PORT/metrics" | awk '
-        /^token_broker_sqlite_batch_changes_sum/ {sum=$2}
-        /^token_broker_sqlite_batch_changes_count/ {count=$2}
+    for port in "${OPS_PORTS[@]}"; do curl -s "127.0.0.1:$port/metrics"; done | awk '
+        /^token_broker_sqlite_batch_changes_sum/ {sum+=$2}
+        /^token_broker_sqlite_batch_changes_count/ {count+=$2}
         END {printf "%d %d\n", sum, count}'
 }
 read -r SUM1 COUNT1 < <(batches)

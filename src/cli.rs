@@ -82,7 +82,8 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// The daemon's gRPC address.
+    /// The daemon's gRPC address; several, separated by commas (replicas sharing one queue),
+    /// share the load.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub target: String,
     /// The fake upstream (codes come from its /test/authorize; --direct sends to its /v1/token).

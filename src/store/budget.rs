@@ -193,6 +193,20 @@ impl Store {
                 "the rate budget is shared only on PostgreSQL".into(),
             ));
         };
+        if global.is_none() && requests.iter().all(|request| request.rate.is_none()) {
+            // Nothing here is limited: no row to touch.
+            return Ok(Reservation {
+                grants: requests
+                    .iter()
+                    .map(|request| BudgetGrant {
+                        client_id: request.client_id.clone(),
+                        granted: request.want,
+                        client_retry_at: None,
+                    })
+                    .collect(),
+                global_retry_at: None,
+            });
+        }
         let mut keys: Vec<String> = requests
             .iter()
             .filter(|request| request.rate.is_some())

@@ -221,6 +221,9 @@ struct Tracked {
     pending_by_client: HashMap<String, i64>,
     /// Changes to `pending_by_client` since the last commit.
     client_journal: Vec<(String, i64)>,
+    /// Client ids with pending jobs that `pending_by_client` does not hold (on PostgreSQL,
+    /// which reads only the counts of the client ids a batch submits for).
+    other_clients: u64,
     keys: Arc<KeyRing>,
 }
 
@@ -242,9 +245,13 @@ impl Tracked {
             pending_by_tenant: HashMap::new(),
             pending_by_client: HashMap::new(),
             client_journal: Vec::new(),
+            other_clients: 0,
             keys,
         };
-        tracked.read_counts(conn).await?;
+        // PostgreSQL reads the counts each batch needs, in the batch.
+        if let Db::Sqlite(_) = conn {
+            tracked.read_counts(conn).await?;
+        }
         Ok(tracked)
     }
 
@@ -264,6 +271,46 @@ impl Tracked {
         });
         self.pending = self.pending_by_tenant.values().sum();
         self.client_journal.clear();
+        Ok(())
+    }
+
+    /// Reads, on PostgreSQL, the counts that admitting submissions for `tenants` and `clients`
+    /// needs, as the counting trigger keeps them: a few rows, however long the queue.
+    async fn read_counts_for(
+        &mut self,
+        conn: &mut sqlx::PgConnection,
+        tenants: &[&str],
+        clients: &[&str],
+    ) -> Result<(), StoreError> {
+        let json = |keys: &[&str]| {
+            serde_json::to_string(keys).map_err(|e| StoreError::Corrupt(e.to_string()))
+        };
+        let rows = sqlx::query(include_str!("sql/postgres/queue_counts.sql"))
+            .bind(json(tenants)?)
+            .bind(json(clients)?)
+            .fetch_all(&mut *conn)
+            .await?;
+        self.pending = 0;
+        self.pending_by_tenant.clear();
+        self.pending_by_client.clear();
+        self.client_journal.clear();
+        let mut clients_with_pending = 0;
+        for row in &rows {
+            let (scope, key, pending) = (row.text("scope")?, row.text("key")?, row.int("pending")?);
+            match scope.as_str() {
+                "total" => self.pending = pending,
+                "clients" => clients_with_pending = u64::try_from(pending).unwrap_or(0),
+                "tenant" => {
+                    self.pending_by_tenant.insert(key, pending);
+                }
+                _ if pending > 0 => {
+                    self.pending_by_client.insert(key, pending);
+                }
+                _ => {}
+            }
+        }
+        self.other_clients =
+            clients_with_pending.saturating_sub(self.pending_by_client.len() as u64);
         Ok(())
     }
 
@@ -296,7 +343,8 @@ impl Tracked {
 
     /// Distinct client ids with jobs pending.
     fn pending_clients(&self) -> u64 {
-        u64::try_from(self.pending_by_client.len()).unwrap_or(u64::MAX)
+        let held = u64::try_from(self.pending_by_client.len()).unwrap_or(u64::MAX);
+        held.saturating_add(self.other_clients)
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -502,15 +550,8 @@ impl Writer {
             Db::Postgres(_) => "BEGIN",
         })
         .await?;
-        if let Db::Postgres(pg) = conn {
-            // Take the fleet's turn, then read what the other replicas left.
-            sqlx::query(include_str!("sql/postgres/lock_chain.sql"))
-                .execute(&mut *pg)
-                .await?;
-            tracked.head = ChainHead::read(conn).await?;
-            if commands.iter().any(|c| matches!(c, Command::Submit { .. })) {
-                tracked.read_counts(conn).await?;
-            }
+        if let Db::Postgres(_) = conn {
+            take_turn(conn, tracked, commands).await?;
         }
         let mut results: Vec<Effects> = Vec::with_capacity(count);
         let mut written = 0;
@@ -568,6 +609,34 @@ impl Writer {
             }
         }
     }
+}
+
+/// On a shared database, at the start of a transaction: waits for this replica's turn (the lock
+/// on audit_chain's row, held to the commit), then reads what the other replicas left: the
+/// chain's head, and the counts the batch's submissions are admitted against.
+async fn take_turn(
+    conn: &mut Conn,
+    tracked: &mut Tracked,
+    commands: &[Command],
+) -> Result<(), StoreError> {
+    let Db::Postgres(pg) = conn else {
+        return Ok(());
+    };
+    sqlx::query(include_str!("sql/postgres/lock_chain.sql"))
+        .execute(&mut *pg)
+        .await?;
+    let (mut tenants, mut clients) = (Vec::new(), Vec::new());
+    for command in commands {
+        if let Command::Submit { job, .. } = command {
+            tenants.push(job.tenant.as_str());
+            clients.push(job.request.client_id.as_str());
+        }
+    }
+    if !tenants.is_empty() {
+        tracked.read_counts_for(pg, &tenants, &clients).await?;
+    }
+    tracked.head = ChainHead::read(conn).await?;
+    Ok(())
 }
 
 /// Before a shared database's commit: the chain's high-water mark (so a cut tail shows), and a

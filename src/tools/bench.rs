@@ -145,14 +145,18 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
             url: format!("{}/v1/token", args.fake),
         }
     } else {
+        // Several targets (replicas sharing one queue) share the load: each gets
+        // `connections` connections, and requests go round them all.
         let mut clients = Vec::new();
         for _ in 0..args.connections.max(1) {
-            let channel = Endpoint::from_shared(args.target.clone())?
-                .tcp_nodelay(true)
-                .connect()
-                .await
-                .with_context(|| format!("cannot connect to {}", args.target))?;
-            clients.push(TokenBrokerClient::new(channel));
+            for target in args.target.split(',').map(str::trim) {
+                let channel = Endpoint::from_shared(target.to_string())?
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await
+                    .with_context(|| format!("cannot connect to {target}"))?;
+                clients.push(TokenBrokerClient::new(channel));
+            }
         }
         Target::Daemon(clients)
     };

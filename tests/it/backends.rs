@@ -226,6 +226,32 @@ on_both!(
     cancellation_and_bounds
 );
 
+async fn client_bound(backend: Backend) {
+    let Some(mut app) = spawn(backend, |config| {
+        config.queue.max_pending_clients = 2;
+    })
+    .await
+    else {
+        return;
+    };
+    // Upstream answers slowly: the jobs stay pending.
+    app.fake.set_faults(Faults {
+        latency_ms: 10_000,
+        ..Faults::default()
+    });
+    app.submit(app.new_request("a")).await;
+    app.submit(app.new_request("b")).await;
+    let third = app
+        .client
+        .submit_exchange(app.new_request("c"))
+        .await
+        .expect_err("a third client id");
+    assert_eq!(third.code(), Code::ResourceExhausted);
+    // A client id with jobs pending goes on.
+    app.submit(app.new_request("a")).await;
+}
+on_both!(the_client_bound_is_the_same, client_bound);
+
 async fn restarts(backend: Backend) {
     let Some(mut app) = spawn(backend, |config| {
         config.limits.global_rps = 1;

@@ -5,7 +5,7 @@ UPDATE jobs
 SET state = 'running', attempts = attempts + 1, lease_owner = $2, lease_expires_at = $3,
     next_attempt_at = NULL, updated_at = $4, version = version + 1
 WHERE id IN (SELECT id FROM jobs
-             WHERE id IN (SELECT value::bigint FROM jsonb_array_elements_text($1::jsonb))
+             WHERE id = ANY (ARRAY(SELECT value::bigint FROM jsonb_array_elements_text($1::jsonb)))
                AND state IN ('queued', 'retry_wait')
                AND expires_at > $4
              FOR UPDATE SKIP LOCKED)
