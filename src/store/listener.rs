@@ -2,13 +2,15 @@
 //!
 //! Each replica's writer sends one notification per changed job in the transaction that
 //! changes it (so it is delivered at commit, and never for a rollback). Every replica listens:
-//! a job another replica left waiting announces its client to this replica's dispatcher, and a
+//! a job another replica left waiting announces its client to this replica's dispatcher after
+//! [`REMOTE_WORK_DELAY`] (the replica that submitted it dispatches it at once; the others take
+//! it if it is still waiting then, rather than all racing for every job), and a
 //! job someone here watches (an `Exchange` or `WatchJob` on this replica) is read back and
 //! published on the local [`JobFeed`], so a caller learns promptly of a job another replica
 //! ran. When the listening connection is lost, notifications are missed: once it is back,
 //! every waiting client is announced again and every watched job re-read.
 
-use std::{str::FromStr, sync::Arc, time::Duration};
+use std::{collections::HashSet, str::FromStr, sync::Arc, time::Duration};
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgNotification, PgPoolOptions};
 
@@ -20,6 +22,9 @@ pub(super) const CHANNEL: &str = "token_broker_jobs";
 
 /// How long to wait before listening again after the connection failed.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// How long after another replica left work waiting this replica looks at it too.
+const REMOTE_WORK_DELAY: Duration = Duration::from_millis(50);
 
 /// A notification's payload: who committed the change, and what the listeners need to know
 /// without reading the job. The client id comes last: it may contain spaces.
@@ -79,9 +84,26 @@ pub(super) async fn run(
         // Whatever was committed while nobody listened (at start, or after a lost connection)
         // is caught up from the database.
         resync(&store, &feed).await;
+        // Clients other replicas left work waiting for, announced together REMOTE_WORK_DELAY
+        // after the first of them.
+        let mut remote_work = RemoteWork::default();
         loop {
-            match listener.try_recv().await {
-                Ok(Some(notification)) => hear(&notification, &instance, &store, &feed).await,
+            let due = remote_work.due();
+            let received = tokio::select! {
+                received = listener.try_recv() => received,
+                () = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)),
+                    if due.is_some() =>
+                {
+                    for client in remote_work.take() {
+                        feed.work().announce(&client);
+                    }
+                    continue;
+                }
+            };
+            match received {
+                Ok(Some(notification)) => {
+                    hear(&notification, &instance, &store, &feed, &mut remote_work).await
+                }
                 Ok(None) => {
                     tracing::warn!("lost the connection listening for other replicas' changes");
                     // The next receive reconnects and listens again; catch up first.
@@ -97,7 +119,40 @@ pub(super) async fn run(
     }
 }
 
-async fn hear(notification: &PgNotification, instance: &str, store: &Store, feed: &JobFeed) {
+/// Clients other replicas left work waiting for, not yet announced here.
+#[derive(Debug, Default)]
+struct RemoteWork {
+    clients: HashSet<String>,
+    /// When the first of them arrived.
+    since: Option<tokio::time::Instant>,
+}
+
+impl RemoteWork {
+    fn add(&mut self, client_id: &str) {
+        if !self.clients.contains(client_id) {
+            self.clients.insert(client_id.to_string());
+        }
+        self.since.get_or_insert_with(tokio::time::Instant::now);
+    }
+
+    /// When they are to be announced; `None` when there are none.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        self.since.map(|since| since + REMOTE_WORK_DELAY)
+    }
+
+    fn take(&mut self) -> HashSet<String> {
+        self.since = None;
+        std::mem::take(&mut self.clients)
+    }
+}
+
+async fn hear(
+    notification: &PgNotification,
+    instance: &str,
+    store: &Store,
+    feed: &JobFeed,
+    remote_work: &mut RemoteWork,
+) {
     let Some(change) = parse(notification.payload()) else {
         tracing::warn!("ignored a malformed change notification");
         return;
@@ -106,7 +161,7 @@ async fn hear(notification: &PgNotification, instance: &str, store: &Store, feed
         return;
     }
     if matches!(change.state, JobState::Queued | JobState::RetryWait) {
-        feed.work().announce(change.client_id);
+        remote_work.add(change.client_id);
     }
     if feed.is_watched(change.job_id) {
         republish(store, feed, change.job_id).await;

@@ -465,6 +465,18 @@ impl Store {
         if job_ids.is_empty() {
             return Ok(0);
         }
+        if let (Db::Postgres(pool), Some(_)) = (&self.pool, &self.writer) {
+            // No audit event and no other writer's row: outside the writers' turns, so the
+            // hot path does not wait for it.
+            let ids = serde_json::to_string(&job_ids)
+                .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+            let done = sqlx::query(include_str!("sql/postgres/mark_delivered.sql"))
+                .bind(ids)
+                .bind(now.0)
+                .execute(pool)
+                .await?;
+            return Ok(done.rows_affected());
+        }
         self.write(|reply| Command::MarkDelivered {
             job_ids,
             now,
@@ -481,6 +493,16 @@ impl Store {
         retention: Duration,
     ) -> Result<u64, StoreError> {
         let delivered_before = now.saturating_sub(retention);
+        if let (Db::Postgres(pool), Some(_)) = (&self.pool, &self.writer) {
+            // As mark_delivered: terminal jobs only, no audit event, outside the writers' turns.
+            let erased = sqlx::query(include_str!("sql/postgres/erase_tokens.sql"))
+                .bind(now.0)
+                .bind(delivered_before.0)
+                .bind(writer::SWEEP_BATCH)
+                .fetch_all(pool)
+                .await?;
+            return Ok(erased.len() as u64);
+        }
         self.write(|reply| Command::EraseTokens {
             now,
             delivered_before,

@@ -41,7 +41,7 @@ use crate::{
 /// Changes applied in one transaction at most.
 pub(super) const MAX_BATCH: usize = 512;
 /// Rows changed by one sweep statement at most, so one sweep never holds the writer for long.
-const SWEEP_BATCH: i64 = 500;
+pub(super) const SWEEP_BATCH: i64 = 500;
 /// Audit events removed per retention step.
 const PRUNE_BATCH: i64 = 10_000;
 
