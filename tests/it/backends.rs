@@ -402,3 +402,82 @@ async fn readiness_follows_the_database_and_work_resumes_when_it_returns() {
     assert_eq!(job.state(), JobState::Succeeded);
     assert!(verified(&app).await);
 }
+
+#[tokio::test]
+async fn a_429_seen_by_one_replica_slows_the_client_for_every_replica() {
+    use token_broker::{
+        domain::budget::{Adaptation, Rate, Throttled},
+        store::BudgetRequest,
+    };
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = Config::default();
+    config.storage.path = dir.path().join("unused.db");
+    use_postgres(&mut config, url);
+    // Two stores on one database: two replicas as the store sees them.
+    let (a, b) = (
+        crate::helpers::open_store(&config).await,
+        crate::helpers::open_store(&config).await,
+    );
+    let rate = Rate {
+        per_second: 30.0,
+        burst: 5,
+    };
+    let adaptation = Adaptation {
+        enabled: true,
+        decrease_factor: 0.5,
+        floor_fraction: 0.05,
+        quiet_period_ms: 60_000,
+        recovery_step: 0.1,
+        default_pause_ms: 1_000,
+    };
+    let want = |n| {
+        [BudgetRequest {
+            client_id: "app".into(),
+            rate: Some(rate),
+            want: n,
+        }]
+    };
+    // The burst is shared: what one replica takes, the other does not get.
+    let first = a.reserve_budget(&want(4), None, &adaptation).await.unwrap();
+    let second = b.reserve_budget(&want(4), None, &adaptation).await.unwrap();
+    assert_eq!(first.grants[0].granted + second.grants[0].granted, 5);
+    assert!(second.grants[0].client_retry_at.is_some());
+    // Replica a sees a 429 asking for 2 s: replica b is paused too, and the rate is halved.
+    let throttled = a
+        .throttle_budget("app", rate, &adaptation, Some(2_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        throttled,
+        Some(Throttled::Lowered {
+            from: 30.0,
+            to: 15.0
+        })
+    );
+    let paused = b.reserve_budget(&want(1), None, &adaptation).await.unwrap();
+    assert_eq!(paused.grants[0].granted, 0);
+    let until = paused.grants[0].client_retry_at.expect("paused");
+    let now = token_broker::domain::job::UnixMillis::now();
+    assert!(
+        until.0 - now.0 > 1_000 && until.0 - now.0 <= 2_100,
+        "paused until {} ms from now",
+        until.0 - now.0
+    );
+    // An unlimited client never touches the budget.
+    let free = b
+        .reserve_budget(
+            &[BudgetRequest {
+                client_id: "free".into(),
+                rate: None,
+                want: 7,
+            }],
+            None,
+            &adaptation,
+        )
+        .await
+        .unwrap();
+    assert_eq!(free.grants[0].granted, 7);
+}
