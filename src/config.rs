@@ -204,12 +204,21 @@ impl UpstreamConfig {
     }
 }
 
-/// `url` without any user name or password, for logs and error messages.
+/// `url` without any user name or password (in its authority or as a `password` query
+/// parameter, as PostgreSQL URLs allow), for logs and error messages.
 pub fn redact_url(url: &str) -> String {
     match Url::parse(url) {
         Ok(mut url) => {
             let _ = url.set_username("");
             let _ = url.set_password(None);
+            if url.query_pairs().any(|(name, _)| name == "password") {
+                let kept: Vec<(String, String)> = url
+                    .query_pairs()
+                    .filter(|(name, _)| name != "password")
+                    .map(|(name, value)| (name.into_owned(), value.into_owned()))
+                    .collect();
+                url.query_pairs_mut().clear().extend_pairs(kept);
+            }
             url.to_string()
         }
         Err(_) => "(invalid URL)".to_string(),
@@ -941,6 +950,9 @@ mod tests {
             !errors.contains("s3cret"),
             "no password in errors: {errors}"
         );
+        let redacted = redact_url("postgres://db.internal/broker?sslmode=require&password=s3cret");
+        assert!(!redacted.contains("s3cret"), "{redacted}");
+        assert!(redacted.contains("sslmode=require"), "{redacted}");
         config.storage.url = Some("postgresql://db.internal/broker".into());
         config.storage.pool_size = 0;
         let errors = config.validate().unwrap_err().to_string();

@@ -48,7 +48,13 @@ fn main() -> ExitCode {
             }
         },
         Command::Config(ConfigCommand::Show { config }) => match Config::load(config.as_deref()) {
-            Ok(config) => {
+            Ok(mut config) => {
+                // The database password stays out of terminals and support tickets.
+                config.storage.url = config
+                    .storage
+                    .url
+                    .as_deref()
+                    .map(token_broker::config::redact_url);
                 print!(
                     "{}",
                     toml_string(&config).unwrap_or_else(|e| format!("# cannot print: {e}\n"))

@@ -185,6 +185,10 @@ impl Daemon {
             Some(url) => format!("cannot open storage.url {}", redact_url(url)),
             None => format!("cannot open storage.path {}", config.storage.path.display()),
         })?;
+        store
+            .agree_on_keys(&fingerprinter.fingerprint(crate::store::KEY_CANARY))
+            .await
+            .context("cannot start with these keys")?;
         let stop = CancellationToken::new();
         let (supervisor, failures) = Supervisor::new(stop.clone(), FaultHooks::from_env());
         supervisor.spawn("writer", writer);

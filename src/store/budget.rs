@@ -107,6 +107,19 @@ fn allocate(
     }
 }
 
+/// The reservation's times, computed on the database's clock (`db_now`), moved to this
+/// process's clock: the caller waits the same duration whatever the two clocks say.
+fn on_local_clock(mut reservation: Reservation, db_now: UnixMillis) -> Reservation {
+    let local_now = UnixMillis::now();
+    let shift =
+        |at: UnixMillis| UnixMillis(local_now.0.saturating_add(at.0.saturating_sub(db_now.0)));
+    for grant in &mut reservation.grants {
+        grant.client_retry_at = grant.client_retry_at.map(shift);
+    }
+    reservation.global_retry_at = reservation.global_retry_at.map(shift);
+    reservation
+}
+
 /// A locked row, read.
 fn state_from_row(row: &sqlx::postgres::PgRow) -> sqlx::Result<(String, BudgetState)> {
     Ok((
@@ -228,11 +241,14 @@ impl Store {
                 Some((request.client_id.clone(), state))
             })
             .collect();
-        let reservation = allocate(
-            requests,
-            &mut clients,
-            global_state.as_mut().zip(global),
-            adaptation,
+        let reservation = on_local_clock(
+            allocate(
+                requests,
+                &mut clients,
+                global_state.as_mut().zip(global),
+                adaptation,
+                now,
+            ),
             now,
         );
         let mut changed: HashMap<String, BudgetState> = clients

@@ -67,6 +67,9 @@ pub enum StoreError {
     Keys(String),
 }
 
+/// The fixed text the key canaries are made of ([`Store::agree_on_keys`]).
+pub const KEY_CANARY: &str = "token-broker key canary";
+
 /// Creates the database's directory (mode 0700, when it does not exist) and the database file
 /// itself (mode 0600), before SQLite opens it: SQLite gives its WAL and shared-memory files
 /// the database file's mode, so none of them is readable by other users. An existing file
@@ -302,7 +305,14 @@ impl Store {
             Some(url) => {
                 let (pool, conn, options) = open_postgres(config, url).await?;
                 let instance = uuid::Uuid::now_v7().to_string().into();
-                (pool, conn, Some(writer::Shared { options, instance }))
+                // Waiting for the turn and a few statements, each bounded by the timeout.
+                let batch_timeout = Duration::from_millis(config.statement_timeout_ms) * 3;
+                let shared = writer::Shared {
+                    options,
+                    instance,
+                    batch_timeout,
+                };
+                (pool, conn, Some(shared))
             }
         };
         let (writer, task) = WriterHandle::start(
@@ -385,12 +395,22 @@ impl Store {
         matches!(self.pool, Db::Postgres(_))
     }
 
-    /// Whether the database answers, for readiness: one trivial statement.
+    /// Whether the database answers, for readiness: on PostgreSQL, one trivial statement and
+    /// the writer's last transaction; a SQLite file is always there once open (its failures
+    /// are the writer's, which the supervisor watches).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        on_backend!(&self.pool, "ping", |query, pool| {
-            query.execute(pool).await?;
-        });
-        Ok(())
+        let Db::Postgres(pool) = &self.pool else {
+            return Ok(());
+        };
+        sqlx::query(include_str!("sql/postgres/ping.sql"))
+            .execute(pool)
+            .await?;
+        match &self.writer {
+            Some(writer) if !writer.healthy() => Err(StoreError::Unavailable(
+                "the writer's connection to the database failed".into(),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Closes the read connections. The writer closes its connection (checkpointing the WAL)
@@ -435,6 +455,52 @@ impl Store {
                     })?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// On a shared database, checks that this replica's keys are the ones every other replica
+    /// uses: a value sealed by the first replica must open, and the fingerprint of a fixed
+    /// text (`fingerprint`, made by the caller with its fingerprint key) must match. The first
+    /// replica on a database writes both. Refuses with [`StoreError::Keys`] otherwise. A
+    /// SQLite file has one daemon, whose key files sit beside it: nothing to agree on.
+    pub async fn agree_on_keys(&self, fingerprint: &str) -> Result<(), StoreError> {
+        let (Db::Postgres(pool), Some(keys)) = (&self.pool, &self.keys) else {
+            return Ok(());
+        };
+        const SEALED: &str = "encryption";
+        const FINGERPRINT: &str = "fingerprint";
+        let canary = |name: &'static str, value: String| async move {
+            sqlx::query(include_str!("sql/postgres/canary_insert.sql"))
+                .bind(name)
+                .bind(value)
+                .execute(pool)
+                .await?;
+            let stored: String = sqlx::query_scalar(include_str!("sql/postgres/canary_get.sql"))
+                .bind(name)
+                .fetch_one(pool)
+                .await?;
+            Ok::<_, StoreError>(stored)
+        };
+        let sealed = canary(SEALED, keys.seal(KEY_CANARY, SEALED, SEALED)).await?;
+        keys.open(&sealed, SEALED, SEALED).map_err(|error| {
+            StoreError::Keys(format!(
+                "this replica's encryption key file is not the one the other replicas use \
+                 ({error}); give every replica the same security.key_file"
+            ))
+        })?;
+        // Follow key rotations: sealed again with the current key.
+        sqlx::query(include_str!("sql/postgres/canary_set.sql"))
+            .bind(SEALED)
+            .bind(keys.seal(KEY_CANARY, SEALED, SEALED))
+            .execute(pool)
+            .await?;
+        if canary(FINGERPRINT, fingerprint.to_string()).await? != fingerprint {
+            return Err(StoreError::Keys(
+                "this replica's audit fingerprint key file is not the one the other replicas \
+                 use; give every replica the same audit.fingerprint_key_file"
+                    .to_string(),
+            ));
         }
         Ok(())
     }
@@ -813,9 +879,27 @@ async fn open_postgres(
     config: &StorageConfig,
     url: &str,
 ) -> Result<(Pool, backend::Conn, PgConnectOptions), StoreError> {
-    let options = PgConnectOptions::from_str(url)?
-        .application_name("token-broker")
-        .options([("statement_timeout", config.statement_timeout_ms.to_string())]);
+    let base = PgConnectOptions::from_str(url)?.application_name("token-broker");
+    // Migrations wait for sqlx's advisory lock while another replica applies them: no
+    // statement timeout on their connection.
+    let migrations = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(base.clone())
+        .await?;
+    sqlx::migrate!("./migrations/postgres")
+        .run(&migrations)
+        .await?;
+    migrations.close().await;
+    let timeout = config.statement_timeout_ms.to_string();
+    let options = base.options([
+        ("statement_timeout", timeout.as_str()),
+        // A replica frozen mid-transaction (a paused VM, a partition) would hold the writers'
+        // turn: the server ends such a session, and notices a vanished client within seconds.
+        ("idle_in_transaction_session_timeout", timeout.as_str()),
+        ("tcp_keepalives_idle", "10"),
+        ("tcp_keepalives_interval", "5"),
+        ("tcp_keepalives_count", "3"),
+    ]);
     let pool = PgPoolOptions::new()
         .max_connections(config.pool_size)
         .acquire_timeout(
@@ -823,7 +907,6 @@ async fn open_postgres(
         )
         .connect_with(options.clone())
         .await?;
-    sqlx::migrate!("./migrations/postgres").run(&pool).await?;
     let conn = options.connect().await?;
     Ok((Db::Postgres(pool), Db::Postgres(conn), options))
 }

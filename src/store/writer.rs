@@ -18,7 +18,14 @@
 //! the other replicas left them. Its committed changes are also announced to the other
 //! replicas with `NOTIFY` (delivered at commit), which [`super::listener`] hears.
 
-use std::{collections::HashMap, sync::Arc, time::Instant};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
 
 use sqlx::{ConnectOptions, Connection, postgres::PgConnectOptions};
 use tokio::sync::{mpsc, oneshot};
@@ -382,6 +389,8 @@ impl Tracked {
 #[derive(Debug, Clone)]
 pub(super) struct WriterHandle {
     requests: mpsc::Sender<Command>,
+    /// Whether the writer's last transaction committed (or it has not written yet).
+    healthy: Arc<AtomicBool>,
 }
 
 impl WriterHandle {
@@ -395,15 +404,24 @@ impl WriterHandle {
     ) -> Result<(WriterHandle, WriterTask), StoreError> {
         let tracked = Tracked::read(&mut conn, keys).await?;
         let (requests, receiver) = mpsc::channel(4 * MAX_BATCH);
+        let healthy = Arc::new(AtomicBool::new(true));
         let writer = Writer {
             conn,
+            broken: false,
             shared,
             tracked,
             feed,
             metrics,
+            healthy: Arc::clone(&healthy),
         };
         let task = WriterTask(Box::pin(writer.run(receiver)));
-        Ok((WriterHandle { requests }, task))
+        Ok((WriterHandle { requests, healthy }, task))
+    }
+
+    /// Whether the writer's last transaction committed: false while the database does not
+    /// take its changes (readiness reports it).
+    pub(super) fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
     }
 
     /// Sends the command `make` builds around its responder, and waits for its commit.
@@ -462,18 +480,37 @@ impl std::future::Future for WriterTask {
 }
 
 /// What the writer needs on a database shared with other replicas (PostgreSQL).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(super) struct Shared {
     /// To reconnect when the writer's connection is lost (a restart, a fail-over).
     pub(super) options: PgConnectOptions,
     /// This process, as its `NOTIFY` payloads name it, so its listener skips its own changes.
     pub(super) instance: Arc<str>,
+    /// A transaction, waiting for the turn included, taking longer than this is abandoned and
+    /// its connection replaced (a half-open connection would otherwise hang the writer).
+    pub(super) batch_timeout: std::time::Duration,
 }
+
+impl std::fmt::Debug for Shared {
+    // The connect options hold the database password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("instance", &self.instance)
+            .field("batch_timeout", &self.batch_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a reconnection may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The writer task's state.
 struct Writer {
     conn: Conn,
+    /// The connection's state is unknown (a transaction abandoned mid-statement): replace it.
+    broken: bool,
     shared: Option<Shared>,
+    healthy: Arc<AtomicBool>,
     tracked: Tracked,
     feed: Arc<JobFeed>,
     metrics: Arc<Metrics>,
@@ -489,6 +526,14 @@ impl Writer {
                     for (command, effects) in commands.iter_mut().zip(effects) {
                         publish(&effects, &self.feed, &self.metrics);
                         command.respond();
+                    }
+                }
+                Err(error) if self.shared.is_some() && error.is_transient() => {
+                    // The shared database is unreachable or failing over: every change of the
+                    // batch would fail the same way, one connection attempt each.
+                    tracing::warn!(%error, changes = commands.len(), "batch failed; the database is unavailable");
+                    for command in &mut commands {
+                        command.fail(StoreError::Unavailable(error.to_string()));
                     }
                 }
                 Err(error) => {
@@ -523,7 +568,25 @@ impl Writer {
     /// tracked facts are as they were before.
     async fn apply_batch(&mut self, commands: &mut [Command]) -> Result<Vec<Effects>, StoreError> {
         let before = self.tracked.snapshot();
-        let result = self.try_batch(commands).await;
+        let result = match self.shared.as_ref().map(|shared| shared.batch_timeout) {
+            Some(limit) => match tokio::time::timeout(limit, self.try_batch(commands)).await {
+                Ok(result) => result,
+                Err(_) => {
+                    self.broken = true;
+                    Err(StoreError::Unavailable(format!(
+                        "a transaction took longer than {} ms",
+                        limit.as_millis()
+                    )))
+                }
+            },
+            None => self.try_batch(commands).await,
+        };
+        self.healthy.store(
+            result
+                .as_ref()
+                .map_or_else(|error| !error.is_transient(), |_| true),
+            Ordering::Relaxed,
+        );
         match result {
             Ok(results) => {
                 self.tracked.committed();
@@ -595,18 +658,43 @@ impl Writer {
     /// replaced (the server restarted or failed over); if that fails too, the next batch fails
     /// the same way and tries again.
     async fn rollback(&mut self) {
-        // SQLite may already have rolled back on its own (a full disk): then this fails, and
-        // there is nothing to undo.
-        let rolled_back = self.conn.run("ROLLBACK").await;
-        if let (Err(error), Some(shared)) = (rolled_back, &self.shared) {
-            tracing::warn!(%error, "the writing connection is lost; reconnecting");
-            match shared.options.connect().await {
-                Ok(conn) => {
-                    self.conn = Db::Postgres(conn);
-                    tracing::info!("the writing connection is back");
-                }
-                Err(error) => tracing::error!(%error, "cannot reconnect the writing connection"),
+        let Some(shared) = &self.shared else {
+            // SQLite may already have rolled back on its own (a full disk): then this fails,
+            // and there is nothing to undo.
+            let _ = self.conn.run("ROLLBACK").await;
+            return;
+        };
+        // A connection that cannot roll back, or one to a server that turned read-only (a
+        // demoted primary after a fail-over), is replaced.
+        let usable = !self.broken
+            && matches!(
+                tokio::time::timeout(CONNECT_TIMEOUT, self.conn.run("ROLLBACK")).await,
+                Ok(Ok(()))
+            )
+            && match &mut self.conn {
+                Db::Postgres(conn) => matches!(
+                    tokio::time::timeout(
+                        CONNECT_TIMEOUT,
+                        sqlx::query_scalar::<_, bool>(include_str!("sql/postgres/in_recovery.sql"))
+                            .fetch_one(&mut *conn),
+                    )
+                    .await,
+                    Ok(Ok(false))
+                ),
+                Db::Sqlite(_) => true,
+            };
+        if usable {
+            return;
+        }
+        tracing::warn!("the writing connection is lost; reconnecting");
+        match tokio::time::timeout(CONNECT_TIMEOUT, shared.options.connect()).await {
+            Ok(Ok(conn)) => {
+                self.conn = Db::Postgres(conn);
+                self.broken = false;
+                tracing::info!("the writing connection is back");
             }
+            Ok(Err(error)) => tracing::error!(%error, "cannot reconnect the writing connection"),
+            Err(_) => tracing::error!("cannot reconnect the writing connection: timed out"),
         }
     }
 }

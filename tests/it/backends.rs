@@ -421,8 +421,9 @@ async fn a_429_seen_by_one_replica_slows_the_client_for_every_replica() {
         crate::helpers::open_store(&config).await,
         crate::helpers::open_store(&config).await,
     );
+    // Slow enough that no permit comes back between the two reservations below.
     let rate = Rate {
-        per_second: 30.0,
+        per_second: 2.0,
         burst: 5,
     };
     let adaptation = Adaptation {
@@ -450,13 +451,7 @@ async fn a_429_seen_by_one_replica_slows_the_client_for_every_replica() {
         .throttle_budget("app", rate, &adaptation, Some(2_000))
         .await
         .unwrap();
-    assert_eq!(
-        throttled,
-        Some(Throttled::Lowered {
-            from: 30.0,
-            to: 15.0
-        })
-    );
+    assert_eq!(throttled, Some(Throttled::Lowered { from: 2.0, to: 1.0 }));
     let paused = b.reserve_budget(&want(1), None, &adaptation).await.unwrap();
     assert_eq!(paused.grants[0].granted, 0);
     let until = paused.grants[0].client_retry_at.expect("paused");
@@ -480,4 +475,42 @@ async fn a_429_seen_by_one_replica_slows_the_client_for_every_replica() {
         .await
         .unwrap();
     assert_eq!(free.grants[0].granted, 7);
+}
+
+#[tokio::test]
+async fn a_replica_with_other_keys_refuses_to_start_even_on_an_empty_queue() {
+    let Some(app) = spawn(Backend::Postgres, |_| {}).await else {
+        return;
+    };
+    // The first replica wrote the key canaries; no job was ever stored.
+    let (config, _, dir) = app.stop().await;
+    let mut other_fingerprint = config.clone();
+    other_fingerprint.audit.fingerprint_key_file = dir.path().join("other-fingerprint.key");
+    token_broker::audit::fingerprint::Fingerprinter::load_or_create(
+        &other_fingerprint.fingerprint_key_path(),
+    )
+    .expect("another fingerprint key");
+    let error = start_up_error(other_fingerprint).await;
+    assert!(
+        error.contains("audit fingerprint key file is not the one"),
+        "{error}"
+    );
+    let mut other_key = config.clone();
+    other_key.security.key_file = dir.path().join("other.key");
+    token_broker::security::crypto::KeyRing::load_or_create(&other_key.key_file_path())
+        .expect("another key file");
+    let error = start_up_error(other_key).await;
+    assert!(
+        error.contains("encryption key file is not the one"),
+        "{error}"
+    );
+    // The right keys still start.
+    let fake = crate::helpers::start_fake().await;
+    let mut config = config;
+    config.upstream.token_url = fake.token_url();
+    let mut app = TestApp::start(config, fake, dir).await;
+    assert_eq!(
+        app.exchange(app.new_request("app")).await.state(),
+        JobState::Succeeded
+    );
 }

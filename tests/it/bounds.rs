@@ -324,6 +324,7 @@ async fn idle_and_slowloris_connections_cannot_exhaust_the_daemon() {
 /// per client id.
 #[tokio::test]
 async fn many_distinct_client_ids_drain_at_the_global_rate() {
+    let _machine = crate::helpers::machine_alone().await;
     const CLIENTS: usize = 20_000;
     const GLOBAL_RPS: u32 = 1_000;
     // First the queue fills while one request a second goes out...

@@ -23,6 +23,22 @@ use tonic::transport::Channel;
 /// Bounds every wait in the tests, so a bug fails a test instead of hanging it.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+/// The machine (two cores) as the tests share it: tests that load it (several daemons,
+/// thousands of jobs) hold it alone, and tests that check rates measured against the clock
+/// hold it shared, so that neither runs beside a load that would skew the other. Every other
+/// test runs alongside anything.
+static MACHINE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// For a test that loads the machine: no rate-measuring test runs meanwhile.
+pub async fn machine_alone() -> tokio::sync::RwLockWriteGuard<'static, ()> {
+    MACHINE.write().await
+}
+
+/// For a test that measures rates against the clock: no loading test runs meanwhile.
+pub async fn machine_shared() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    MACHINE.read().await
+}
+
 pub struct TestApp {
     pub client: TokenBrokerClient<Channel>,
     pub grpc_addr: std::net::SocketAddr,

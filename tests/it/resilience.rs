@@ -32,6 +32,7 @@ async fn exchange_many(app: &TestApp, client_id: &str, count: usize) -> Vec<Job>
 
 #[tokio::test]
 async fn a_burst_within_the_limits_draws_no_429s_and_keeps_the_rate() {
+    let _machine = crate::helpers::machine_shared().await;
     let app = TestApp::spawn_with(|config| {
         config.limits.client = vec![ClientLimit {
             client_id: "burst-app".into(),
@@ -127,6 +128,7 @@ async fn a_limit_set_too_high_adapts_to_upstreams_429s() {
 
 #[tokio::test]
 async fn a_flood_from_one_client_does_not_delay_another() {
+    let _machine = crate::helpers::machine_shared().await;
     let mut app = TestApp::spawn_with(|config| {
         config.limits.default_client_rps = 5;
         config.limits.default_client_burst = 5;

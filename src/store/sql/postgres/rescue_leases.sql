@@ -1,4 +1,5 @@
--- Attempts whose worker died (lease expired before $2, whichever replica held it) may have
+-- Attempts whose worker died (lease expired before $2 and before the database's now, the
+-- clock claims set leases by, whichever replica held it) may have
 -- reached upstream: mark the outcome unknown, and retry at once, unless no attempt is left.
 UPDATE jobs
 SET state = CASE WHEN attempts >= $3 THEN 'failed' ELSE 'retry_wait' END,
@@ -10,7 +11,8 @@ SET state = CASE WHEN attempts >= $3 THEN 'failed' ELSE 'retry_wait' END,
     outcome_unknown = true, lease_owner = NULL, lease_expires_at = NULL,
     updated_at = $1, version = version + 1
 WHERE id IN (SELECT id FROM jobs
-             WHERE state = 'running' AND lease_expires_at <= $2
+             WHERE state = 'running'
+               AND lease_expires_at <= LEAST($2, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
              LIMIT $4
              FOR UPDATE SKIP LOCKED)
 RETURNING *
