@@ -498,14 +498,16 @@ impl Config {
         figment = figment.merge(
             Env::prefixed(ENV_PREFIX)
                 .split("__")
-                // Read by the command line (or, for the test hook, the supervisor), not
-                // configuration.
+                // Read by the command line (or, for the test hooks, the supervisor and the
+                // test suite), not configuration.
                 .ignore(&[
                     "config",
                     "log_format",
                     "database",
+                    "database_url",
                     "encryption_keys",
                     "test_fail_task",
+                    "test_postgres_url",
                 ]),
         );
         let config: Config = figment
@@ -1113,6 +1115,12 @@ mod tests {
         .unwrap();
         figment::Jail::expect_with(|jail| {
             jail.set_env("TOKEN_BROKER_RETRY__MAX_ATTEMPTS", "2");
+            // Variables the command line and the test suite read are not configuration.
+            jail.set_env("TOKEN_BROKER_DATABASE_URL", "postgres://127.0.0.1/audit");
+            jail.set_env(
+                "TOKEN_BROKER_TEST_POSTGRES_URL",
+                "postgres://127.0.0.1/postgres",
+            );
             let config = Config::load(Some(&path)).unwrap();
             assert_eq!(config.server.listen, "127.0.0.1:7000");
             assert_eq!(config.retry.max_attempts, 2);

@@ -514,3 +514,55 @@ async fn a_replica_with_other_keys_refuses_to_start_even_on_an_empty_queue() {
         JobState::Succeeded
     );
 }
+
+#[tokio::test]
+async fn the_queue_counts_follow_edits_and_deletions_by_hand() {
+    use sqlx::Connection;
+    let Some(mut app) = spawn(Backend::Postgres, |_| {}).await else {
+        return;
+    };
+    // Upstream answers slowly: the jobs stay pending.
+    app.fake.set_faults(Faults {
+        latency_ms: 10_000,
+        ..Faults::default()
+    });
+    let first = app.submit(app.new_request("a")).await.job_id;
+    let second = app.submit(app.new_request("a")).await.job_id;
+    let url = app.config.storage.url.clone().expect("a PostgreSQL test");
+    let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
+    // What the trigger keeps, against a count of the jobs themselves.
+    async fn counts_agree(db: &mut sqlx::PgConnection) {
+        let kept: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT scope, key, pending FROM queue_counts WHERE pending <> 0 ORDER BY scope, key",
+        )
+        .fetch_all(&mut *db)
+        .await
+        .expect("read the counts");
+        let counted: Vec<(String, String, i64)> = sqlx::query_as(
+            "WITH p AS (SELECT * FROM jobs WHERE state IN ('queued', 'retry_wait', 'running'))
+             SELECT * FROM (
+                 SELECT 'client' AS scope, client_id AS key, COUNT(*) AS pending FROM p GROUP BY client_id
+                 UNION ALL SELECT 'clients', '', COUNT(DISTINCT client_id) FROM p
+                 UNION ALL SELECT 'tenant', tenant, COUNT(*) FROM p GROUP BY tenant
+                 UNION ALL SELECT 'total', '', COUNT(*) FROM p
+             ) AS c WHERE pending <> 0 ORDER BY scope, key",
+        )
+        .fetch_all(&mut *db)
+        .await
+        .expect("count the jobs");
+        assert_eq!(kept, counted);
+    }
+    counts_agree(&mut db).await;
+    sqlx::query("UPDATE jobs SET client_id = 'b' WHERE job_id = $1")
+        .bind(&first)
+        .execute(&mut db)
+        .await
+        .expect("move a job to another client id");
+    counts_agree(&mut db).await;
+    sqlx::query("DELETE FROM jobs WHERE job_id = $1")
+        .bind(&second)
+        .execute(&mut db)
+        .await
+        .expect("delete a job");
+    counts_agree(&mut db).await;
+}
