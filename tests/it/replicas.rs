@@ -248,6 +248,53 @@ async fn concurrent_exchanges_spread_over_replicas_all_succeed() {
     assert_eq!(fake.stats().redeemed, 90);
     let (intact, report) = fleet.verify();
     assert!(intact, "{report}");
+    // Each replica names itself in its metrics, as its claims name it in the database.
+    let mut names = HashSet::new();
+    for replica in fleet.replicas.iter().flatten() {
+        let metrics = crate::helpers::scrape_metrics(replica.ops_addr).await;
+        let line = metrics
+            .lines()
+            .find(|line| line.starts_with("token_broker_replica_info{"))
+            .unwrap_or_else(|| panic!("replica_info in {metrics}"));
+        assert!(line.contains("storage=\"postgres\""), "{line}");
+        names.insert(line.to_string());
+    }
+    assert_eq!(names.len(), 3, "three distinct replicas: {names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_starting_at_once_on_an_empty_database_migrate_it_once() {
+    let _machine = crate::helpers::machine_alone().await;
+    let fake = start_fake_with(FakeOptions::default()).await;
+    let Some(mut fleet) = Fleet::start(0, &fake, &[]).await else {
+        return;
+    };
+    let fleet_ref = &fleet;
+    let started: Vec<Daemon> = std::thread::scope(|scope| {
+        let starts: Vec<_> = (0..3)
+            .map(|_| scope.spawn(|| fleet_ref.start_replica(&fake, &[])))
+            .collect();
+        starts
+            .into_iter()
+            .map(|start| start.join().expect("a replica starts"))
+            .collect()
+    });
+    fleet.replicas = started.into_iter().map(Some).collect();
+    let mut db = fleet.connect().await;
+    let applied: Vec<(i64, bool)> =
+        sqlx::query_as("SELECT version, success FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(&mut db)
+            .await
+            .expect("read the migrations");
+    let shipped = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres"))
+        .expect("the migrations")
+        .count();
+    assert_eq!(applied.len(), shipped, "each applied once: {applied:?}");
+    assert!(applied.iter().all(|(_, success)| *success), "{applied:?}");
+    for mut client in fleet.clients().await {
+        let job = exchange_within(&mut client, new_request(&fake, "app"), PATIENCE).await;
+        assert_eq!(job.state(), JobState::Succeeded);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
