@@ -3,6 +3,11 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
+/// mimalloc instead of glibc's malloc: fewer instructions and no arena consolidation on the
+/// allocation-heavy paths (rows, protobuf messages, HTTP bodies). See BENCHMARKS.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use token_broker::{
     Listeners,
