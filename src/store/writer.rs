@@ -163,6 +163,9 @@ impl<T> Responder<T> {
     }
 }
 
+/// An outcome to record: the lease it is guarded by, what happened, when.
+type RecordParts<'a> = (&'a Lease, &'a AttemptRecord, UnixMillis);
+
 impl Command {
     /// A submission's parts, for the runs of submissions inserted together.
     fn submission(
@@ -170,6 +173,19 @@ impl Command {
     ) -> Option<((&NewJobOwned, UnixMillis), &mut Responder<SubmitOutcome>)> {
         match self {
             Command::Submit { job, now, reply } => Some(((&*job, *now), reply)),
+            _ => None,
+        }
+    }
+
+    /// A recorded outcome's parts, for the runs of outcomes written together.
+    fn record(&mut self) -> Option<(RecordParts<'_>, &mut Responder<Option<Job>>)> {
+        match self {
+            Command::Record {
+                lease,
+                record,
+                now,
+                reply,
+            } => Some(((&*lease, &*record, *now), reply)),
             _ => None,
         }
     }
@@ -633,6 +649,19 @@ impl Writer {
                 }
                 continue;
             }
+            // So is a run of recorded outcomes, one statement per kind.
+            let (records, replies): (Vec<_>, Vec<_>) = commands[next..]
+                .iter_mut()
+                .map_while(Command::record)
+                .unzip();
+            if !records.is_empty() {
+                next += records.len();
+                let outcomes = record_many(conn, tracked, &records).await?;
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    results.push(reply.keep(Ok(outcome))?);
+                }
+                continue;
+            }
             let command = &mut commands[next];
             if matches!(command, Command::PruneStep { .. }) {
                 // Retention reads the events table: write what is chained so far first.
@@ -817,7 +846,13 @@ async fn apply(
             record,
             now,
             reply,
-        } => reply.keep(record_attempt(conn, tracked, lease, record, *now).await),
+        } => {
+            let mut outcomes = record_many(conn, tracked, &[(&*lease, &*record, *now)]).await?;
+            let outcome = outcomes.pop().ok_or_else(|| {
+                StoreError::Corrupt("a recorded outcome produced no result".to_string())
+            })?;
+            reply.keep(Ok(outcome))
+        }
         Command::Expire { now, reply } => {
             let now = *now;
             let rows = on_backend!(&mut *conn, "expire_overdue", |query, conn| {
@@ -1174,105 +1209,111 @@ async fn claim(
     Ok((claims, Effects { events, publish }))
 }
 
-async fn record_attempt(
+/// Records a run of attempts' outcomes: one statement per kind (succeeded, retry, failed), each
+/// row guarded by its lease; an outcome whose lease was lost (the job was rescued and claimed
+/// again) writes nothing and answers `None`. Events are chained in the run's order.
+async fn record_many(
     conn: &mut Conn,
     tracked: &mut Tracked,
-    lease: &Lease,
-    record: &AttemptRecord,
-    now: UnixMillis,
-) -> Applied<Option<Job>> {
-    // Every outcome is guarded by the lease: row, owner and attempt (?1..?3).
-    let (row_id, owner, attempt) = (lease.row_id, lease.owner.as_ref(), i64::from(lease.attempt));
-    let row = match record {
-        AttemptRecord::Succeeded {
-            grant,
-            http_status,
-            outcome_unknown,
-        } => {
-            let lifetime =
-                std::time::Duration::from_secs(u64::try_from(grant.expires_in).unwrap_or(0));
-            let sealed = tracked.keys.seal(
-                grant.access_token.expose_secret(),
-                &lease.job_id.to_string(),
-                "access_token",
-            );
-            on_backend!(&mut *conn, "finish_succeeded", |query, conn| {
-                let row = query
-                    .bind(row_id)
-                    .bind(owner)
-                    .bind(attempt)
-                    .bind(sealed)
-                    .bind(&grant.token_type)
-                    .bind(grant.expires_in)
-                    .bind(now.saturating_add(lifetime).0)
-                    .bind(i64::from(*http_status))
-                    .bind(outcome_unknown)
-                    .bind(now.0)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                row.as_ref().map(JobRow::decode).transpose()?
-            })
+    records: &[RecordParts<'_>],
+) -> Result<Vec<(Option<Job>, Effects)>, StoreError> {
+    let mut succeeded = Vec::new();
+    let mut retries = Vec::new();
+    let mut failed = Vec::new();
+    for (lease, record, now) in records {
+        let guard = (lease.row_id, lease.owner.as_ref(), i64::from(lease.attempt));
+        match record {
+            AttemptRecord::Succeeded {
+                grant,
+                http_status,
+                outcome_unknown,
+            } => {
+                let lifetime =
+                    std::time::Duration::from_secs(u64::try_from(grant.expires_in).unwrap_or(0));
+                succeeded.push(serde_json::json!({
+                    "id": guard.0, "owner": guard.1, "attempt": guard.2,
+                    "access_token": tracked.keys.seal(
+                        grant.access_token.expose_secret(),
+                        &lease.job_id.to_string(),
+                        "access_token",
+                    ),
+                    "token_type": grant.token_type,
+                    "expires_in": grant.expires_in,
+                    "expires_at": now.saturating_add(lifetime).0,
+                    "http_status": http_status,
+                    "outcome_unknown": outcome_unknown,
+                    "now": now.0,
+                }));
+            }
+            AttemptRecord::RetryAt {
+                at,
+                http_status,
+                detail,
+                outcome_unknown,
+                ..
+            } => retries.push(serde_json::json!({
+                "id": guard.0, "owner": guard.1, "attempt": guard.2,
+                "at": at.0,
+                "http_status": http_status,
+                "detail": detail,
+                "outcome_unknown": outcome_unknown,
+                "now": now.0,
+            })),
+            AttemptRecord::Failed {
+                reason,
+                http_status,
+                detail,
+                outcome_unknown,
+                ..
+            } => failed.push(serde_json::json!({
+                "id": guard.0, "owner": guard.1, "attempt": guard.2,
+                "reason": reason.as_str(),
+                "http_status": http_status,
+                "detail": detail,
+                "outcome_unknown": outcome_unknown,
+                "now": now.0,
+            })),
         }
-        AttemptRecord::RetryAt {
-            at,
-            http_status,
-            detail,
-            outcome_unknown,
-            ..
-        } => on_backend!(&mut *conn, "finish_retry", |query, conn| {
-            let row = query
-                .bind(row_id)
-                .bind(owner)
-                .bind(attempt)
-                .bind(at.0)
-                .bind(http_status.map(i64::from))
-                .bind(detail)
-                .bind(outcome_unknown)
-                .bind(now.0)
-                .fetch_optional(&mut *conn)
-                .await?;
-            row.as_ref().map(JobRow::decode).transpose()?
-        }),
-        AttemptRecord::Failed {
-            reason,
-            http_status,
-            detail,
-            outcome_unknown,
-            ..
-        } => on_backend!(&mut *conn, "finish_failed", |query, conn| {
-            let row = query
-                .bind(row_id)
-                .bind(owner)
-                .bind(attempt)
-                .bind(reason.as_str())
-                .bind(http_status.map(i64::from))
-                .bind(detail)
-                .bind(outcome_unknown)
-                .bind(now.0)
-                .fetch_optional(&mut *conn)
-                .await?;
-            row.as_ref().map(JobRow::decode).transpose()?
-        }),
-    };
-    let Some(row) = row else {
-        // The lease was lost: a newer attempt owns the job. Nothing is written.
-        return Ok((None, Effects::default()));
-    };
-    let job = row.into_job(Some(&tracked.keys))?;
-    let events = append(
-        tracked,
-        audit::attempt_events(&job, lease.attempt, record, now),
-    );
-    if job.state.is_terminal() {
-        tracked.count(&job, -1);
     }
-    Ok((
-        Some(job.clone()),
-        Effects {
-            events,
-            publish: vec![job],
-        },
-    ))
+    let mut written: HashMap<i64, JobRow> = HashMap::with_capacity(records.len());
+    macro_rules! finish {
+        ($rows:expr, $name:literal) => {
+            if !$rows.is_empty() {
+                let json = serde_json::Value::Array($rows).to_string();
+                let rows = on_backend!(&mut *conn, $name, |query, conn| {
+                    decode_all(&query.bind(json).fetch_all(&mut *conn).await?)?
+                });
+                written.extend(rows.into_iter().map(|row| (row.id, row)));
+            }
+        };
+    }
+    finish!(succeeded, "finish_succeeded_many");
+    finish!(retries, "finish_retry_many");
+    finish!(failed, "finish_failed_many");
+    let mut results = Vec::with_capacity(records.len());
+    for (lease, record, now) in records {
+        let Some(row) = written.remove(&lease.row_id) else {
+            // The lease was lost: a newer attempt owns the job. Nothing is written.
+            results.push((None, Effects::default()));
+            continue;
+        };
+        let job = row.into_job(Some(&tracked.keys))?;
+        let events = append(
+            tracked,
+            audit::attempt_events(&job, lease.attempt, record, *now),
+        );
+        if job.state.is_terminal() {
+            tracked.count(&job, -1);
+        }
+        results.push((
+            Some(job.clone()),
+            Effects {
+                events,
+                publish: vec![job],
+            },
+        ));
+    }
+    Ok(results)
 }
 
 fn sweep(

@@ -1,8 +1,0 @@
--- Guarded by lease owner and attempt: a stale worker changes nothing.
-UPDATE jobs
-SET state = 'succeeded', access_token = $4, token_type = $5, token_expires_in = $6,
-    token_expires_at = $7, last_http_status = $8, outcome_unknown = $9, failure_detail = NULL,
-    lease_owner = NULL, lease_expires_at = NULL, code = NULL, code_verifier = NULL,
-    updated_at = $10, version = version + 1
-WHERE id = $1 AND state = 'running' AND lease_owner = $2 AND attempts = $3
-RETURNING *
