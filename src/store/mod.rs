@@ -938,12 +938,22 @@ pub(super) struct JobRow {
     outcome_unknown: bool,
     version: i64,
     code_fingerprint: Option<String>,
-    /// Sealed; only claims read them.
+    /// Sealed; read only for claims ([`JobRow::decode_claimed`]), `None` otherwise.
     code: Option<String>,
     code_verifier: Option<String>,
 }
 
 impl JobRow {
+    /// A claimed job's row, with the sealed code and verifier its attempt presents.
+    fn decode_claimed(row: &impl Columns) -> sqlx::Result<JobRow> {
+        Ok(JobRow {
+            code: row.opt_text("code")?,
+            code_verifier: row.opt_text("code_verifier")?,
+            ..JobRow::decode(row)?
+        })
+    }
+
+    /// A job row, without its sealed code and verifier (nothing but a claim needs them).
     fn decode(row: &impl Columns) -> sqlx::Result<JobRow> {
         Ok(JobRow {
             id: row.int("id")?,
@@ -969,8 +979,8 @@ impl JobRow {
             outcome_unknown: row.flag("outcome_unknown")?,
             version: row.int("version")?,
             code_fingerprint: row.opt_text("code_fingerprint")?,
-            code: row.opt_text("code")?,
-            code_verifier: row.opt_text("code_verifier")?,
+            code: None,
+            code_verifier: None,
         })
     }
 

@@ -1157,7 +1157,9 @@ async fn claim(
             .bind(now.0)
             .fetch_all(&mut *conn)
             .await?;
-        decode_all(&rows)?
+        rows.iter()
+            .map(JobRow::decode_claimed)
+            .collect::<sqlx::Result<Vec<_>>>()?
     });
     let mut claims = Vec::with_capacity(rows.len());
     for mut row in rows {
