@@ -5,7 +5,7 @@
 
 use super::{
     AttemptRecord,
-    backend::{Columns, Conn, on_backend},
+    backend::{Columns, Conn, Db, on_backend},
 };
 use crate::{
     audit::{AuditKind, AuditRecord, GENESIS_HASH, RecordKind},
@@ -122,7 +122,11 @@ const INSERT_CHUNK: usize = 200;
 /// few statements instead of one each.
 pub(super) async fn insert_records(conn: &mut Conn, records: &[&AuditRecord]) -> sqlx::Result<()> {
     for chunk in records.chunks(INSERT_CHUNK) {
-        let mut sql = String::from(include_str!("sql/sqlite/insert_audit_rows.sql").trim_end());
+        let head = match conn {
+            Db::Sqlite(_) => include_str!("sql/sqlite/insert_audit_rows.sql"),
+            Db::Postgres(_) => include_str!("sql/postgres/insert_audit_rows.sql"),
+        };
+        let mut sql = String::from(head.trim_end());
         conn.push_tuples(&mut sql, chunk.len(), 12, None);
         on_backend!(&mut *conn, generated sql, |query, conn| {
             let mut query = query;

@@ -83,6 +83,14 @@ macro_rules! on_both {
     };
 }
 
+/// Upstream answers after ten seconds: a job that started stays pending (running).
+fn answer_slowly(app: &TestApp) {
+    app.fake.set_faults(Faults {
+        latency_ms: 10_000,
+        ..Faults::default()
+    });
+}
+
 async fn audit_kinds(app: &TestApp, job_id: &str) -> Vec<String> {
     let mut client = AuditLogClient::connect(format!("http://{}", app.grpc_addr))
         .await
@@ -191,11 +199,7 @@ async fn cancellation_and_bounds(backend: Backend) {
     else {
         return;
     };
-    // Upstream answers slowly: a job that started stays pending (running).
-    app.fake.set_faults(Faults {
-        latency_ms: 10_000,
-        ..Faults::default()
-    });
+    answer_slowly(&app);
     let mut ids = Vec::new();
     for _ in 0..3 {
         ids.push(app.submit(app.new_request("app")).await.job_id);
@@ -234,11 +238,7 @@ async fn client_bound(backend: Backend) {
     else {
         return;
     };
-    // Upstream answers slowly: the jobs stay pending.
-    app.fake.set_faults(Faults {
-        latency_ms: 10_000,
-        ..Faults::default()
-    });
+    answer_slowly(&app);
     app.submit(app.new_request("a")).await;
     app.submit(app.new_request("b")).await;
     let third = app
@@ -521,11 +521,7 @@ async fn the_queue_counts_follow_edits_and_deletions_by_hand() {
     let Some(mut app) = spawn(Backend::Postgres, |_| {}).await else {
         return;
     };
-    // Upstream answers slowly: the jobs stay pending.
-    app.fake.set_faults(Faults {
-        latency_ms: 10_000,
-        ..Faults::default()
-    });
+    answer_slowly(&app);
     let first = app.submit(app.new_request("a")).await.job_id;
     let second = app.submit(app.new_request("a")).await.job_id;
     let url = app.config.storage.url.clone().expect("a PostgreSQL test");
