@@ -241,13 +241,44 @@ pub enum AuditCommand {
         #[arg(long)]
         limit: Option<u64>,
     },
-    /// Recompute the hash chain; exits 1 and names the first broken seq if it was edited.
+    /// Recompute the hash chain and check the signed checkpoints; exits 1 and names the first
+    /// seq that does not match if the trail was edited, rewritten or cut.
     Verify {
         #[command(flatten)]
         database: DatabaseArgs,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// A public key file (FILE.pub of `audit keygen`): every stored checkpoint must be
+        /// signed by it. Repeat for keys used over time.
+        #[arg(long = "public-key", value_name = "FILE")]
+        public_keys: Vec<PathBuf>,
+        /// A checkpoint kept outside the database, as JSON (an `audit checkpoints --format
+        /// jsonl` line, or the daemon's JSON log line); the database must still hold it and
+        /// match it. Repeatable; needs --public-key.
+        #[arg(long = "checkpoint", value_name = "JSON", requires = "public_keys")]
+        checkpoints: Vec<String>,
+        /// A file of such lines: the daemon's JSON log (other lines are skipped), or an
+        /// `audit checkpoints --format jsonl` export. Repeatable; needs --public-key.
+        #[arg(long = "checkpoints", value_name = "FILE", requires = "public_keys")]
+        checkpoint_files: Vec<PathBuf>,
+    },
+    /// List the signed checkpoints, in signing order, for an external witness to keep.
+    Checkpoints {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+        /// Only checkpoints signed at or after this RFC 3339 time.
+        #[arg(long, value_parser = parse_time)]
+        since: Option<UnixMillis>,
+    },
+    /// Write a new Ed25519 checkpoint signing key to FILE (never over an existing file) and
+    /// its public key to FILE.pub, and print the public key. Name FILE in
+    /// audit.signing_key_file; give FILE.pub to the auditors.
+    Keygen {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
     /// Print the fingerprint of a code read from standard input, to look it up with
     /// `jobs list --code-fingerprint`.
@@ -273,7 +304,8 @@ pub enum KeysCommand {
         config: Option<PathBuf>,
     },
     /// Create the encryption key file and the audit fingerprint key file the configuration
-    /// names, if they do not exist yet. With storage.url (several replicas), run it once and
+    /// names (and the checkpoint signing key, when audit.signing_key_file is set), if they do
+    /// not exist yet. With storage.url (several replicas), run it once and
     /// give every replica a copy of both files: the daemon does not create them there.
     Init {
         /// The configuration naming the key files.

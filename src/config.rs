@@ -379,7 +379,7 @@ impl Default for BreakerSettings {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     /// The HMAC key for code fingerprints; empty means `<storage.path>.audit-key`. Created on
@@ -387,6 +387,23 @@ pub struct AuditConfig {
     pub fingerprint_key_file: PathBuf,
     /// Prune audit events older than this many days, leaving a checkpoint; 0 keeps everything.
     pub retention_days: u64,
+    /// The Ed25519 key that signs checkpoints of the chain (`token-broker audit keygen --out
+    /// FILE` makes one); empty signs nothing. Never created by the daemon: auditors need its
+    /// public key, handed to them apart from the database.
+    pub signing_key_file: PathBuf,
+    /// How often the chain head is signed (when it moved); also at shutdown and on request.
+    pub checkpoint_interval_secs: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            fingerprint_key_file: PathBuf::new(),
+            retention_days: 0,
+            signing_key_file: PathBuf::new(),
+            checkpoint_interval_secs: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -437,6 +454,11 @@ impl AuditConfig {
     /// Retention beyond this many days (about 27 centuries) is "keep forever": the cutoff
     /// would lie before the epoch anyway.
     const MAX_RETENTION_DAYS: u64 = 1_000_000;
+
+    /// How often checkpoints are signed.
+    pub fn checkpoint_interval(&self) -> Duration {
+        Duration::from_secs(self.checkpoint_interval_secs.max(1))
+    }
 
     /// How long audit events are kept; `None` keeps them forever (0, or a value too large to
     /// mean anything else).
@@ -777,6 +799,12 @@ impl Config {
         );
         // audit.retention_days takes any value: one too large to represent keeps everything
         // (see [`AuditConfig::retention`]).
+        check_range(
+            e,
+            "audit.checkpoint_interval_secs",
+            self.audit.checkpoint_interval_secs,
+            1..=86_400,
+        );
     }
 
     /// `storage.url` must be a PostgreSQL URL, and the keys every replica shares must be named

@@ -111,7 +111,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// `keys init`: the key files the configuration names, created when missing.
+/// `keys init`: the key files the configuration names, created when missing (the checkpoint
+/// signing key too, when audit.signing_key_file names one).
 fn init_keys(config: &Config) -> anyhow::Result<()> {
     let key_file = config.key_file_path();
     let (_, created) = token_broker::security::crypto::KeyRing::load_or_create(&key_file)?;
@@ -128,7 +129,24 @@ fn init_keys(config: &Config) -> anyhow::Result<()> {
         if created { "created " } else { "kept    " },
         fingerprint_file.display()
     );
-    eprintln!("Back both files up apart from the database; every replica needs the same two.");
+    let signing_file = &config.audit.signing_key_file;
+    if !signing_file.as_os_str().is_empty() {
+        if signing_file.exists() {
+            println!("kept     {}", signing_file.display());
+        } else {
+            let key = token_broker::audit::checkpoint::SigningKey::generate(signing_file)?;
+            println!("created  {}", signing_file.display());
+            println!(
+                "created  {} ({})",
+                token_broker::audit::checkpoint::public_key_path(signing_file).display(),
+                key.public_key()
+            );
+        }
+        eprintln!(
+            "Give the checkpoint signing key's .pub file to the auditors, apart from the database."
+        );
+    }
+    eprintln!("Back these files up apart from the database; every replica needs the same ones.");
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::{
     audit::AuditRecord,
+    audit::checkpoint::{Checkpoint, PublicKey, SigningKey, Trust},
     audit::fingerprint::Fingerprinter,
     config::Role,
     domain::job::{JobState, UnixMillis},
@@ -26,14 +27,22 @@ pub struct AuditLogApi {
     fingerprinter: Fingerprinter,
     /// Only tenants with the audit role may call.
     tenants: Arc<TenantRegistry>,
+    /// Signs checkpoints on request, when the daemon has a signing key.
+    signing_key: Option<Arc<SigningKey>>,
 }
 
 impl AuditLogApi {
-    pub fn new(store: Store, fingerprinter: Fingerprinter, tenants: Arc<TenantRegistry>) -> Self {
+    pub fn new(
+        store: Store,
+        fingerprinter: Fingerprinter,
+        tenants: Arc<TenantRegistry>,
+        signing_key: Option<Arc<SigningKey>>,
+    ) -> Self {
         Self {
             store,
             fingerprinter,
             tenants,
+            signing_key,
         }
     }
 
@@ -112,6 +121,53 @@ fn state(value: i32) -> Result<Option<JobState>, ApiError> {
         proto::JobState::Failed => Some(JobState::Failed),
         proto::JobState::Cancelled => Some(JobState::Cancelled),
     })
+}
+
+pub fn signed_checkpoint(checkpoint: &Checkpoint) -> proto::SignedCheckpoint {
+    proto::SignedCheckpoint {
+        seq: u64::try_from(checkpoint.seq).unwrap_or_default(),
+        hash: checkpoint.hash.clone(),
+        at: Some(convert::timestamp(UnixMillis(checkpoint.at))),
+        prev_signature: checkpoint.prev_signature.clone().unwrap_or_default(),
+        key_id: checkpoint.key_id.clone(),
+        signature: checkpoint.signature.clone(),
+    }
+}
+
+/// The keys and outside checkpoints of a verification request.
+fn trust(request: proto::VerifyAuditLogRequest) -> Result<Trust, ApiError> {
+    let keys = request
+        .public_keys
+        .iter()
+        .map(|text| {
+            PublicKey::parse(text)
+                .ok_or_else(|| invalid("public_keys", "must each be ed25519:<64 hex digits>"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if keys.is_empty() && !request.checkpoints.is_empty() {
+        return Err(invalid(
+            "public_keys",
+            "must be given with checkpoints: an unsigned checkpoint proves nothing",
+        ));
+    }
+    let checkpoints = request
+        .checkpoints
+        .into_iter()
+        .map(|given| {
+            let at = time("checkpoints.at", given.at)?
+                .ok_or_else(|| invalid("checkpoints.at", "is required"))?;
+            Ok(Checkpoint {
+                seq: i64::try_from(given.seq)
+                    .map_err(|_| invalid("checkpoints.seq", "is out of range"))?,
+                hash: given.hash,
+                at: at.0,
+                prev_signature: non_empty(given.prev_signature),
+                key_id: given.key_id,
+                signature: given.signature,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(Trust { keys, checkpoints })
 }
 
 pub fn event(record: &AuditRecord) -> proto::AuditEvent {
@@ -204,9 +260,10 @@ impl proto::audit_log_server::AuditLog for AuditLogApi {
         request: Request<proto::VerifyAuditLogRequest>,
     ) -> Result<Response<proto::VerifyAuditLogResponse>, Status> {
         self.authorize(request.metadata())?;
+        let trust = trust(request.into_inner())?;
         let report = self
             .store
-            .verify_audit_log()
+            .verify_audit_log_with(&trust)
             .await
             .map_err(ApiError::from)?;
         if !report.ok {
@@ -220,6 +277,26 @@ impl proto::audit_log_server::AuditLog for AuditLogApi {
                 .and_then(|seq| u64::try_from(seq).ok())
                 .unwrap_or_default(),
             detail: report.detail,
+            checkpoints_checked: report.checkpoints_checked,
+            last_checkpoint: report.last_checkpoint.as_ref().map(signed_checkpoint),
+        }))
+    }
+
+    async fn create_checkpoint(
+        &self,
+        request: Request<proto::CreateCheckpointRequest>,
+    ) -> Result<Response<proto::CreateCheckpointResponse>, Status> {
+        self.authorize(request.metadata())?;
+        let key = self.signing_key.as_ref().ok_or(ApiError::NoSigningKey)?;
+        let signed = self
+            .store
+            .sign_checkpoint(key)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or(ApiError::EmptyChain)?;
+        Ok(Response::new(proto::CreateCheckpointResponse {
+            checkpoint: Some(signed_checkpoint(&signed.checkpoint)),
+            created: signed.created,
         }))
     }
 

@@ -28,6 +28,10 @@ pub enum ApiError {
     NotCancellable(JobState),
     #[error("too many open WatchJob streams for this tenant")]
     TooManyWatches,
+    #[error("this daemon has no audit.signing_key_file: it signs no checkpoints")]
+    NoSigningKey,
+    #[error("the audit chain is empty: nothing to sign")]
+    EmptyChain,
     #[error(transparent)]
     Access(#[from] AccessError),
     #[error(transparent)]
@@ -72,7 +76,10 @@ impl From<ApiError> for Status {
                 error.to_string(),
                 ErrorDetails::with_retry_info(Some(QUEUE_FULL_RETRY)),
             ),
-            ApiError::NotCancellable(_) => Status::failed_precondition(error.to_string()),
+            ApiError::NotCancellable(_) | ApiError::NoSigningKey => {
+                Status::failed_precondition(error.to_string())
+            }
+            ApiError::EmptyChain => Status::not_found(error.to_string()),
             ApiError::TooManyWatches => Status::with_error_details(
                 Code::ResourceExhausted,
                 error.to_string(),

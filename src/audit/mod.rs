@@ -7,6 +7,7 @@
 //! write the file can also recompute the chain; the hashes are therefore also emitted to the log
 //! pipeline with every event, where an auditor can compare them with the database's.
 
+pub mod checkpoint;
 pub mod fingerprint;
 
 use sha2::{Digest, Sha256};
@@ -196,6 +197,10 @@ pub struct VerifyReport {
     /// The first `seq` where the chain breaks, when it does.
     pub first_bad_seq: Option<i64>,
     pub detail: String,
+    /// Signed checkpoints compared with the chain (stored and given).
+    pub checkpoints_checked: u64,
+    /// The latest stored checkpoint.
+    pub last_checkpoint: Option<checkpoint::Checkpoint>,
 }
 
 /// Recomputes the chain over events fed in `seq` order.
@@ -301,6 +306,8 @@ impl ChainVerifier {
                 events_checked: self.checked,
                 first_bad_seq: Some(seq),
                 detail: format!("chain broken at seq {seq}: {detail}"),
+                checkpoints_checked: 0,
+                last_checkpoint: None,
             },
             None => VerifyReport {
                 ok: true,
@@ -313,6 +320,8 @@ impl ChainVerifier {
                     }
                     (None, Some((to, _))) => format!("chain intact from seq 1 to seq {to}"),
                 },
+                checkpoints_checked: 0,
+                last_checkpoint: None,
             },
         }
     }

@@ -18,7 +18,7 @@ use crate::{
         ApiContext, AuditLogApi, TokenBrokerApi,
         grpc::{self, GrpcServices, Health},
     },
-    audit::fingerprint::Fingerprinter,
+    audit::{checkpoint::SigningKey, fingerprint::Fingerprinter},
     config::{Config, redact_url},
     exchange::upstream::UpstreamClient,
     exchange::worker::Worker,
@@ -115,6 +115,8 @@ struct Daemon {
     worker: Arc<Worker>,
     tenants: Arc<TenantRegistry>,
     fingerprinter: Fingerprinter,
+    /// Signs checkpoints of the audit chain, when audit.signing_key_file is set.
+    signing_key: Option<Arc<SigningKey>>,
     api: TokenBrokerApi,
     /// Cancelled when draining begins: stops claiming, sweeps, reloads and waiting calls.
     stop: CancellationToken,
@@ -163,6 +165,7 @@ impl Daemon {
                  computed under another key match nothing"
             );
         }
+        let signing_key = load_signing_key(&config)?;
         let key_file = config.key_file_path();
         let (keys, created) = KeyRing::load_or_create(&key_file)?;
         if created {
@@ -238,6 +241,17 @@ impl Daemon {
         if let Some(keep) = config.audit.retention() {
             supervisor.spawn("retention", retention(store.clone(), keep, stop.clone()));
         }
+        if let Some(key) = &signing_key {
+            supervisor.spawn(
+                "checkpoints",
+                sign_checkpoints(
+                    store.clone(),
+                    Arc::clone(key),
+                    config.audit.checkpoint_interval(),
+                    stop.clone(),
+                ),
+            );
+        }
         supervisor.spawn(
             "reload",
             apply_reloads(
@@ -293,6 +307,7 @@ impl Daemon {
             worker,
             tenants,
             fingerprinter,
+            signing_key,
             api,
             stop,
             ops_stop,
@@ -325,6 +340,7 @@ impl Daemon {
                 self.store.clone(),
                 self.fingerprinter.clone(),
                 Arc::clone(&self.tenants),
+                self.signing_key.clone(),
             ),
             health: self.health.clone(),
         };
@@ -417,6 +433,12 @@ impl Daemon {
                 abandoned = self.attempts.len(),
                 "grace period over; abandoned attempts will be recovered as outcome unknown at the next start"
             );
+        }
+        // The chain's last head, signed: a tail cut after this stop shows against it.
+        if let Some(key) = &self.signing_key
+            && let Err(error) = self.store.sign_checkpoint(key).await
+        {
+            tracing::error!(%error, "cannot sign the audit checkpoint at shutdown");
         }
         self.ops_stop.cancel();
         // The writer ends when the last store handle goes: drop this daemon's handles first
@@ -515,6 +537,54 @@ async fn retention(store: Store, keep: Duration, stop: CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(RETENTION_INTERVAL) => {}
+        }
+    }
+}
+
+/// Reads audit.signing_key_file, when set. The daemon never creates it: its public key must
+/// reach the auditors apart from the database, which `audit keygen` prints.
+fn load_signing_key(config: &Config) -> anyhow::Result<Option<Arc<SigningKey>>> {
+    let path = &config.audit.signing_key_file;
+    if path.as_os_str().is_empty() {
+        tracing::info!(
+            "audit.signing_key_file is not set: the audit chain's checkpoints are not signed"
+        );
+        return Ok(None);
+    }
+    if !path.is_file() {
+        anyhow::bail!(
+            "audit.signing_key_file {} does not exist: create it with `token-broker audit keygen \
+             --out {}` and give its .pub file to the auditors",
+            path.display(),
+            path.display()
+        );
+    }
+    let key = SigningKey::load(path)?;
+    tracing::info!(
+        key_id = %key.public_key().id(),
+        public_key = %key.public_key(),
+        "audit checkpoints are signed"
+    );
+    Ok(Some(Arc::new(key)))
+}
+
+/// Signs the chain head every `every` (when it moved since the last checkpoint), from the start
+/// until `stop`; the last one is signed by the drain.
+async fn sign_checkpoints(
+    store: Store,
+    key: Arc<SigningKey>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if let Err(error) = store.sign_checkpoint(&key).await {
+            tracing::error!(%error, "cannot sign an audit checkpoint");
         }
     }
 }

@@ -29,6 +29,10 @@ impl ChainHead {
         self.seq
     }
 
+    pub(super) fn hash(&self) -> &str {
+        &self.hash
+    }
+
     pub(super) async fn read(conn: &mut Conn) -> sqlx::Result<ChainHead> {
         let head = on_backend!(conn, "chain_head", |query, conn| {
             let row = query.fetch_optional(&mut *conn).await?;

@@ -6,7 +6,10 @@ use super::{
     backend::{Columns, on_backend},
 };
 use crate::{
-    audit::{AuditRecord, ChainVerifier, VerifyReport},
+    audit::{
+        AuditRecord, ChainVerifier, VerifyReport,
+        checkpoint::{ChainSpan, Checkpoint, CheckpointCheck, Trust},
+    },
     domain::job::{Job, JobState, UnixMillis},
 };
 
@@ -64,7 +67,7 @@ impl<T> Page<T> {
     }
 
     /// A page of at most `limit` items; a full page continues after its last item's key.
-    fn of(items: Vec<T>, limit: i64, key: impl Fn(&T) -> i64) -> Self {
+    pub(super) fn of(items: Vec<T>, limit: i64, key: impl Fn(&T) -> i64) -> Self {
         let next = (items.len() as i64 == limit)
             .then(|| items.last().map(key))
             .flatten();
@@ -191,7 +194,51 @@ impl Store {
         Ok(Page::of(items, limit, |event| event.seq))
     }
 
+    /// Recomputes the chain and compares the stored checkpoints with it (their signatures
+    /// unchecked: see [`Store::verify_audit_log_with`]).
     pub async fn verify_audit_log(&self) -> Result<VerifyReport, StoreError> {
+        self.verify_audit_log_with(&Trust::default()).await
+    }
+
+    /// Recomputes the chain; checks every stored checkpoint (its signature under one of
+    /// `trust.keys` when keys are given, its link to the one before, its seq and hash against
+    /// the chain); and checks that each of `trust.checkpoints`, kept outside the database, is
+    /// signed, still stored and still matches the chain. The report names the lowest seq that
+    /// does not match.
+    pub async fn verify_audit_log_with(&self, trust: &Trust) -> Result<VerifyReport, StoreError> {
+        let chain = self.verify_chain().await?;
+        let span = on_backend!(&self.pool, "event_seq_span", |query, pool| {
+            let row = query.fetch_one(pool).await?;
+            (row.opt_int("lo")?, row.opt_int("hi")?)
+        });
+        let span = match span {
+            (Some(first), Some(last)) => ChainSpan { first, last },
+            _ => ChainSpan { first: 1, last: 0 },
+        };
+        let mut check = CheckpointCheck::new(span, &trust.keys);
+        let mut after = None;
+        loop {
+            let page = self.list_checkpoints(None, after, SCAN_PAGE as u32).await?;
+            for (_, checkpoint) in &page.items {
+                let event = self.event_at(checkpoint.seq).await?;
+                check.stored(checkpoint, event.as_ref());
+            }
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        let mut given: Vec<&Checkpoint> = trust.checkpoints.iter().collect();
+        given.sort_by_key(|checkpoint| checkpoint.seq);
+        for checkpoint in given {
+            let event = self.event_at(checkpoint.seq).await?;
+            check.given(checkpoint, event.as_ref());
+        }
+        Ok(check.report(chain))
+    }
+
+    /// Recomputes the hash chain over every stored event.
+    async fn verify_chain(&self) -> Result<VerifyReport, StoreError> {
         let mut verifier = ChainVerifier::new();
         let mut after = None;
         'pages: loop {

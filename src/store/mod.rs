@@ -34,6 +34,7 @@ use crate::{
 mod audit;
 mod backend;
 mod budget;
+mod checkpoints;
 mod deliveries;
 pub mod feed;
 mod history;
@@ -42,6 +43,7 @@ mod writer;
 
 use backend::{Columns, Db, Pool, on_backend};
 pub use budget::{BudgetGrant, BudgetRequest, Reservation};
+pub use checkpoints::Signed;
 pub use history::{EventQuery, JobQuery, Page, Pruned};
 
 pub use deliveries::Deliveries;

@@ -35,9 +35,10 @@ use super::{
     StoreError, SubmitOutcome,
     audit::{self, AuditEvent, ChainHead},
     backend::{Columns, Conn, Db, on_backend},
+    checkpoints::{self, Signed},
 };
 use crate::{
-    audit::{AuditKind, AuditRecord, RecordKind},
+    audit::{AuditKind, AuditRecord, RecordKind, checkpoint::SigningKey},
     domain::job::{Job, JobId, UnixMillis},
     domain::secret::ExposeSecret,
     ops::metrics::Metrics,
@@ -106,6 +107,13 @@ pub(super) enum Command {
     Reencrypt {
         after: i64,
         reply: Responder<(u64, Option<i64>)>,
+    },
+    /// Signs the chain head unless the last checkpoint covers it; answers the latest
+    /// checkpoint (`None` while the chain is empty).
+    Sign {
+        key: Arc<SigningKey>,
+        now: UnixMillis,
+        reply: Responder<Option<Signed>>,
     },
     /// Notes that these jobs' tokens reached their callers; answers the rows changed.
     MarkDelivered {
@@ -200,6 +208,7 @@ impl Command {
             Command::Expire { reply, .. } | Command::Rescue { reply, .. } => reply.send(),
             Command::PruneStep { reply, .. } => reply.send(),
             Command::Reencrypt { reply, .. } => reply.send(),
+            Command::Sign { reply, .. } => reply.send(),
             Command::MarkDelivered { reply, .. } | Command::EraseTokens { reply, .. } => {
                 reply.send()
             }
@@ -216,6 +225,7 @@ impl Command {
             Command::Expire { reply, .. } | Command::Rescue { reply, .. } => reply.fail(error),
             Command::PruneStep { reply, .. } => reply.fail(error),
             Command::Reencrypt { reply, .. } => reply.fail(error),
+            Command::Sign { reply, .. } => reply.fail(error),
             Command::MarkDelivered { reply, .. } | Command::EraseTokens { reply, .. } => {
                 reply.fail(error)
             }
@@ -888,6 +898,10 @@ async fn apply(
             reply.keep(prune_step(conn, tracked, *cutoff, *now).await)
         }
         Command::Reencrypt { after, reply } => reply.keep(reencrypt(conn, tracked, *after).await),
+        Command::Sign { key, now, reply } => {
+            let signed = checkpoints::sign(conn, &tracked.head, key, *now).await?;
+            reply.keep(Ok((signed, Effects::default())))
+        }
         Command::MarkDelivered {
             job_ids,
             now,

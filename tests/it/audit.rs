@@ -63,7 +63,7 @@ async fn verify(
     client: &mut AuditLogClient<Channel>,
 ) -> token_broker::api::proto::VerifyAuditLogResponse {
     client
-        .verify_audit_log(VerifyAuditLogRequest {})
+        .verify_audit_log(VerifyAuditLogRequest::default())
         .await
         .unwrap()
         .into_inner()

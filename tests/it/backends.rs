@@ -7,8 +7,8 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use token_broker::{
     api::proto::{
-        FailureReason, GetJobRequest, JobState, ListAuditEventsRequest, SubmitExchangeRequest,
-        VerifyAuditLogRequest, audit_log_client::AuditLogClient,
+        CreateCheckpointRequest, FailureReason, GetJobRequest, JobState, ListAuditEventsRequest,
+        SubmitExchangeRequest, VerifyAuditLogRequest, audit_log_client::AuditLogClient,
     },
     config::Config,
     tools::fake_upstream::{Faults, Scripted},
@@ -115,13 +115,69 @@ async fn verified(app: &TestApp) -> bool {
         .await
         .expect("connect");
     let report = client
-        .verify_audit_log(VerifyAuditLogRequest {})
+        .verify_audit_log(VerifyAuditLogRequest::default())
         .await
         .expect("verify")
         .into_inner();
     assert!(report.ok, "{report:?}");
     report.ok
 }
+
+/// Checkpoints signed on request chain to each other and verify against the public key, on
+/// either database (on PostgreSQL inside the writer's turn on the chain).
+async fn signed_checkpoints(backend: Backend) {
+    let mut public = None;
+    let Some(mut app) = spawn(backend, |config| {
+        let dir = config
+            .storage
+            .path
+            .parent()
+            .expect("a directory")
+            .to_path_buf();
+        let key = dir.join("signing.key");
+        let signing = token_broker::audit::checkpoint::SigningKey::generate(&key).expect("keygen");
+        public = Some(signing.public_key().to_string());
+        config.audit.signing_key_file = key;
+        config.audit.checkpoint_interval_secs = 86_400;
+    })
+    .await
+    else {
+        return;
+    };
+    let mut audit = AuditLogClient::connect(format!("http://{}", app.grpc_addr))
+        .await
+        .expect("connect");
+    let mut checkpoints = Vec::new();
+    for count in [2, 1] {
+        for _ in 0..count {
+            let job = app.exchange(app.new_request("app")).await;
+            assert_eq!(job.state(), JobState::Succeeded);
+        }
+        let signed = audit
+            .create_checkpoint(CreateCheckpointRequest::default())
+            .await
+            .expect("a checkpoint")
+            .into_inner();
+        assert!(signed.created);
+        checkpoints.push(signed.checkpoint.expect("the checkpoint"));
+    }
+    assert_eq!(checkpoints[0].seq, 8);
+    assert_eq!(checkpoints[1].seq, 12);
+    assert_eq!(checkpoints[1].prev_signature, checkpoints[0].signature);
+    let report = audit
+        .verify_audit_log(VerifyAuditLogRequest {
+            public_keys: vec![public.expect("a public key")],
+            checkpoints: checkpoints.clone(),
+        })
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.checkpoints_checked, 4);
+    assert_eq!(report.last_checkpoint.as_ref(), checkpoints.last());
+}
+
+on_both!(signed_checkpoints_chain_and_verify, signed_checkpoints);
 
 async fn exchange_idempotency_and_the_trail(backend: Backend) {
     let Some(mut app) = spawn(backend, |_| {}).await else {

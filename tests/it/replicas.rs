@@ -452,7 +452,7 @@ async fn a_replica_killed_mid_run_loses_nothing_and_redeems_nothing_twice() {
     let verified = AuditLogClient::connect(format!("http://{}", survivor.addr))
         .await
         .expect("connect")
-        .verify_audit_log(VerifyAuditLogRequest {})
+        .verify_audit_log(VerifyAuditLogRequest::default())
         .await
         .expect("VerifyAuditLog")
         .into_inner();

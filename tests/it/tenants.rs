@@ -128,7 +128,7 @@ async fn audit_codes(client: &mut AuditLogClient<Channel>, key: Option<&str>) ->
         ),
         code(
             client
-                .verify_audit_log(as_key(VerifyAuditLogRequest {}, key))
+                .verify_audit_log(as_key(VerifyAuditLogRequest::default(), key))
                 .await
                 .map(|_| Code::Ok),
         ),

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::{
     audit::AuditRecord,
+    audit::checkpoint::{self, Checkpoint, PublicKey, SigningKey, Trust, public_key_path},
     audit::fingerprint::Fingerprinter,
     cli::{AuditCommand, DatabaseArgs, EventFilterArgs, JobsCommand, OutputArgs},
     config::{Config, redact_url},
@@ -191,6 +192,101 @@ fn rfc3339(at: UnixMillis) -> String {
     humantime::format_rfc3339_millis(time).to_string()
 }
 
+/// A signed checkpoint as listed: every signed field (so a listed line can be given back to
+/// `audit verify --checkpoint`), plus the time in RFC 3339.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckpointRow {
+    pub seq: i64,
+    pub hash: String,
+    /// Milliseconds since the Unix epoch, as signed.
+    pub at: i64,
+    pub time: String,
+    pub prev_signature: Option<String>,
+    pub key_id: String,
+    pub signature: String,
+}
+
+impl From<&Checkpoint> for CheckpointRow {
+    fn from(checkpoint: &Checkpoint) -> Self {
+        Self {
+            seq: checkpoint.seq,
+            hash: checkpoint.hash.clone(),
+            at: checkpoint.at,
+            time: rfc3339(UnixMillis(checkpoint.at)),
+            prev_signature: checkpoint.prev_signature.clone(),
+            key_id: checkpoint.key_id.clone(),
+            signature: checkpoint.signature.clone(),
+        }
+    }
+}
+
+impl TableRow for CheckpointRow {
+    const COLUMNS: &'static [(&'static str, usize)] = &[
+        ("SEQ", 10),
+        ("SIGNED_AT", 24),
+        ("KEY_ID", 16),
+        ("HASH", 16),
+        ("SIGNATURE", 16),
+    ];
+
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.seq.to_string(),
+            self.time.clone(),
+            self.key_id.clone(),
+            short(Some(&self.hash)),
+            short(Some(&self.signature)),
+        ]
+    }
+}
+
+/// What `audit verify` trusts beyond the database: the public key files, and the checkpoints
+/// given inline or in files (lines that are not checkpoints are skipped; a file without any is
+/// an error, as a wrong file would otherwise verify nothing).
+fn trust(public_keys: &[PathBuf], inline: &[String], files: &[PathBuf]) -> anyhow::Result<Trust> {
+    let keys = public_keys
+        .iter()
+        .map(|path| PublicKey::load(path))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut checkpoints = Vec::new();
+    for (index, text) in inline.iter().enumerate() {
+        let checkpoint = Checkpoint::from_line(text)
+            .with_context(|| format!("--checkpoint #{} is not valid JSON", index + 1))?
+            .with_context(|| format!("--checkpoint #{} is not a signed checkpoint", index + 1))?;
+        checkpoints.push(checkpoint);
+    }
+    for path in files {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let before = checkpoints.len();
+        for (number, line) in text.lines().enumerate() {
+            // A log file holds other lines, some not JSON: only a line that says it is a
+            // checkpoint and does not parse as one is an error.
+            match Checkpoint::from_line(line) {
+                Ok(Some(checkpoint)) => checkpoints.push(checkpoint),
+                Ok(None) => {}
+                Err(error) if line.contains(checkpoint::LOG_EVENT) => {
+                    anyhow::bail!(
+                        "{}:{}: a checkpoint line that does not parse: {error}",
+                        path.display(),
+                        number + 1
+                    )
+                }
+                Err(_) => {}
+            }
+        }
+        if checkpoints.len() == before {
+            anyhow::bail!(
+                "{} holds no signed checkpoint (JSON lines with \"event\":\"{}\", or \
+                 `audit checkpoints --format jsonl` output)",
+                path.display(),
+                checkpoint::LOG_EVENT
+            );
+        }
+    }
+    Ok(Trust { keys, checkpoints })
+}
+
 /// Where the command reads.
 enum Database {
     Sqlite(PathBuf),
@@ -313,16 +409,56 @@ pub async fn audit(command: AuditCommand) -> anyhow::Result<bool> {
             filter,
             limit,
         } => export(database, output, filter, limit).await,
-        AuditCommand::Verify { database, json } => {
+        AuditCommand::Verify {
+            database,
+            json,
+            public_keys,
+            checkpoints,
+            checkpoint_files,
+        } => {
+            let trust = trust(&public_keys, &checkpoints, &checkpoint_files)?;
             let store = open(&database).await?;
-            let report = store.verify_audit_log().await?;
+            let report = store.verify_audit_log_with(&trust).await?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
                 println!("{}", report.detail);
                 println!("events checked: {}", report.events_checked);
+                println!("checkpoints checked: {}", report.checkpoints_checked);
             }
             Ok(report.ok)
+        }
+        AuditCommand::Checkpoints {
+            database,
+            output,
+            since,
+        } => {
+            let store = open(&database).await?;
+            let mut rows = writer(&output)?;
+            let mut after = None;
+            loop {
+                let page = store.list_checkpoints(since, after, PAGE).await?;
+                for (_, checkpoint) in &page.items {
+                    rows.write(&CheckpointRow::from(checkpoint))?;
+                }
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+            rows.finish()?;
+            Ok(true)
+        }
+        AuditCommand::Keygen { out } => {
+            let key = SigningKey::generate(&out)?;
+            println!("{}", key.public_key());
+            eprintln!(
+                "Wrote the signing key to {} (name it in audit.signing_key_file; keep it apart \
+                 from the database) and its public key to {} (give it to the auditors).",
+                out.display(),
+                public_key_path(&out).display()
+            );
+            Ok(true)
         }
         AuditCommand::Fingerprint { database, key_file } => {
             let key_path = match key_file {
