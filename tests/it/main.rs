@@ -20,5 +20,6 @@ mod security;
 mod supervision;
 mod tenants;
 mod tls;
+mod upgrade;
 mod validation;
 mod watching;

@@ -1,0 +1,109 @@
+//! A database made by the previous release opens under this build with every job, key and audit
+//! event intact. The fixture (`tests/fixtures/release-34d5195`) was made by that release's binary
+//! with `tests/fixtures/make_release_fixture.sh`, which also recorded what its own `jobs list`
+//! and `audit export` showed; this build must show the same, migrate the file, and go on.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+};
+
+use token_broker::api::proto::JobState;
+
+use crate::helpers::{TestApp, start_fake, start_up_error, test_config};
+
+const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/release-34d5195"
+);
+
+/// Copies the fixture's database and its key files into `dir` (keys private, as the daemon
+/// makes them); returns the database's path.
+fn copy_fixture(dir: &Path) -> PathBuf {
+    for name in ["broker.db", "broker.db.key", "broker.db.audit-key"] {
+        let target = dir.join(name);
+        std::fs::copy(Path::new(FIXTURE).join(name), &target).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+    }
+    dir.join("broker.db")
+}
+
+fn lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect()
+}
+
+/// What this build's auditors' command shows, as JSON lines.
+fn show(args: &[&str], db: &Path) -> Vec<serde_json::Value> {
+    let output = Command::new(env!("CARGO_BIN_EXE_token-broker"))
+        .args(args)
+        .args(["--format", "jsonl", "--database"])
+        .arg(db)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    lines(&String::from_utf8(output.stdout).unwrap())
+}
+
+fn recorded(name: &str) -> Vec<serde_json::Value> {
+    lines(&std::fs::read_to_string(Path::new(FIXTURE).join(name)).unwrap())
+}
+
+#[tokio::test]
+async fn a_database_made_by_the_previous_release_opens_with_everything_intact() {
+    let expected_jobs = recorded("jobs.jsonl");
+    let expected_events = recorded("events.jsonl");
+    assert_eq!(expected_jobs.len(), 23);
+    assert_eq!(expected_events.len(), 128);
+
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let db = copy_fixture(dir.path());
+    // Read by this build before any daemon touched it: what the old build showed.
+    assert_eq!(show(&["jobs", "list"], &db), expected_jobs);
+    assert_eq!(show(&["audit", "export"], &db), expected_events);
+
+    // The daemon opens it with its keys (the stored sealed secrets open: a wrong key would be
+    // refused, below), migrates it, and goes on with new work on top.
+    let fake = start_fake().await;
+    let mut config = test_config(&dir, &fake);
+    config.storage.path = db.clone();
+    let mut app = TestApp::start(config, fake, Arc::clone(&dir)).await;
+    let job = app.exchange(app.new_request("app")).await;
+    assert_eq!(job.state(), JobState::Succeeded);
+    app.stop().await;
+
+    // Every old job as it was (a delivered token's erasure is not shown), every old event
+    // unchanged, the new ones chained after them, and the whole chain verifies.
+    let jobs = show(&["jobs", "list"], &db);
+    assert_eq!(jobs.len(), expected_jobs.len() + 1);
+    assert_eq!(jobs[..expected_jobs.len()], expected_jobs[..]);
+    let events = show(&["audit", "export"], &db);
+    assert_eq!(events[..expected_events.len()], expected_events[..]);
+    assert_eq!(events.len(), expected_events.len() + 4);
+    let output = Command::new(env!("CARGO_BIN_EXE_token-broker"))
+        .args(["audit", "verify", "--json", "--database"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(output.status.success(), "{report}");
+    assert_eq!(report["events_checked"], 132, "{report}");
+
+    // The fixture holds sealed secrets that only its key opens: another key is refused.
+    let other = Arc::new(tempfile::tempdir().unwrap());
+    let other_db = copy_fixture(other.path());
+    std::fs::remove_file(other.path().join("broker.db.key")).unwrap();
+    token_broker::security::crypto::KeyRing::load_or_create(&other.path().join("broker.db.key"))
+        .unwrap();
+    let fake = start_fake().await;
+    let mut config = test_config(&other, &fake);
+    config.storage.path = other_db;
+    let error = start_up_error(config).await;
+    assert!(error.contains("do not open the stored secrets"), "{error}");
+}
