@@ -4,6 +4,7 @@
 mod audit;
 mod backends;
 mod bounds;
+mod console;
 mod crash;
 mod durability;
 mod exchange;
