@@ -47,7 +47,12 @@ impl StatusView {
             ChainState::Intact {
                 up_to: Some(seq),
                 detail,
-            } => (format!("intact up to seq {seq} ({detail})"), "ok"),
+            } if detail.contains("checkpoint") => {
+                (format!("intact up to seq {seq} ({detail})"), "ok")
+            }
+            ChainState::Intact {
+                up_to: Some(seq), ..
+            } => (format!("intact up to seq {seq}"), "ok"),
             ChainState::Broken { seq, detail } => (format!("broken at seq {seq}: {detail}"), "bad"),
             ChainState::Unavailable => (
                 "not checked: the database did not answer".to_string(),

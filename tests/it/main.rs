@@ -5,6 +5,7 @@ mod audit;
 mod backends;
 mod bounds;
 mod console;
+mod console_browser;
 mod crash;
 mod durability;
 mod exchange;
