@@ -109,6 +109,19 @@ impl Fixture {
     }
 }
 
+/// `token-broker console --database DB [--config CONFIG]`, served on `addr`.
+fn args(db: &Path, config: Option<&Path>, addr: SocketAddr) -> ConsoleArgs {
+    ConsoleArgs {
+        database: DatabaseArgs {
+            database: Some(db.to_path_buf()),
+            database_url: None,
+            config: config.map(Path::to_path_buf),
+        },
+        listen: addr,
+        key_file: None,
+    }
+}
+
 /// A console serving `db` in this process, as `token-broker console` would.
 pub struct Console {
     pub addr: SocketAddr,
@@ -118,33 +131,35 @@ pub struct Console {
 
 impl Console {
     /// Serves on `listen` (port 0), with `config` for the tenants.
-    pub async fn start(db: &Path, config: Option<&Path>, listen: &str) -> anyhow::Result<Console> {
+    pub async fn start(db: &Path, config: Option<&Path>, listen: &str) -> Console {
         token_broker::exchange::upstream::install_crypto_provider();
         let listener = TcpListener::bind(listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let args = ConsoleArgs {
-            database: DatabaseArgs {
-                database: Some(db.to_path_buf()),
-                database_url: None,
-                config: config.map(Path::to_path_buf),
-            },
-            listen: addr,
-            key_file: None,
-        };
         let (shutdown, stopped) = oneshot::channel::<()>();
-        let mut task = tokio::spawn(token_broker::console::serve(args, listener, async move {
-            let _ = stopped.await;
-        }));
-        // A refusal ends the task at once; otherwise it serves.
-        if let Ok(ended) = tokio::time::timeout(Duration::from_millis(300), &mut task).await {
-            ended.expect("the console does not panic")?;
-            anyhow::bail!("the console stopped by itself");
-        }
-        Ok(Console {
+        let task = tokio::spawn(token_broker::console::serve(
+            args(db, config, addr),
+            listener,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Console {
             addr,
             shutdown: Some(shutdown),
             task,
-        })
+        }
+    }
+
+    /// Why the console refuses to serve on `listen`.
+    pub async fn refusal(db: &Path, config: Option<&Path>, listen: &str) -> String {
+        let listener = TcpListener::bind(listen).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = token_broker::console::serve(args(db, config, addr), listener, async {});
+        let error = tokio::time::timeout(PATIENCE, served)
+            .await
+            .expect("the console answers at once")
+            .expect_err("the console refuses");
+        format!("{error:#}")
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -219,9 +234,7 @@ fn listed(page: &str) -> Vec<String> {
 #[tokio::test]
 async fn pages_searches_timelines_and_exports_show_the_jobs_and_never_a_secret() {
     let fixture = Fixture::new().await;
-    let console = Console::start(&fixture.db, None, "127.0.0.1:0")
-        .await
-        .unwrap();
+    let console = Console::start(&fixture.db, None, "127.0.0.1:0").await;
     let client = client();
     let mut bodies = Vec::new();
 
@@ -469,14 +482,8 @@ async fn off_loopback_only_an_audit_key_opens_the_console() {
     let fixture = Fixture::new().await;
 
     // Without an audit tenant, a non-loopback address is refused, before anything is served.
-    let refused = Console::start(&fixture.db, None, "0.0.0.0:0")
-        .await
-        .err()
-        .expect("refused");
-    assert!(
-        format!("{refused:#}").contains("not a loopback address"),
-        "{refused:#}"
-    );
+    let refused = Console::refusal(&fixture.db, None, "0.0.0.0:0").await;
+    assert!(refused.contains("not a loopback address"), "{refused}");
     let output = Command::new(env!("CARGO_BIN_EXE_token-broker"))
         .args(["console", "--listen", "0.0.0.0:0", "--database"])
         .arg(&fixture.db)
@@ -490,9 +497,7 @@ async fn off_loopback_only_an_audit_key_opens_the_console() {
 
     // With one, auditors sign in with their key; others are refused.
     let (config, audit_key, submit_key) = tenants_config(fixture.dir.path());
-    let console = Console::start(&fixture.db, Some(&config), "0.0.0.0:0")
-        .await
-        .unwrap();
+    let console = Console::start(&fixture.db, Some(&config), "0.0.0.0:0").await;
     let url = format!("http://127.0.0.1:{}/", console.addr.port());
     let client = client();
     let anonymous = client.get(&url).send().await.unwrap();

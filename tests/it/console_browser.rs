@@ -175,6 +175,23 @@ impl Browser {
             .to_string()
     }
 
+    /// Waits until the browser's address contains `part` (a click's navigation may still be
+    /// under way when the click returns), and returns it.
+    async fn arrive(&self, part: &str) -> String {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let url = self.url().await;
+            if url.contains(part) {
+                return url;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never reached {part}: at {url}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn find(&self, css: &str) -> String {
         let found = self
             .call(
@@ -269,9 +286,7 @@ async fn an_auditor_searches_opens_a_timeline_and_downloads_an_export_in_a_brows
         return;
     };
     let fixture = Fixture::new().await;
-    let console = Console::start(&fixture.db, None, "127.0.0.1:0")
-        .await
-        .unwrap();
+    let console = Console::start(&fixture.db, None, "127.0.0.1:0").await;
     console.wait_verified(&reqwest::Client::new()).await;
     let scratch = tempfile::tempdir().unwrap();
     let downloads = scratch.path().join("downloads");
@@ -313,7 +328,7 @@ async fn an_auditor_searches_opens_a_timeline_and_downloads_an_export_in_a_brows
     let (job_id, code) = &fixture.shop_jobs[2];
     browser.type_into("input[name=code]", code).await;
     browser.click("#search-button").await;
-    let results = browser.url().await;
+    let results = browser.arrive("/jobs?fingerprint=").await;
     assert!(results.contains("/jobs?fingerprint="), "{results}");
     assert!(!results.contains(code.as_str()));
     let listed = browser.text("#jobs").await;
@@ -334,18 +349,18 @@ async fn an_auditor_searches_opens_a_timeline_and_downloads_an_export_in_a_brows
         )
         .await;
     browser.click("#search-button").await;
-    assert!(browser.url().await.ends_with("/jobs?state=failed"));
+    assert!(
+        browser
+            .arrive("/jobs?")
+            .await
+            .ends_with("/jobs?state=failed")
+    );
     let listed = browser.text("#jobs").await;
     assert!(listed.contains(&fixture.failed) && !listed.contains(&fixture.cancelled));
 
     // Its job's timeline, by following the link.
     browser.click("a.job-link").await;
-    assert!(
-        browser
-            .url()
-            .await
-            .ends_with(&format!("/jobs/{}", fixture.failed))
-    );
+    browser.arrive(&format!("/jobs/{}", fixture.failed)).await;
     let timeline = browser.text("#timeline").await;
     for kind in [
         "job.submitted",
