@@ -78,6 +78,24 @@ pub enum Command {
     /// Inspect and verify the audit trail (reads the database read-only).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Serve the auditors' web console: jobs, searches, timelines, exports, the chain's state
+    /// (reads the database read-only; never shows tokens).
+    Console(ConsoleArgs),
+}
+
+/// `token-broker console`.
+#[derive(Debug, Clone, Args)]
+pub struct ConsoleArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Address to serve on. Off loopback, auditors must sign in with the API key of a tenant
+    /// with the `audit` role (from --config), or the console refuses to start.
+    #[arg(long, default_value = "127.0.0.1:9465")]
+    pub listen: SocketAddr,
+    /// The fingerprint key for code searches (default: beside the database, or
+    /// audit.fingerprint_key_file).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -19,6 +19,7 @@
 //! - [`ops`]: `/metrics`, `/healthz` and `/readyz`, the Prometheus series, logging.
 //! - [`config`], [`cli`]: layered configuration checked as a whole; the command line.
 //! - [`tools`]: the fake upstream, the load generator and the auditors' command line.
+//! - [`console`]: the auditors' web console (read-only HTML over the same store).
 
 #![forbid(unsafe_code)]
 
@@ -26,6 +27,7 @@ pub mod api;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod domain;
 pub mod exchange;
 pub mod ops;

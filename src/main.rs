@@ -108,6 +108,9 @@ fn main() -> ExitCode {
             Ok(false) => ExitCode::FAILURE,
             Err(error) => report(Err(error)),
         },
+        Command::Console(args) => {
+            report(runtime.block_on(token_broker::console::run(args, shutdown_signal())))
+        }
     }
 }
 

@@ -204,6 +204,7 @@ impl proto::audit_log_server::AuditLog for AuditLogApi {
             created_before: time("created_before", request.created_before)?,
             after: decode_token("jobs", &request.page_token)?,
             limit: page_size(request.page_size),
+            ..JobQuery::default()
         };
         let page = self.store.list_jobs(&query).await.map_err(ApiError::from)?;
         Ok(Response::new(proto::ListJobsResponse {

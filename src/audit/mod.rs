@@ -204,7 +204,7 @@ pub struct VerifyReport {
 }
 
 /// Recomputes the chain over events fed in `seq` order.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct ChainVerifier {
     /// The previous event's `(seq, hash)`.
     previous: Option<(i64, String)>,

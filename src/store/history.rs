@@ -10,7 +10,7 @@ use crate::{
         AuditRecord, ChainVerifier, VerifyReport,
         checkpoint::{ChainSpan, Checkpoint, CheckpointCheck, Trust},
     },
-    domain::job::{Job, JobState, UnixMillis},
+    domain::job::{FailureReason, Job, JobState, UnixMillis},
 };
 
 /// Rows read per page when the store walks the whole log.
@@ -23,11 +23,24 @@ pub struct JobQuery {
     pub tenant: Option<String>,
     pub state: Option<JobState>,
     pub code_fingerprint: Option<String>,
+    pub failure_reason: Option<FailureReason>,
     pub created_after: Option<UnixMillis>,
     pub created_before: Option<UnixMillis>,
-    /// Continue after this row (from the previous page's `next`).
+    /// Newest first (the console's listings) instead of creation order.
+    pub newest_first: bool,
+    /// Continue after this row (from the previous page's `next`): past it in the listing's
+    /// order, so below it when `newest_first`.
     pub after: Option<i64>,
     pub limit: u32,
+}
+
+/// How many jobs of one state were created in one time bucket (the console's chart).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutcomeCount {
+    /// The bucket's start, a multiple of its width.
+    pub bucket: UnixMillis,
+    pub state: JobState,
+    pub jobs: u64,
 }
 
 /// Which events to list. Empty filters match everything.
@@ -113,15 +126,27 @@ impl Store {
         let Some((lo, hi)) = self.key_bounds(true, from, to).await? else {
             return Ok(Page::empty());
         };
-        let after = query.after.unwrap_or(i64::MIN).max(lo.saturating_sub(1));
+        // Every form takes the ids in (lower, upper]; a page continues past its last id in
+        // the listing's order.
+        let (lower, upper) = if query.newest_first {
+            let below = query
+                .after
+                .map_or(i64::MAX, |after| after.saturating_sub(1));
+            (lo.saturating_sub(1), hi.min(below))
+        } else {
+            (
+                query.after.unwrap_or(i64::MIN).max(lo.saturating_sub(1)),
+                hi,
+            )
+        };
         let limit = i64::from(query.limit.max(1));
         // The same parameters for each form; each form walks its own index.
         macro_rules! page {
             ($name:literal) => {
                 on_backend!(&self.pool, $name, |statement, pool| {
                     let rows = statement
-                        .bind(after)
-                        .bind(hi)
+                        .bind(lower)
+                        .bind(upper)
                         .bind(from)
                         .bind(to)
                         .bind(query.client_id.as_deref())
@@ -129,6 +154,7 @@ impl Store {
                         .bind(query.state.map(JobState::as_str))
                         .bind(query.code_fingerprint.as_deref())
                         .bind(limit)
+                        .bind(query.failure_reason.map(FailureReason::as_str))
                         .fetch_all(pool)
                         .await?;
                     rows.iter()
@@ -137,12 +163,17 @@ impl Store {
                 })
             };
         }
-        let rows = if query.code_fingerprint.is_some() {
-            page!("list_jobs_by_fingerprint")
-        } else if query.client_id.is_some() {
-            page!("list_jobs_by_client")
-        } else {
-            page!("list_jobs")
+        let rows = match (
+            query.code_fingerprint.is_some(),
+            query.client_id.is_some(),
+            query.newest_first,
+        ) {
+            (true, _, false) => page!("list_jobs_by_fingerprint"),
+            (true, _, true) => page!("list_jobs_by_fingerprint_newest"),
+            (false, true, false) => page!("list_jobs_by_client"),
+            (false, true, true) => page!("list_jobs_by_client_newest"),
+            (false, false, false) => page!("list_jobs"),
+            (false, false, true) => page!("list_jobs_newest"),
         };
         let items = rows
             .into_iter()
@@ -194,6 +225,53 @@ impl Store {
         Ok(Page::of(items, limit, |event| event.seq))
     }
 
+    /// How many jobs matching `query` (its filters; not its page) were created per bucket of
+    /// `bucket_ms` and state, in bucket order. One aggregate statement.
+    pub async fn outcome_counts(
+        &self,
+        query: &JobQuery,
+        bucket_ms: i64,
+    ) -> Result<Vec<OutcomeCount>, StoreError> {
+        let (from, to) = (
+            query.created_after.map_or(i64::MIN, |t| t.0),
+            query.created_before.map_or(i64::MAX, |t| t.0),
+        );
+        let Some((lo, hi)) = self.key_bounds(true, from, to).await? else {
+            return Ok(Vec::new());
+        };
+        let rows = on_backend!(&self.pool, "job_outcomes", |statement, pool| {
+            let rows = statement
+                .bind(lo.saturating_sub(1))
+                .bind(hi)
+                .bind(from)
+                .bind(to)
+                .bind(query.client_id.as_deref())
+                .bind(query.tenant.as_deref())
+                .bind(query.state.map(JobState::as_str))
+                .bind(query.code_fingerprint.as_deref())
+                .bind(query.failure_reason.map(FailureReason::as_str))
+                .bind(bucket_ms.max(1))
+                .fetch_all(pool)
+                .await?;
+            rows.iter()
+                .map(|row| Ok((row.int("bucket")?, row.text("state")?, row.int("jobs")?)))
+                .collect::<sqlx::Result<Vec<_>>>()?
+        });
+        rows.into_iter()
+            .map(|(bucket, state, jobs)| {
+                Ok(OutcomeCount {
+                    bucket: UnixMillis(bucket),
+                    state: state
+                        .parse()
+                        .map_err(|e: crate::domain::job::UnknownValue| {
+                            StoreError::Corrupt(e.to_string())
+                        })?,
+                    jobs: u64::try_from(jobs).unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
     /// Recomputes the chain and compares the stored checkpoints with it (their signatures
     /// unchecked: see [`Store::verify_audit_log_with`]).
     pub async fn verify_audit_log(&self) -> Result<VerifyReport, StoreError> {
@@ -240,7 +318,22 @@ impl Store {
     /// Recomputes the hash chain over every stored event.
     async fn verify_chain(&self) -> Result<VerifyReport, StoreError> {
         let mut verifier = ChainVerifier::new();
-        let mut after = None;
+        self.continue_verification(&mut verifier).await
+    }
+
+    /// Verifies the events after the last one `verifier` checked (all of them for a new
+    /// verifier) and reports on the whole chain so far. A caller that keeps its verifier (the
+    /// console) checks each event once, however often it asks. The table's sequence counter is
+    /// read before the events, so events committed meanwhile never look removed.
+    pub async fn continue_verification(
+        &self,
+        verifier: &mut ChainVerifier,
+    ) -> Result<VerifyReport, StoreError> {
+        let assigned = on_backend!(&self.pool, "audit_sequence", |query, pool| {
+            let row = query.fetch_optional(pool).await?;
+            row.as_ref().map(|row| row.int("seq")).transpose()?
+        });
+        let mut after = verifier.last_seq();
         'pages: loop {
             let page = self
                 .list_events(&EventQuery {
@@ -259,11 +352,9 @@ impl Store {
                 None => break,
             }
         }
-        let assigned = on_backend!(&self.pool, "audit_sequence", |query, pool| {
-            let row = query.fetch_optional(pool).await?;
-            row.as_ref().map(|row| row.int("seq")).transpose()?
-        });
         let last = verifier.last_seq().unwrap_or(0);
+        // The tail check is on a copy: later events may still come and continue the chain.
+        let mut verifier = verifier.clone();
         if let Some(assigned) = assigned
             && assigned > last
         {

@@ -44,7 +44,7 @@ mod writer;
 use backend::{Columns, Db, Pool, on_backend};
 pub use budget::{BudgetGrant, BudgetRequest, Reservation};
 pub use checkpoints::Signed;
-pub use history::{EventQuery, JobQuery, Page, Pruned};
+pub use history::{EventQuery, JobQuery, OutcomeCount, Page, Pruned};
 
 pub use deliveries::Deliveries;
 pub use writer::WriterTask;

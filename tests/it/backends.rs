@@ -244,6 +244,113 @@ async fn retries_and_failures(backend: Backend) {
 }
 on_both!(retries_and_failures_are_the_same, retries_and_failures);
 
+/// The console's queries: newest-first pages, the failure-reason filter, outcome counts and
+/// the incremental verification, through a read-only store as the console opens it.
+async fn console_queries(backend: Backend) {
+    use token_broker::{
+        audit::ChainVerifier,
+        domain::job::{FailureReason, JobState},
+        store::{JobQuery, Store},
+    };
+    let Some(mut app) = spawn(backend, |_| {}).await else {
+        return;
+    };
+    let mut ids = Vec::new();
+    for client in ["app", "app", "other", "app"] {
+        ids.push(app.exchange(app.new_request(client)).await.job_id);
+    }
+    let mut refused = app.new_request("app");
+    refused.code_verifier = token_broker::tools::fake_upstream::new_verifier();
+    let failed = app.exchange(refused).await.job_id;
+    let store = match &app.config.storage.url {
+        Some(url) => Store::open_read_only_url(url).await,
+        None => Store::open_read_only(&app.db_path()).await,
+    }
+    .expect("read-only store");
+    let page = |query: JobQuery| {
+        let store = store.clone();
+        async move {
+            let page = store.list_jobs(&query).await.expect("list");
+            let ids: Vec<String> = page
+                .items
+                .iter()
+                .map(|(_, job)| job.id.to_string())
+                .collect();
+            (ids, page.next)
+        }
+    };
+    // Newest first, two at a time, for one client: the pages continue below their last row.
+    let query = JobQuery {
+        client_id: Some("app".into()),
+        newest_first: true,
+        limit: 2,
+        ..JobQuery::default()
+    };
+    let (first, next) = page(query.clone()).await;
+    assert_eq!(first, [failed.clone(), ids[3].clone()]);
+    let (second, next) = page(JobQuery {
+        after: next,
+        ..query.clone()
+    })
+    .await;
+    assert_eq!(second, [ids[1].clone(), ids[0].clone()]);
+    let (third, _) = page(JobQuery {
+        after: next,
+        ..query
+    })
+    .await;
+    assert!(third.is_empty(), "{third:?}");
+    // Every job, newest first, and only the refused one by its reason.
+    let (all, _) = page(JobQuery {
+        newest_first: true,
+        limit: 100,
+        ..JobQuery::default()
+    })
+    .await;
+    assert_eq!(all.first(), Some(&failed));
+    assert_eq!(all.len(), 5);
+    let (forbidden, _) = page(JobQuery {
+        failure_reason: Some(FailureReason::Forbidden),
+        limit: 100,
+        ..JobQuery::default()
+    })
+    .await;
+    assert_eq!(forbidden, [failed]);
+    // Outcomes per hour.
+    let counts = store
+        .outcome_counts(&JobQuery::default(), 3_600_000)
+        .await
+        .expect("outcome counts");
+    let total = |state| -> u64 {
+        counts
+            .iter()
+            .filter(|count| count.state == state)
+            .map(|count| count.jobs)
+            .sum()
+    };
+    assert_eq!(
+        (total(JobState::Succeeded), total(JobState::Failed)),
+        (4, 1)
+    );
+    assert!(counts.iter().all(|count| count.bucket.0 % 3_600_000 == 0));
+    // Verification continues where it stopped.
+    let mut verifier = ChainVerifier::new();
+    let report = store
+        .continue_verification(&mut verifier)
+        .await
+        .expect("verify");
+    assert!(report.ok, "{report:?}");
+    let checked = report.events_checked;
+    app.exchange(app.new_request("app")).await;
+    let report = store
+        .continue_verification(&mut verifier)
+        .await
+        .expect("verify");
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.events_checked, checked + 4);
+}
+on_both!(console_queries_are_the_same, console_queries);
+
 async fn cancellation_and_bounds(backend: Backend) {
     // One request a second: submissions stay queued.
     let Some(mut app) = spawn(backend, |config| {

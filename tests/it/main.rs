@@ -5,6 +5,8 @@ mod audit;
 mod backends;
 mod bounds;
 mod checkpoints;
+mod console;
+mod console_browser;
 mod crash;
 mod durability;
 mod exchange;

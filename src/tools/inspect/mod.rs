@@ -187,7 +187,8 @@ fn short(value: Option<&str>) -> String {
     value.map_or("-".to_string(), |v| v.chars().take(16).collect())
 }
 
-fn rfc3339(at: UnixMillis) -> String {
+/// A stored time as RFC 3339 with milliseconds, in UTC.
+pub fn rfc3339(at: UnixMillis) -> String {
     let time = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(at.0.max(0) as u64);
     humantime::format_rfc3339_millis(time).to_string()
 }
@@ -309,7 +310,8 @@ fn database(args: &DatabaseArgs) -> anyhow::Result<Database> {
     })
 }
 
-async fn open(args: &DatabaseArgs) -> anyhow::Result<Store> {
+/// Opens the database `args` name, read-only.
+pub async fn open(args: &DatabaseArgs) -> anyhow::Result<Store> {
     match database(args)? {
         Database::Sqlite(path) => Store::open_read_only(&path)
             .await
@@ -355,6 +357,7 @@ pub async fn jobs(command: JobsCommand) -> anyhow::Result<()> {
                 created_before: until,
                 after: None,
                 limit: PAGE,
+                ..JobQuery::default()
             };
             let mut written = 0u64;
             'pages: loop {
@@ -492,6 +495,31 @@ pub async fn audit(command: AuditCommand) -> anyhow::Result<bool> {
             Ok(true)
         }
     }
+}
+
+/// The fingerprint key: `key_file` when given, else the one beside `--database` or the
+/// configuration's `audit.fingerprint_key_file`.
+pub fn fingerprint_key_path(
+    database: &DatabaseArgs,
+    key_file: Option<PathBuf>,
+) -> anyhow::Result<PathBuf> {
+    if let Some(path) = key_file {
+        return Ok(path);
+    }
+    let config = Config::load(database.config.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // --database names the file whose neighbouring key to use.
+    let storage = database
+        .database
+        .clone()
+        .unwrap_or(config.storage.path.clone());
+    Ok(Config {
+        storage: crate::config::StorageConfig {
+            path: storage,
+            ..config.storage.clone()
+        },
+        ..config
+    }
+    .fingerprint_key_path())
 }
 
 async fn export(

@@ -79,6 +79,17 @@ impl<W: Write> RowWriter<W> {
         Ok(())
     }
 
+    /// Pushes the rows written so far to the output (the console sends an export page by
+    /// page).
+    pub fn flush(&mut self) -> anyhow::Result<()> {
+        match (&mut self.csv, &mut self.out) {
+            (Some(csv), _) => csv.flush()?,
+            (None, Some(out)) => out.flush()?,
+            (None, None) => {}
+        }
+        Ok(())
+    }
+
     /// Closes the output (the JSON array, the CSV buffer) and returns the number of rows.
     pub fn finish(mut self) -> anyhow::Result<u64> {
         if let Some(mut csv) = self.csv.take() {

@@ -3,5 +3,6 @@ WHERE code_fingerprint = $8 AND id > $1 AND id <= $2 AND created_at >= $3 AND cr
   AND ($5::text IS NULL OR client_id = $5)
   AND ($6::text IS NULL OR tenant = $6)
   AND ($7::text IS NULL OR state = $7)
+  AND ($10::text IS NULL OR failure_reason = $10)
 ORDER BY id
 LIMIT $9

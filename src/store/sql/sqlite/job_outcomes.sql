@@ -1,0 +1,11 @@
+-- Jobs per creation-time bucket (?10 milliseconds wide) and state, for the console's chart;
+-- the filters of list_jobs.sql (ids in (?1, ?2], ?9 the failure reason).
+SELECT (created_at / ?10) * ?10 AS bucket, state, COUNT(*) AS jobs FROM jobs
+WHERE id > ?1 AND id <= ?2 AND created_at >= ?3 AND created_at < ?4
+  AND (?5 IS NULL OR client_id = ?5)
+  AND (?6 IS NULL OR tenant = ?6)
+  AND (?7 IS NULL OR state = ?7)
+  AND (?8 IS NULL OR code_fingerprint = ?8)
+  AND (?9 IS NULL OR failure_reason = ?9)
+GROUP BY bucket, state
+ORDER BY bucket
