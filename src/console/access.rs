@@ -10,11 +10,28 @@
 //! The rule: when the configuration names a tenant with the `audit` role, every request must
 //! carry such a key, on any address. Without one, the console serves loopback only, like
 //! `jobs` and `audit` serve whoever can read the file; bound elsewhere it refuses to start.
+//!
+//! Loopback is not a boundary against the browser itself: a web page the operator visits can
+//! rebind its own name to 127.0.0.1 and read the console as if it were that page's site. So
+//! without sign-in, a request must name the console by a loopback address and the port it is
+//! bound to (`Host: 127.0.0.1:PORT`, `localhost:PORT`, `[::1]:PORT`, or the bound address);
+//! any other name is refused (421). And in every mode, a POST sent from another origin (its
+//! `Origin` header names another host than its `Host`, or `Sec-Fetch-Site: cross-site`) is
+//! refused (403): browsers send Basic credentials with cross-site requests too. The pages'
+//! referrer policy is `same-origin`, so the browser names the console as the origin of its own
+//! form (under `no-referrer` it sends `Origin: null`, accepted only with
+//! `Sec-Fetch-Site: same-origin`).
 
-use std::{net::IpAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use base64::{Engine, engine::general_purpose::STANDARD};
-use hyper::{HeaderMap, header::AUTHORIZATION};
+use hyper::{
+    HeaderMap, Method,
+    header::{AUTHORIZATION, AsHeaderName, HOST, ORIGIN},
+};
 use zeroize::Zeroizing;
 
 use crate::{
@@ -25,8 +42,9 @@ use crate::{
 /// How requests are admitted.
 #[derive(Debug, Clone)]
 pub enum Access {
-    /// Anyone who reaches the (loopback) listener.
-    Open,
+    /// Anyone who reaches the (loopback) listener by one of these names (`host:port`, in
+    /// lower case): what a DNS-rebinding page cannot send.
+    Open { hosts: Vec<String> },
     /// A tenant's API key with the `audit` role, in HTTP Basic credentials.
     AuditKey(Arc<TenantRegistry>),
 }
@@ -38,6 +56,11 @@ pub enum Refusal {
     Unauthenticated,
     /// A known tenant without the `audit` role: 403.
     NotAnAuditor(String),
+    /// Without sign-in, a `Host` that is not the console's loopback address: 421. Holds the
+    /// names that are accepted (never the one that was sent).
+    WrongHost(Vec<String>),
+    /// A POST from another origin: 403.
+    CrossSite,
 }
 
 /// Why the console will not start on an address.
@@ -50,22 +73,51 @@ pub enum Refusal {
 pub struct OpenOffLoopback(pub IpAddr);
 
 impl Access {
-    /// The access rule for a console listening on `ip` with `tenants` configured.
-    pub fn for_address(ip: IpAddr, tenants: &[TenantConfig]) -> Result<Access, OpenOffLoopback> {
+    /// The access rule for a console listening on `address` with `tenants` configured.
+    pub fn for_address(
+        address: SocketAddr,
+        tenants: &[TenantConfig],
+    ) -> Result<Access, OpenOffLoopback> {
         if tenants
             .iter()
             .any(|tenant| tenant.roles.contains(&Role::Audit))
         {
             Ok(Access::AuditKey(TenantRegistry::new(tenants)))
-        } else if ip.is_loopback() {
-            Ok(Access::Open)
+        } else if address.ip().is_loopback() {
+            let port = address.port();
+            let mut hosts: Vec<String> = ["127.0.0.1", "localhost", "[::1]"]
+                .iter()
+                .map(|name| format!("{name}:{port}"))
+                .collect();
+            let bound = address.to_string().to_ascii_lowercase();
+            if !hosts.contains(&bound) {
+                hosts.push(bound);
+            }
+            Ok(Access::Open { hosts })
         } else {
-            Err(OpenOffLoopback(ip))
+            Err(OpenOffLoopback(address.ip()))
         }
     }
 
-    /// Admits or refuses a request by its headers.
-    pub fn check(&self, headers: &HeaderMap) -> Result<(), Refusal> {
+    /// Admits or refuses a request by its method, its target's authority (when the request
+    /// line carries one) and its headers.
+    pub fn check(
+        &self,
+        method: &Method,
+        authority: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Result<(), Refusal> {
+        let host = header_text(headers, HOST);
+        if let Access::Open { hosts } = self {
+            let named = |name: Option<&str>| name.is_some_and(|name| is_one_of(name, hosts));
+            // The request line's authority, when it has one, overrides `Host` (RFC 9112 §3.2.2).
+            if !named(host) || authority.is_some_and(|authority| !named(Some(authority))) {
+                return Err(Refusal::WrongHost(hosts.clone()));
+            }
+        }
+        if *method != Method::GET && *method != Method::HEAD && is_cross_site(headers, host) {
+            return Err(Refusal::CrossSite);
+        }
         let Access::AuditKey(registry) = self else {
             return Ok(());
         };
@@ -80,6 +132,51 @@ impl Access {
         caller
             .require(Role::Audit)
             .map_err(|denied| Refusal::NotAnAuditor(denied.to_string()))
+    }
+}
+
+fn header_text(headers: &HeaderMap, name: impl AsHeaderName) -> Option<&str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+/// Whether `host` (`name:port`, any case) is one of `hosts`; a `Host` without a port means
+/// port 80.
+fn is_one_of(host: &str, hosts: &[String]) -> bool {
+    let host = host.trim().to_ascii_lowercase();
+    let with_port = if host.ends_with(']') || !host.contains(':') {
+        format!("{host}:80")
+    } else {
+        host
+    };
+    hosts.contains(&with_port)
+}
+
+/// Whether a request that changes what a browser shows came from another site: the browser
+/// says `Sec-Fetch-Site: cross-site`, or its `Origin` names another host than its `Host` (any
+/// scheme: behind a TLS proxy the browser's origin is `https`). `Origin: null` (sandboxed
+/// pages, or a page whose referrer policy is `no-referrer`) counts as another origin unless
+/// the browser says `Sec-Fetch-Site: same-origin`, which no page can forge. No `Origin` at all
+/// is a client that is not a browser, or a browser too old to send one.
+fn is_cross_site(headers: &HeaderMap, host: Option<&str>) -> bool {
+    let site = header_text(headers, "sec-fetch-site").map(str::trim);
+    if site.is_some_and(|site| site.eq_ignore_ascii_case("cross-site")) {
+        return true;
+    }
+    let Some(origin) = headers.get(ORIGIN) else {
+        return false;
+    };
+    let Some(origin) = origin.to_str().ok().map(str::trim) else {
+        return true;
+    };
+    if origin == "null" {
+        return !site.is_some_and(|site| site.eq_ignore_ascii_case("same-origin"));
+    }
+    let authority = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"));
+    match (authority, host) {
+        (Some(authority), Some(host)) => !authority.eq_ignore_ascii_case(host.trim()),
+        _ => true,
     }
 }
 
@@ -113,6 +210,7 @@ mod tests {
 
     fn basic(password: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();
+        headers.insert(HOST, "anything.example".parse().unwrap());
         let value = format!("Basic {}", STANDARD.encode(format!("auditor:{password}")));
         headers.insert(AUTHORIZATION, value.parse().unwrap());
         headers
@@ -120,14 +218,14 @@ mod tests {
 
     #[test]
     fn off_loopback_an_audit_tenant_is_required() {
-        let anywhere: IpAddr = "0.0.0.0".parse().unwrap();
-        let loopback: IpAddr = "127.0.0.1".parse().unwrap();
+        let anywhere: SocketAddr = "0.0.0.0:9465".parse().unwrap();
+        let loopback: SocketAddr = "127.0.0.1:9465".parse().unwrap();
         let (key, _) = new_key();
         assert!(Access::for_address(anywhere, &[]).is_err());
         assert!(Access::for_address(anywhere, &[tenant("shop", &key, Role::Submit)]).is_err());
         assert!(matches!(
             Access::for_address(loopback, &[]),
-            Ok(Access::Open)
+            Ok(Access::Open { .. })
         ));
         assert!(matches!(
             Access::for_address(anywhere, &[tenant("audit", &key, Role::Audit)]),
@@ -140,25 +238,120 @@ mod tests {
         let (auditor, _) = new_key();
         let (shop, _) = new_key();
         let access = Access::for_address(
-            "127.0.0.1".parse().unwrap(),
+            "127.0.0.1:9465".parse().unwrap(),
             &[
                 tenant("auditors", &auditor, Role::Audit),
                 tenant("shop", &shop, Role::Submit),
             ],
         )
         .unwrap();
-        assert_eq!(access.check(&basic(&auditor)), Ok(()));
-        assert!(matches!(
-            access.check(&basic(&shop)),
-            Err(Refusal::NotAnAuditor(_))
-        ));
-        assert_eq!(access.check(&basic("wrong")), Err(Refusal::Unauthenticated));
-        assert_eq!(
-            access.check(&HeaderMap::new()),
-            Err(Refusal::Unauthenticated)
-        );
+        let get = |headers: &HeaderMap| access.check(&Method::GET, None, headers);
+        assert_eq!(get(&basic(&auditor)), Ok(()));
+        assert!(matches!(get(&basic(&shop)), Err(Refusal::NotAnAuditor(_))));
+        assert_eq!(get(&basic("wrong")), Err(Refusal::Unauthenticated));
+        assert_eq!(get(&HeaderMap::new()), Err(Refusal::Unauthenticated));
         let mut bearer = HeaderMap::new();
         bearer.insert(AUTHORIZATION, format!("Bearer {auditor}").parse().unwrap());
-        assert_eq!(access.check(&bearer), Err(Refusal::Unauthenticated));
+        assert_eq!(get(&bearer), Err(Refusal::Unauthenticated));
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.insert(*name, value.parse().unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn without_sign_in_only_loopback_names_of_the_bound_port_are_answered() {
+        let access = Access::for_address("127.0.0.1:9465".parse().unwrap(), &[]).unwrap();
+        let get = |host: &str| access.check(&Method::GET, None, &headers(&[("host", host)]));
+        for host in [
+            "127.0.0.1:9465",
+            "localhost:9465",
+            "LocalHost:9465",
+            "[::1]:9465",
+        ] {
+            assert_eq!(get(host), Ok(()), "{host}");
+        }
+        for host in [
+            "evil.example:9465",
+            "127.0.0.1:80",
+            "localhost",
+            "localhost.evil.example:9465",
+            "127.0.0.2:9465",
+        ] {
+            assert!(matches!(get(host), Err(Refusal::WrongHost(_))), "{host}");
+        }
+        assert!(matches!(
+            access.check(&Method::GET, None, &HeaderMap::new()),
+            Err(Refusal::WrongHost(_))
+        ));
+        // An absolute request target names the host too.
+        assert!(matches!(
+            access.check(
+                &Method::GET,
+                Some("evil.example:9465"),
+                &headers(&[("host", "127.0.0.1:9465")])
+            ),
+            Err(Refusal::WrongHost(_))
+        ));
+        // The bound address itself, when it is another loopback address.
+        let other = Access::for_address("127.0.0.2:80".parse().unwrap(), &[]).unwrap();
+        for host in ["127.0.0.2:80", "127.0.0.2", "localhost"] {
+            assert_eq!(
+                other.check(&Method::GET, None, &headers(&[("host", host)])),
+                Ok(()),
+                "{host}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_post_from_another_origin_is_refused_in_every_mode() {
+        let (auditor, _) = new_key();
+        let open = Access::for_address("127.0.0.1:9465".parse().unwrap(), &[]).unwrap();
+        let signed = Access::for_address(
+            "0.0.0.0:9465".parse().unwrap(),
+            &[tenant("auditors", &auditor, Role::Audit)],
+        )
+        .unwrap();
+        for access in [&open, &signed] {
+            let post = |extra: &[(&'static str, &str)]| {
+                let mut headers = basic(&auditor);
+                headers.insert(HOST, "127.0.0.1:9465".parse().unwrap());
+                headers.extend(self::headers(extra));
+                access.check(&Method::POST, None, &headers)
+            };
+            assert_eq!(post(&[]), Ok(()));
+            assert_eq!(post(&[("origin", "http://127.0.0.1:9465")]), Ok(()));
+            assert_eq!(post(&[("origin", "https://127.0.0.1:9465")]), Ok(()));
+            assert_eq!(post(&[("sec-fetch-site", "same-origin")]), Ok(()));
+            assert_eq!(
+                post(&[("origin", "null"), ("sec-fetch-site", "same-origin")]),
+                Ok(())
+            );
+            assert_eq!(
+                post(&[("origin", "null"), ("sec-fetch-site", "same-site")]),
+                Err(Refusal::CrossSite)
+            );
+            for bad in [
+                ("origin", "http://evil.example"),
+                ("origin", "http://127.0.0.1:8080"),
+                ("origin", "null"),
+                ("sec-fetch-site", "cross-site"),
+            ] {
+                assert_eq!(post(&[bad]), Err(Refusal::CrossSite), "{bad:?}");
+            }
+        }
+        // A GET is a read; a cross-site page cannot read its answer without rebinding.
+        let mut headers = headers(&[
+            ("host", "127.0.0.1:9465"),
+            ("origin", "http://evil.example"),
+        ]);
+        headers.extend(basic(&auditor));
+        headers.insert(HOST, "127.0.0.1:9465".parse().unwrap());
+        assert_eq!(open.check(&Method::GET, None, &headers), Ok(()));
     }
 }

@@ -99,7 +99,7 @@ pub async fn serve(
     let address = listener.local_addr()?;
     let config =
         Config::load(args.database.config.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let access = Access::for_address(address.ip(), &config.tenants)?;
+    let access = Access::for_address(address, &config.tenants)?;
     let store = inspect::open(&args.database).await?;
     let key_path = inspect::fingerprint_key_path(&args.database, args.key_file.clone())?;
     let fingerprinter = match Fingerprinter::load(&key_path) {
@@ -206,7 +206,11 @@ impl Console {
 
     async fn route(&self, request: Request<Incoming>) -> Result<Response<Body>, PageError> {
         self.access
-            .check(request.headers())
+            .check(
+                request.method(),
+                request.uri().authority().map(|a| a.as_str()),
+                request.headers(),
+            )
             .map_err(PageError::Refused)?;
         let path = request.uri().path().to_string();
         let query = request.uri().query().unwrap_or_default().to_string();
@@ -403,6 +407,25 @@ impl Console {
             PageError::Refused(Refusal::NotAnAuditor(why)) => {
                 (StatusCode::FORBIDDEN, "Forbidden", format!("{why}."))
             }
+            PageError::Refused(Refusal::WrongHost(hosts)) => (
+                StatusCode::MISDIRECTED_REQUEST,
+                "Wrong address",
+                format!(
+                    "Without sign-in, this console answers only when it is reached as http://{}/ \
+                     (the loopback address and port it listens on). A page that reaches it \
+                     under another name may be a DNS-rebinding attack from a web site, so it is \
+                     refused. Open the console at one of those addresses; through an SSH \
+                     tunnel, forward the same port number.",
+                    hosts.join("/, http://")
+                ),
+            ),
+            PageError::Refused(Refusal::CrossSite) => (
+                StatusCode::FORBIDDEN,
+                "Cross-site request refused",
+                "This form was sent from another site than the console, so it is refused. \
+                 Search from the console's own page."
+                    .to_string(),
+            ),
             PageError::NotFound(what) => (StatusCode::NOT_FOUND, "Not found", what.clone()),
             PageError::MethodNotAllowed => (
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -491,7 +514,9 @@ fn html(status: StatusCode, rendered: askama::Result<String>) -> Response<Body> 
 }
 
 /// The headers every answer carries: no script at all, styles and images from the console
-/// only, forms posted only to it, never framed, never cached, never sniffed, no referrer.
+/// only, forms posted only to it, never framed, never cached, never sniffed, no referrer to
+/// other sites (the console's own requests carry one, so its form names its origin: see
+/// [`access`]).
 fn harden(mut response: Response<Body>) -> Response<Body> {
     let headers = response.headers_mut();
     headers.insert(
@@ -508,7 +533,7 @@ fn harden(mut response: Response<Body>) -> Response<Body> {
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     headers.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response

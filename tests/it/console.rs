@@ -575,3 +575,120 @@ async fn off_loopback_only_an_audit_key_opens_the_console() {
     assert_eq!(listed(&auditor.text().await.unwrap()).len(), 5);
     console.stop().await;
 }
+#[tokio::test]
+async fn a_page_under_another_name_or_a_form_from_another_site_is_refused() {
+    let fixture = Fixture::new().await;
+    let console = Console::start(&fixture.db, None, "127.0.0.1:0").await;
+    let port = console.addr.port();
+    let client = client();
+    console.wait_verified(&client).await;
+
+    // DNS rebinding: the page's own name, pointed at 127.0.0.1, reaches the socket but is
+    // not one of the console's names.
+    for path in ["/", "/export.csv", &format!("/jobs/{}", fixture.failed)] {
+        let rebound = client
+            .get(console.url(path))
+            .header("host", format!("evil.example:{port}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(rebound.status().as_u16(), 421, "{path}");
+        let page = rebound.text().await.unwrap();
+        assert!(page.contains("DNS-rebinding"), "{page}");
+        assert!(
+            listed(&page).is_empty() && !page.contains("intact"),
+            "{page}"
+        );
+        assert!(!page.contains(fixture.failed.as_str()));
+    }
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+    ] {
+        let answer = client
+            .get(console.url("/"))
+            .header("host", &host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status().as_u16(), 200, "{host}");
+        assert_eq!(listed(&answer.text().await.unwrap()).len(), 5);
+    }
+    let other_port = client
+        .get(console.url("/"))
+        .header("host", format!("localhost:{}", port.wrapping_add(1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other_port.status().as_u16(), 421);
+
+    // A search posted from another site: refused, whatever its Host.
+    let search = |headers: &[(&str, String)]| {
+        let mut request = client
+            .post(console.url("/search"))
+            .form(&[("state", "failed")]);
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        request.send()
+    };
+    for headers in [
+        vec![("origin", "http://evil.example".to_string())],
+        vec![("origin", format!("http://evil.example:{port}"))],
+        vec![("origin", "null".to_string())],
+        vec![("sec-fetch-site", "cross-site".to_string())],
+    ] {
+        let refused = search(&headers).await.unwrap();
+        assert_eq!(refused.status().as_u16(), 403, "{headers:?}");
+        let page = refused.text().await.unwrap();
+        assert!(page.contains("another site"), "{page}");
+    }
+    // From the console's own page it goes through.
+    for headers in [
+        vec![("origin", format!("http://127.0.0.1:{port}"))],
+        vec![
+            ("origin", format!("http://127.0.0.1:{port}")),
+            ("sec-fetch-site", "same-origin".to_string()),
+        ],
+        vec![],
+    ] {
+        let accepted = search(&headers).await.unwrap();
+        assert_eq!(accepted.status().as_u16(), 303, "{headers:?}");
+        assert_eq!(accepted.headers()["location"], "/jobs?state=failed");
+    }
+    console.stop().await;
+
+    // With sign-in, the Host may be any name (a proxy's), but a cross-site POST is refused
+    // even with an auditor's key.
+    let (config, audit_key, _) = tenants_config(fixture.dir.path());
+    let console = Console::start(&fixture.db, Some(&config), "127.0.0.1:0").await;
+    let named = client
+        .get(console.url("/"))
+        .header("host", "console.example")
+        .basic_auth("auditor", Some(&audit_key))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(named.status().as_u16(), 200);
+    let cross = client
+        .post(console.url("/search"))
+        .header("origin", "http://evil.example")
+        .basic_auth("auditor", Some(&audit_key))
+        .form(&[("state", "failed")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cross.status().as_u16(), 403);
+    let own = client
+        .post(console.url("/search"))
+        .header("host", "console.example")
+        .header("origin", "https://console.example")
+        .basic_auth("auditor", Some(&audit_key))
+        .form(&[("state", "failed")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status().as_u16(), 303);
+    console.stop().await;
+}
