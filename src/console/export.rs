@@ -1,6 +1,11 @@
 //! Exports of a search as CSV or JSON Lines: the same rows as `jobs list --format csv|jsonl`
 //! (the inspect tool's [`JobRow`] and [`RowWriter`]), paged through the whole result in
 //! creation order and sent page by page, so an export of any size runs in constant memory.
+//!
+//! One difference: in the console's CSV, a cell that a spreadsheet would run as a formula
+//! (it starts with `=`, `+`, `-`, `@`, a tab or a carriage return: client ids, idempotency
+//! keys, OAuth states and failure details come from callers) is prefixed with `'`, so an
+//! auditor who opens the file sees the text instead of running it.
 
 use std::{
     io::{self, Write},
@@ -41,6 +46,33 @@ impl Write for Shared {
     }
 }
 
+/// A job's row in `format`: in CSV, with every text cell a caller could choose defused.
+fn row_of(job: &Job, format: Format) -> JobRow {
+    let mut row = JobRow::from(job);
+    if matches!(format, Format::Csv) {
+        for cell in [
+            &mut row.tenant,
+            &mut row.client_id,
+            &mut row.idempotency_key,
+            &mut row.state_param,
+        ] {
+            defuse(cell);
+        }
+        if let Some(detail) = &mut row.failure_detail {
+            defuse(detail);
+        }
+    }
+    row
+}
+
+/// Prefixes `cell` with `'` when a spreadsheet would read it as a formula (OWASP's advice
+/// for CSV injection).
+fn defuse(cell: &mut String) {
+    if cell.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        cell.insert(0, '\'');
+    }
+}
+
 /// The first page of `search`, read before the response starts, so a database that does not
 /// answer gets a 503 page instead of an empty download.
 pub async fn first_page(store: &Store, search: &Search) -> Result<Page<(i64, Job)>, StoreError> {
@@ -63,7 +95,7 @@ pub async fn send_rows(
         let written = page
             .items
             .iter()
-            .try_for_each(|(_, job)| rows.write(&JobRow::from(job)))
+            .try_for_each(|(_, job)| rows.write(&row_of(job, format)))
             .and_then(|()| rows.flush());
         if let Err(error) = written {
             tracing::warn!(%error, "console: cannot write an export");
@@ -102,5 +134,32 @@ pub async fn send_rows(
     let bytes = std::mem::take(&mut *buffer.0.lock());
     if !bytes.is_empty() {
         let _ = chunks.send(Ok(Frame::data(Bytes::from(bytes)))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cell_a_spreadsheet_would_run_is_prefixed_and_others_are_kept() {
+        for (given, written) in [
+            (
+                "=HYPERLINK(\"http://evil.example\")",
+                "'=HYPERLINK(\"http://evil.example\")",
+            ),
+            ("+1+1", "'+1+1"),
+            ("-2+3", "'-2+3"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\t=1", "'\t=1"),
+            ("\r=1", "'\r=1"),
+            ("state-1=2", "state-1=2"),
+            ("shop-app", "shop-app"),
+            ("", ""),
+        ] {
+            let mut cell = given.to_string();
+            defuse(&mut cell);
+            assert_eq!(cell, written, "{given:?}");
+        }
     }
 }

@@ -21,6 +21,9 @@ use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 use crate::helpers::{Daemon, PATIENCE, new_request, start_fake};
 
+/// An OAuth state a spreadsheet would run as a formula.
+pub const FORMULA: &str = "=HYPERLINK(\"http://evil.example/\",\"open\")";
+
 /// A database the daemon wrote, and what the tests look for in it.
 pub struct Fixture {
     /// Kept running: the console reads beside a live daemon, as it would in production.
@@ -28,7 +31,8 @@ pub struct Fixture {
     _fake: FakeUpstream,
     pub dir: tempfile::TempDir,
     pub db: PathBuf,
-    /// Succeeded jobs for `shop-app`, oldest first, with the code of each.
+    /// Succeeded jobs for `shop-app`, oldest first, with the code of each. The first one's
+    /// OAuth state is [`FORMULA`].
     pub shop_jobs: Vec<(String, String)>,
     /// A job for `other-app` upstream refused (403: a verifier that does not match).
     pub failed: String,
@@ -62,8 +66,11 @@ impl Fixture {
         let mut client = daemon.client().await;
         let mut secrets = Vec::new();
         let mut shop_jobs = Vec::new();
-        for _ in 0..3 {
-            let request = new_request(&fake, "shop-app");
+        for n in 0..3 {
+            let mut request = new_request(&fake, "shop-app");
+            if n == 0 {
+                request.state = FORMULA.to_string();
+            }
             let code = request.code.clone();
             secrets.extend([request.code.clone(), request.code_verifier.clone()]);
             let job = client.exchange(request).await.unwrap().into_inner();
@@ -434,6 +441,18 @@ async fn pages_searches_timelines_and_exports_show_the_jobs_and_never_a_secret()
         .map(|(id, _)| id.as_str())
         .collect();
     assert_eq!(exported, oldest_first, "creation order");
+    // A caller's value that a spreadsheet would run is written as text.
+    let state_column = reader
+        .headers()
+        .unwrap()
+        .iter()
+        .position(|name| name == "state_param")
+        .unwrap();
+    assert_eq!(
+        rows[0].get(state_column),
+        Some(format!("'{FORMULA}").as_str())
+    );
+    assert!(rows[1].get(state_column).unwrap().starts_with("state-"));
     bodies.push(csv.body);
     let jsonl = get(&client, &console.url("/export.jsonl")).await;
     assert_eq!(
@@ -452,6 +471,8 @@ async fn pages_searches_timelines_and_exports_show_the_jobs_and_never_a_secret()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
     assert_eq!(lines.len(), 5);
+    // JSON Lines keeps values as they are: no spreadsheet runs them.
+    assert_eq!(lines[0]["state_param"], FORMULA);
     assert_eq!(lines[3]["job_id"], fixture.failed.as_str());
     assert_eq!(lines[3]["failure_reason"], "forbidden");
     bodies.push(jsonl.body);
