@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::{
     access::{Access, Refusal},
-    chain::{ChainWatch, RECHECK},
+    chain::{ChainWatch, FULL_RECHECK, RECHECK},
     chart::{Chart, Span},
     pages::{CheckpointView, ErrorPage, EventLine, JobLine, JobPage, JobsPage, StatusView},
     search::{BadFilter, Listing, Search},
@@ -111,7 +111,12 @@ pub async fn serve(
     };
     let stop = CancellationToken::new();
     let chain = ChainWatch::new();
-    let checking = tokio::spawn(chain.clone().run(store.clone(), RECHECK, stop.clone()));
+    let checking = tokio::spawn(chain.clone().run(
+        store.clone(),
+        RECHECK,
+        FULL_RECHECK,
+        stop.clone(),
+    ));
     let console = Arc::new(Console {
         store: store.clone(),
         access,

@@ -713,3 +713,117 @@ async fn a_page_under_another_name_or_a_form_from_another_site_is_refused() {
     assert_eq!(own.status().as_u16(), 303);
     console.stop().await;
 }
+
+/// The status bar's chain state, once it contains `wanted` (within `patience`).
+async fn wait_status(console: &Console, wanted: &str, patience: Duration) -> String {
+    let client = client();
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let page = get(&client, &console.url("/")).await.body;
+        let state = page
+            .split("id=\"chain-state\">")
+            .nth(1)
+            .and_then(|rest| rest.split("</strong>").next())
+            .unwrap_or_default()
+            .to_string();
+        if state.contains(wanted) {
+            return state;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the status bar never said {wanted:?}: {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The database as someone with write access to the file sees it.
+async fn open_db(db: &Path) -> sqlx::SqliteConnection {
+    use sqlx::Connection;
+    sqlx::SqliteConnection::connect_with(
+        &sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(db)
+            .busy_timeout(PATIENCE),
+    )
+    .await
+    .unwrap()
+}
+
+/// The last audit event, as stored.
+async fn last_event(conn: &mut sqlx::SqliteConnection) -> token_broker::audit::AuditRecord {
+    use sqlx::Row;
+    let row = sqlx::query("SELECT * FROM audit_events ORDER BY seq DESC LIMIT 1")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    token_broker::audit::AuditRecord {
+        seq: row.get("seq"),
+        at: row.get("at"),
+        job_id: row.get("job_id"),
+        tenant: row.get("tenant"),
+        client_id: row.get("client_id"),
+        kind: row.get::<String, _>("kind").into(),
+        attempt: row.get::<Option<i64>, _>("attempt").map(|a| a as u32),
+        http_status: row.get::<Option<i64>, _>("http_status").map(|s| s as u16),
+        detail: row.get("detail"),
+        code_fingerprint: row.get("code_fingerprint"),
+        prev_hash: row.get("prev_hash"),
+        hash: row.get("hash"),
+    }
+}
+
+#[tokio::test]
+async fn an_event_edited_or_cut_after_it_was_verified_shows_the_chain_broken() {
+    use sqlx::Connection;
+    let fixture = Fixture::new().await;
+    let patience = PATIENCE + token_broker::console::chain::RECHECK;
+
+    // Edited, with its hash recomputed: the chain verifies from scratch, but the console saw
+    // the event change.
+    let console = Console::start(&fixture.db, None, "127.0.0.1:0").await;
+    console.wait_verified(&client()).await;
+    let mut conn = open_db(&fixture.db).await;
+    let mut edited = last_event(&mut conn).await;
+    edited.detail = Some("nothing happened".into());
+    edited.hash = edited.expected_hash();
+    sqlx::query("UPDATE audit_events SET detail = ?1, hash = ?2 WHERE seq = ?3")
+        .bind(&edited.detail)
+        .bind(&edited.hash)
+        .bind(edited.seq)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let state = wait_status(&console, "broken", patience).await;
+    assert!(
+        state.contains(&format!("broken at seq {}", edited.seq)) && state.contains("rewritten"),
+        "{state}"
+    );
+    // It stays broken once the whole chain was verified again.
+    let state = wait_status(&console, "verified again from the start", patience).await;
+    assert!(
+        state.contains(&format!("broken at seq {}", edited.seq)),
+        "{state}"
+    );
+    console.stop().await;
+
+    // Cut, with the sequence counter wound back so the table looks whole: the console saw
+    // the event go.
+    let console = Console::start(&fixture.db, None, "127.0.0.1:0").await;
+    console.wait_verified(&client()).await;
+    let last = last_event(&mut conn).await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM audit_events WHERE seq = {seq}; \
+         UPDATE sqlite_sequence SET seq = {seq} - 1 WHERE name = 'audit_events'",
+        seq = last.seq
+    )))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let state = wait_status(&console, "broken", patience).await;
+    assert!(
+        state.contains(&format!("broken at seq {}", last.seq)) && state.contains("cut"),
+        "{state}"
+    );
+    conn.close().await.unwrap();
+    console.stop().await;
+}
