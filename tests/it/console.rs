@@ -379,6 +379,15 @@ async fn pages_searches_timelines_and_exports_show_the_jobs_and_never_a_secret()
     assert_eq!(refused.status, 400);
     assert!(refused.body.contains("code:"), "{}", refused.body);
     assert!(!refused.body.contains(code.as_str()));
+    // Through the real binary, logging JSON at debug level: the code reaches no log line.
+    let logged = search_code_logged(&fixture.db, code).await;
+    assert!(logged.contains("console serving"), "{logged}");
+    for secret in &fixture.secrets {
+        assert!(
+            !logged.contains(secret.as_str()),
+            "a secret was logged: {logged}"
+        );
+    }
     // Other filters ride along with a code.
     let redirect = client
         .post(console.url("/search"))
@@ -596,6 +605,95 @@ async fn off_loopback_only_an_audit_key_opens_the_console() {
     assert_eq!(listed(&auditor.text().await.unwrap()).len(), 5);
     console.stop().await;
 }
+
+/// Runs `token-broker --log-format json console` on `db` (RUST_LOG=debug), searches for `code`
+/// through its form and follows the redirect, stops it, and returns everything it logged.
+async fn search_code_logged(db: &Path, code: &str) -> String {
+    use std::{
+        io::{BufRead, BufReader},
+        sync::{Arc, Mutex},
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_token-broker"))
+        .args(["--log-format", "json", "console", "--listen", "127.0.0.1:0"])
+        .arg("--database")
+        .arg(db)
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let log = Arc::clone(&log);
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        })
+    };
+    // The address it listens on, from its "console serving" line.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let addr = loop {
+        let serving = log
+            .lock()
+            .unwrap()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|line| line["message"] == "console serving")
+            .and_then(|line| line["listen"].as_str().map(str::to_string));
+        if let Some(addr) = serving {
+            break addr;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the console never served: {}",
+            log.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let client = client();
+    let redirect = client
+        .post(format!("http://{addr}/search"))
+        .form(&[("code", code)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(redirect.status().as_u16(), 303);
+    let location = redirect.headers()["location"].to_str().unwrap().to_string();
+    let found = get(&client, &format!("http://{addr}{location}")).await;
+    assert_eq!(listed(&found.body).len(), 1);
+    // An unknown code too: a search that finds nothing must not log what it looked for.
+    let unknown = format!("{code}-unknown");
+    let redirect = client
+        .post(format!("http://{addr}/search"))
+        .form(&[("code", unknown.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(redirect.status().as_u16(), 303);
+    // SIGTERM, so it drains and logs as it stops.
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.wait().unwrap();
+    reader.join().unwrap();
+    let log = log.lock().unwrap().clone();
+    assert!(!log.contains(unknown.as_str()), "a code was logged: {log}");
+    log
+}
+
 #[tokio::test]
 async fn a_page_under_another_name_or_a_form_from_another_site_is_refused() {
     let fixture = Fixture::new().await;
