@@ -235,11 +235,9 @@ impl SigningKey {
                 source,
             })
         };
-        write(
-            path,
-            &Zeroizing::new(format!("{}\n", hex::encode(*seed))),
-            KeyFile::CreateNew,
-        )?;
+        let mut text = Zeroizing::new(hex::encode(*seed));
+        text.push('\n');
+        write(path, &text, KeyFile::CreateNew)?;
         let key = SigningKey::from_seed(&seed);
         write(
             &public_key_path(path),
@@ -249,23 +247,33 @@ impl SigningKey {
         Ok(key)
     }
 
-    /// Reads the key file.
+    /// Reads the key file (warning when others may read it too).
     pub fn load(path: &Path) -> Result<SigningKey, CheckpointError> {
-        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
-            CheckpointError::Read {
-                path: path.to_path_buf(),
-                source,
+        let read = |source| CheckpointError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(read)?);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path).map_err(read)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format!("{:o}", mode & 0o777),
+                    "the checkpoint signing key is readable by others: chmod 600 it"
+                );
             }
-        })?);
-        let seed = hex::decode(text.trim())
-            .ok()
-            .and_then(|bytes| <[u8; KEY_LEN]>::try_from(bytes.as_slice()).ok())
-            .map(Zeroizing::new)
-            .ok_or_else(|| CheckpointError::Malformed {
+        }
+        let mut seed = Zeroizing::new([0u8; KEY_LEN]);
+        hex::decode_to_slice(text.trim(), seed.as_mut_slice()).map_err(|_| {
+            CheckpointError::Malformed {
                 path: path.to_path_buf(),
                 what: "signing key",
                 expected: "64 hex digits, as `token-broker audit keygen` writes",
-            })?;
+            }
+        })?;
         Ok(SigningKey::from_seed(&seed))
     }
 
@@ -318,13 +326,13 @@ pub fn compare(
     let when = signed_at(checkpoint);
     if checkpoint.seq > span.last {
         return Comparison::Differs {
-            seq: span.last + 1,
+            seq: span.last.saturating_add(1),
             detail: format!(
                 "the log ends at seq {}, but the checkpoint signed at {when} covers events up to \
                  seq {}: events {} to {} were removed",
                 span.last,
                 checkpoint.seq,
-                span.last + 1,
+                span.last.saturating_add(1),
                 checkpoint.seq
             ),
         };
@@ -478,15 +486,15 @@ impl<'a> CheckpointCheck<'a> {
 
     /// The chain's report with the checkpoints' findings: not ok if either found anything;
     /// the lowest seq found is the one named.
-    pub fn report(self, chain: VerifyReport) -> VerifyReport {
+    pub fn report(mut self, chain: VerifyReport) -> VerifyReport {
         let mut findings = self.findings;
+        self.matched.sort_unstable();
         for (seq, detail) in self.rewritten {
-            let from = self
-                .matched
-                .iter()
-                .filter(|&&matched| matched < seq)
-                .max()
-                .map_or(self.span.first, |matched| matched + 1);
+            // The last seq below this one whose signed hash still matches.
+            let below = self.matched.partition_point(|&matched| matched < seq);
+            let from = below.checked_sub(1).map_or(self.span.first, |index| {
+                self.matched[index].saturating_add(1)
+            });
             findings.push((
                 seq,
                 format!("{detail}; events {from} to {seq} cannot be trusted"),
@@ -555,13 +563,24 @@ impl<'a> CheckpointCheck<'a> {
     }
 }
 
-/// A checkpoint's signing time for people: RFC 3339, or the raw number if out of range.
+/// A checkpoint's signing time for people: RFC 3339, or the raw number outside years 1970 to
+/// 9999 (a hostile or damaged `at` is shown, never a reason to fail).
 pub fn signed_at(checkpoint: &Checkpoint) -> String {
-    u64::try_from(checkpoint.at)
-        .ok()
-        .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-        .map(|time| humantime::format_rfc3339_millis(time).to_string())
-        .unwrap_or_else(|| format!("{} ms", checkpoint.at))
+    rfc3339_or_raw(checkpoint.at)
+}
+
+/// Milliseconds since the epoch as RFC 3339 when they fall in years 1970 to 9999 (what RFC 3339
+/// can write); the number itself otherwise.
+pub fn rfc3339_or_raw(ms: i64) -> String {
+    /// 9999-12-31T23:59:59.999Z.
+    const LAST_MS: i64 = 253_402_300_799_999;
+    match u64::try_from(ms) {
+        Ok(ms) if ms <= LAST_MS as u64 => {
+            let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+            humantime::format_rfc3339_millis(time).to_string()
+        }
+        _ => format!("{ms} ms since the Unix epoch"),
+    }
 }
 
 fn short(hash: &str) -> &str {
@@ -726,6 +745,47 @@ mod tests {
         ));
         // Retention removed it.
         assert_eq!(compare(&checkpoint, None, span(11, 12)), Comparison::Pruned);
+    }
+
+    #[test]
+    fn absurd_times_and_seqs_are_shown_not_fatal() {
+        assert_eq!(rfc3339_or_raw(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339_or_raw(253_402_300_799_999),
+            "9999-12-31T23:59:59.999Z"
+        );
+        for ms in [253_402_300_800_000, i64::MAX, -1, i64::MIN] {
+            assert!(
+                rfc3339_or_raw(ms).ends_with("ms since the Unix epoch"),
+                "{ms}"
+            );
+        }
+        let span = ChainSpan { first: 1, last: 10 };
+        let keys = [key().public_key().clone()];
+        for (seq, at) in [
+            (i64::MAX, i64::MAX),
+            (i64::MIN, i64::MIN),
+            (-1, 300_000_000_000_000),
+        ] {
+            let mut checkpoint = key().sign(1, "h", 1, None);
+            checkpoint.seq = seq;
+            checkpoint.at = at;
+            let _ = compare(&checkpoint, None, span);
+            let mut check = CheckpointCheck::new(span, &keys);
+            check.given(&checkpoint, None);
+            assert!(
+                !check
+                    .report(VerifyReport {
+                        ok: true,
+                        events_checked: 10,
+                        first_bad_seq: None,
+                        detail: "chain intact".into(),
+                        checkpoints_checked: 0,
+                        last_checkpoint: None,
+                    })
+                    .ok
+            );
+        }
     }
 
     #[test]

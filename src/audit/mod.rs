@@ -265,7 +265,7 @@ impl ChainVerifier {
                 if is_checkpoint {
                     return Some("a checkpoint appears in the middle of the chain".into());
                 }
-                if record.seq != seq + 1 {
+                if Some(record.seq) != seq.checked_add(1) {
                     return Some(format!(
                         "seq jumps from {seq} to {}: events were removed",
                         record.seq

@@ -435,10 +435,14 @@ impl Daemon {
             );
         }
         // The chain's last head, signed: a tail cut after this stop shows against it.
-        if let Some(key) = &self.signing_key
-            && let Err(error) = self.store.sign_checkpoint(key).await
-        {
-            tracing::error!(%error, "cannot sign the audit checkpoint at shutdown");
+        if let Some(key) = &self.signing_key {
+            match tokio::time::timeout(TASK_STOP_BOUND, self.store.sign_checkpoint(key)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    tracing::error!(%error, "cannot sign the audit checkpoint at shutdown")
+                }
+                Err(_) => tracing::error!("the audit checkpoint at shutdown took too long"),
+            }
         }
         self.ops_stop.cancel();
         // The writer ends when the last store handle goes: drop this daemon's handles first

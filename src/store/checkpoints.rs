@@ -60,14 +60,14 @@ pub(super) async fn sign(
         return Ok(None);
     }
     let previous = last(conn).await?;
-    if let Some(previous) = previous.as_ref()
-        && previous.seq == head.seq()
-        && previous.hash == head.hash()
-    {
-        return Ok(Some(Signed {
-            checkpoint: previous.clone(),
-            created: false,
-        }));
+    if let Some(previous) = previous.as_ref() {
+        if previous.seq == head.seq() && previous.hash == head.hash() {
+            return Ok(Some(Signed {
+                checkpoint: previous.clone(),
+                created: false,
+            }));
+        }
+        still_extends(conn, head, previous, now).await?;
     }
     // Signing times never go back, whatever the clocks of the replicas did.
     let at = previous.as_ref().map_or(now.0, |p| now.0.max(p.at));
@@ -87,6 +87,64 @@ pub(super) async fn sign(
         checkpoint,
         created: true,
     }))
+}
+
+/// How far ahead of this clock a previous checkpoint's time may be (replicas' clocks differ a
+/// little; a checkpoint a day ahead was not signed by a sane clock).
+const CLOCK_SKEW_MS: i64 = 86_400_000;
+
+/// Refuses to sign a chain that no longer extends what was signed last: one that was cut below
+/// it, or rewritten at or before it (the daemon would otherwise lend its signature to the edit),
+/// or a previous checkpoint from the far future (every later one would inherit its time).
+async fn still_extends(
+    conn: &mut Conn,
+    head: &ChainHead,
+    previous: &Checkpoint,
+    now: UnixMillis,
+) -> Result<(), StoreError> {
+    let refuse = |why: String| {
+        Err(StoreError::Corrupt(format!(
+            "refusing to sign the audit chain: {why}; run `token-broker audit verify \
+             --public-key …`"
+        )))
+    };
+    if head.seq() < previous.seq {
+        return refuse(format!(
+            "it ends at seq {}, below the last checkpoint's seq {}",
+            head.seq(),
+            previous.seq
+        ));
+    }
+    if previous.at > now.0.saturating_add(CLOCK_SKEW_MS) {
+        return refuse(format!(
+            "the last checkpoint was signed at {}, in the future",
+            crate::audit::checkpoint::signed_at(previous)
+        ));
+    }
+    let event = on_backend!(&mut *conn, "get_event", |query, conn| {
+        let row = query.bind(previous.seq).fetch_optional(&mut *conn).await?;
+        row.as_ref().map(audit::record_from_row).transpose()?
+    });
+    match event {
+        Some(event) if event.hash != previous.hash => refuse(format!(
+            "event {} no longer carries the hash the last checkpoint signed",
+            previous.seq
+        )),
+        // Gone: pruned by retention (below the first stored event), or removed.
+        None if !pruned_below_first(conn, previous.seq).await? => refuse(format!(
+            "event {}, which the last checkpoint covers, is missing",
+            previous.seq
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `seq` lies below the first stored event (retention removed it).
+async fn pruned_below_first(conn: &mut Conn, seq: i64) -> Result<bool, StoreError> {
+    let first = on_backend!(&mut *conn, "event_seq_span", |query, conn| {
+        query.fetch_one(&mut *conn).await?.opt_int("lo")?
+    });
+    Ok(first.is_some_and(|first| seq < first))
 }
 
 impl Store {
@@ -131,12 +189,35 @@ impl Store {
         after: Option<i64>,
         limit: u32,
     ) -> Result<Page<(i64, Checkpoint)>, StoreError> {
+        self.list_checkpoints_through(since, after, i64::MAX, limit)
+            .await
+    }
+
+    /// The last checkpoint's row id (0 when there is none): what a verification checks up to,
+    /// so that checkpoints signed while it runs, covering events it did not see, are left out.
+    pub(super) async fn last_checkpoint_id(&self) -> Result<i64, StoreError> {
+        let id = on_backend!(&self.pool, "last_checkpoint_id", |query, pool| {
+            let row = query.fetch_one(pool).await?;
+            row.opt_int("id")?
+        });
+        Ok(id.unwrap_or(0))
+    }
+
+    /// [`Store::list_checkpoints`] up to row `through`.
+    pub(super) async fn list_checkpoints_through(
+        &self,
+        since: Option<UnixMillis>,
+        after: Option<i64>,
+        through: i64,
+        limit: u32,
+    ) -> Result<Page<(i64, Checkpoint)>, StoreError> {
         let limit = i64::from(limit.max(1));
         let items = on_backend!(&self.pool, "list_signed_checkpoints", |query, pool| {
             let rows = query
                 .bind(after.unwrap_or(0))
                 .bind(since.map_or(i64::MIN, |t| t.0))
                 .bind(limit)
+                .bind(through)
                 .fetch_all(pool)
                 .await?;
             rows.iter()

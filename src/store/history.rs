@@ -285,6 +285,9 @@ impl Store {
     /// does not match.
     pub async fn verify_audit_log_with(&self, trust: &Trust) -> Result<VerifyReport, StoreError> {
         let chain = self.verify_chain().await?;
+        // The checkpoints to check are those already signed; the span is read after, so each
+        // of them covers events the span includes, however the daemon goes on meanwhile.
+        let through = self.last_checkpoint_id().await?;
         let span = on_backend!(&self.pool, "event_seq_span", |query, pool| {
             let row = query.fetch_one(pool).await?;
             (row.opt_int("lo")?, row.opt_int("hi")?)
@@ -296,7 +299,9 @@ impl Store {
         let mut check = CheckpointCheck::new(span, &trust.keys);
         let mut after = None;
         loop {
-            let page = self.list_checkpoints(None, after, SCAN_PAGE as u32).await?;
+            let page = self
+                .list_checkpoints_through(None, after, through, SCAN_PAGE as u32)
+                .await?;
             for (_, checkpoint) in &page.items {
                 let event = self.event_at(checkpoint.seq).await?;
                 check.stored(checkpoint, event.as_ref());
@@ -359,7 +364,7 @@ impl Store {
             && assigned > last
         {
             verifier.fail_at(
-                last + 1,
+                last.saturating_add(1),
                 format!(
                     "events up to seq {assigned} were written but the log ends at seq {last}: \
                      the latest events were removed"

@@ -156,6 +156,7 @@ struct Signed {
     dir: tempfile::TempDir,
     db: PathBuf,
     log: PathBuf,
+    key: PathBuf,
     public: PathBuf,
 }
 
@@ -192,7 +193,7 @@ async fn signed_database() -> Signed {
     let fake = start_fake().await;
     let db = dir.path().join("broker.db");
     let log = dir.path().join("daemon.log");
-    let mut daemon = Daemon::start_with_env(
+    let daemon = Daemon::start_with_env(
         &db,
         &fake.token_url(),
         Some(log.clone()),
@@ -282,12 +283,21 @@ async fn signed_database() -> Signed {
 
     // One more exchange, then a graceful stop: the drain signs the head (seq 28).
     exchange(1).await;
+    drop((client, audit));
     let status = Command::new("kill")
         .args(["-TERM", &daemon.child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    assert!(daemon.child.wait().unwrap().success());
+    // Waited for off the runtime, which must go on closing this side's connections.
+    let (daemon, exit) = tokio::task::spawn_blocking(move || {
+        let mut daemon = daemon;
+        let exit = daemon.child.wait().unwrap();
+        (daemon, exit)
+    })
+    .await
+    .unwrap();
+    assert!(exit.success());
     let logged = logged_checkpoints(&log, 3);
     let seqs: Vec<i64> = logged.iter().map(|c| c["seq"].as_i64().unwrap()).collect();
     assert_eq!(seqs, [12, 24, 28], "{logged:?}");
@@ -296,6 +306,7 @@ async fn signed_database() -> Signed {
         dir,
         db,
         log,
+        key,
         public,
     }
 }
@@ -353,6 +364,47 @@ async fn signed_checkpoints_catch_a_rewritten_chain_and_a_cut_tail() {
     let (code, report) = verify(&rewritten_kept, &[]);
     assert_eq!(code, Some(1), "{report}");
     assert_eq!(report["first_bad_seq"], 12, "{report}");
+    // And the daemon, restarted on it with its key, refuses to sign the rewritten head.
+    let fake = start_fake().await;
+    let daemon = Daemon::start_with_env(
+        &rewritten_kept,
+        &fake.token_url(),
+        None,
+        &[
+            ("TOKEN_BROKER_AUDIT__SIGNING_KEY_FILE", path(&signed.key)),
+            // The original's key files: the copy's secrets are sealed with them.
+            (
+                "TOKEN_BROKER_SECURITY__KEY_FILE",
+                &format!("{}.key", path(&signed.db)),
+            ),
+            (
+                "TOKEN_BROKER_AUDIT__FINGERPRINT_KEY_FILE",
+                &format!("{}.audit-key", path(&signed.db)),
+            ),
+        ],
+    );
+    let mut audit = AuditLogClient::connect(format!("http://{}", daemon.addr))
+        .await
+        .unwrap();
+    let refused = audit
+        .create_checkpoint(CreateCheckpointRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Internal, "{refused:?}");
+    daemon.kill();
+    let output = run(&[
+        "audit",
+        "checkpoints",
+        "--format",
+        "jsonl",
+        "--database",
+        path(&rewritten_kept),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).lines().count(),
+        3,
+        "no checkpoint was added"
+    );
 
     // The tail cut after seq 20, with the sequence counter and the stored checkpoints that
     // covered it: the chain alone says intact; the log names the first missing seq.
@@ -502,6 +554,21 @@ async fn a_wrong_or_missing_key_is_refused_clearly() {
     );
     assert_eq!(code, Some(0), "{report}");
 
+    // Absurd values in a given checkpoint are reported, not fatal.
+    let absurd = r#"{"seq":9223372036854775807,"hash":"x","at":300000000000000,"key_id":"k","signature":"s"}"#;
+    let (code, report) = verify(
+        &signed.db,
+        &["--public-key", path(&signed.public), "--checkpoint", absurd],
+    );
+    assert_eq!(code, Some(1), "{report}");
+    assert!(
+        report["detail"]
+            .as_str()
+            .unwrap()
+            .contains("ms since the Unix epoch"),
+        "{report}"
+    );
+
     // A daemon told to sign with a key file that does not exist refuses to start, saying how
     // to make one.
     let fake = start_fake().await;
@@ -520,4 +587,63 @@ async fn a_wrong_or_missing_key_is_refused_clearly() {
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("audit keygen --out"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_daemon_signs_on_its_interval_and_verifies_while_it_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("signing.key");
+    let signing = token_broker::audit::checkpoint::SigningKey::generate(&key).unwrap();
+    let public_key = signing.public_key().to_string();
+    let fake = start_fake().await;
+    let db = dir.path().join("broker.db");
+    let daemon = Daemon::start_with_env(
+        &db,
+        &fake.token_url(),
+        None,
+        &[
+            ("TOKEN_BROKER_AUDIT__SIGNING_KEY_FILE", path(&key)),
+            ("TOKEN_BROKER_AUDIT__CHECKPOINT_INTERVAL_SECS", "1"),
+        ],
+    );
+    let mut audit = AuditLogClient::connect(format!("http://{}", daemon.addr))
+        .await
+        .unwrap();
+    // Exchanges go on while the checkpoints are signed every second and the trail is verified
+    // against them: a checkpoint signed during a verification is never taken for a cut tail.
+    let writer = {
+        let mut client = daemon.client().await;
+        let fake = fake.clone();
+        tokio::spawn(async move {
+            loop {
+                let job = client
+                    .exchange(new_request(&fake, "app"))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(job.state(), token_broker::api::proto::JobState::Succeeded);
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut verified_with = 0;
+    while verified_with < 3 {
+        let report = audit
+            .verify_audit_log(VerifyAuditLogRequest {
+                public_keys: vec![public_key.clone()],
+                checkpoints: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(report.ok, "{report:?}");
+        verified_with = report.checkpoints_checked;
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoints signed on the interval"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    writer.abort();
+    assert!(!writer.await.unwrap_err().is_panic());
 }

@@ -7,7 +7,6 @@ use std::{
     fs::File,
     io::{BufWriter, Write},
     path::{Path, PathBuf},
-    time::SystemTime,
 };
 
 use anyhow::Context;
@@ -188,9 +187,10 @@ fn short(value: Option<&str>) -> String {
 }
 
 /// A stored time as RFC 3339 with milliseconds, in UTC.
+/// A stored time for people: RFC 3339, or the raw number when a damaged row holds one RFC 3339
+/// cannot write.
 pub fn rfc3339(at: UnixMillis) -> String {
-    let time = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(at.0.max(0) as u64);
-    humantime::format_rfc3339_millis(time).to_string()
+    checkpoint::rfc3339_or_raw(at.0)
 }
 
 /// A signed checkpoint as listed: every signed field (so a listed line can be given back to
@@ -257,24 +257,13 @@ fn trust(public_keys: &[PathBuf], inline: &[String], files: &[PathBuf]) -> anyho
         checkpoints.push(checkpoint);
     }
     for path in files {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
         let before = checkpoints.len();
-        for (number, line) in text.lines().enumerate() {
-            // A log file holds other lines, some not JSON: only a line that says it is a
-            // checkpoint and does not parse as one is an error.
-            match Checkpoint::from_line(line) {
-                Ok(Some(checkpoint)) => checkpoints.push(checkpoint),
-                Ok(None) => {}
-                Err(error) if line.contains(checkpoint::LOG_EVENT) => {
-                    anyhow::bail!(
-                        "{}:{}: a checkpoint line that does not parse: {error}",
-                        path.display(),
-                        number + 1
-                    )
-                }
-                Err(_) => {}
-            }
+        let skipped = read_checkpoints(path, &mut checkpoints)?;
+        if skipped > 0 {
+            eprintln!(
+                "{}: skipped {skipped} damaged checkpoint line(s) (not JSON, or cut short)",
+                path.display()
+            );
         }
         if checkpoints.len() == before {
             anyhow::bail!(
@@ -286,6 +275,53 @@ fn trust(public_keys: &[PathBuf], inline: &[String], files: &[PathBuf]) -> anyho
         }
     }
     Ok(Trust { keys, checkpoints })
+}
+
+/// Longest line of a checkpoints file read whole; longer ones (no checkpoint is near it) are
+/// skipped without being held in memory.
+const MAX_LINE: usize = 64 * 1024;
+
+/// Adds the checkpoints of a file of lines (a log of any size: read line by line, any bytes)
+/// to `into`; returns how many lines that named a checkpoint could not be read as one.
+fn read_checkpoints(path: &Path, into: &mut Vec<Checkpoint>) -> anyhow::Result<u64> {
+    use std::io::{BufRead, Read};
+    let file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut line = Vec::new();
+    let mut skipped = 0;
+    loop {
+        line.clear();
+        let read = (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if read == 0 {
+            return Ok(skipped);
+        }
+        if line.len() > MAX_LINE && !line.ends_with(b"\n") {
+            // Skip the rest of an overlong line.
+            let mut rest = Vec::new();
+            loop {
+                rest.clear();
+                let more = (&mut reader)
+                    .take(MAX_LINE as u64)
+                    .read_until(b'\n', &mut rest)?;
+                if more == 0 || rest.ends_with(b"\n") {
+                    break;
+                }
+            }
+            continue;
+        }
+        let text = String::from_utf8_lossy(&line);
+        match Checkpoint::from_line(&text) {
+            Ok(Some(checkpoint)) => into.push(checkpoint),
+            Ok(None) => {}
+            // A log holds other lines, some not JSON; one that names a checkpoint and does not
+            // parse (a crash cut it short) is counted.
+            Err(_) if text.contains(checkpoint::LOG_EVENT) => skipped += 1,
+            Err(_) => {}
+        }
+    }
 }
 
 /// Where the command reads.
