@@ -7,6 +7,8 @@
 # BENCH_POSTGRES_URL=postgres://… (an empty database) runs the daemon on PostgreSQL instead of
 # SQLite, and BENCH_REPLICAS=N runs N replicas on it, the load spread over them (CPU time and
 # context switches are then the sum over the replicas).
+# BENCH_DAEMON_ENV="VAR=value …" adds environment variables to the daemon only (e.g.
+# TOKIO_WORKER_THREADS=1), to compare settings in one go.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-20000}
@@ -43,7 +45,8 @@ TARGETS=""
 for r in $(seq "$REPLICAS"); do
     GRPC_PORT=$((30000 + RANDOM % 10000))
     OPS_PORT=$((40000 + RANDOM % 10000))
-    env "${STORAGE[@]}" \
+    # shellcheck disable=SC2086 # BENCH_DAEMON_ENV is a list of words.
+    env "${STORAGE[@]}" ${BENCH_DAEMON_ENV:-} \
         TOKEN_BROKER_SERVER__LISTEN="127.0.0.1:$GRPC_PORT" \
         TOKEN_BROKER_SERVER__METRICS_LISTEN="127.0.0.1:$OPS_PORT" \
         TOKEN_BROKER_UPSTREAM__TOKEN_URL="$FAKE/v1/token" \

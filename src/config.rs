@@ -93,6 +93,10 @@ pub struct ServerConfig {
     /// A gRPC connection that reads nothing (not even a keepalive ping's answer) for this long
     /// is closed.
     pub idle_timeout_secs: u64,
+    /// Threads of the async runtime that serves gRPC, the worker and the store; 0 means one per
+    /// CPU the process may use. Fewer threads than cores cost less CPU per exchange (fewer
+    /// wake-ups across threads; see BENCHMARKS.md) and cap the daemon at that many cores.
+    pub worker_threads: usize,
 }
 
 /// TLS (and, with a client CA, mutual TLS) for the gRPC listener.
@@ -121,6 +125,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             handshake_timeout_ms: 10_000,
             idle_timeout_secs: 300,
+            worker_threads: 0,
         }
     }
 }
@@ -708,6 +713,7 @@ impl Config {
             s.idle_timeout_secs,
             60..=86_400,
         );
+        check_range(e, "server.worker_threads", s.worker_threads, 0..=1024);
         // SQLite takes the busy timeout as a C int of milliseconds.
         check_range(
             e,
@@ -1033,11 +1039,28 @@ mod tests {
         let mut config = Config::default();
         config.storage.busy_timeout_ms = 2_147_483_648;
         config.upstream.timeout_ms = u64::MAX;
+        config.server.worker_threads = 5_000;
+        config.audit.checkpoint_interval_secs = 0;
         let errors = config.validate().unwrap_err().0;
-        assert_eq!(errors.len(), 2, "{errors:#?}");
-        assert_eq!(
-            errors[0],
-            "storage.busy_timeout_ms: 2147483648 is out of range (allowed: 0 to 600000)"
+        assert_eq!(errors.len(), 4, "{errors:#?}");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("server.worker_threads: 5000 is out of range")),
+            "{errors:#?}"
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("audit.checkpoint_interval_secs: 0 is out of range")),
+            "{errors:#?}"
+        );
+        assert!(
+            errors.contains(
+                &"storage.busy_timeout_ms: 2147483648 is out of range (allowed: 0 to 600000)"
+                    .to_string()
+            ),
+            "{errors:#?}"
         );
     }
 

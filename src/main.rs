@@ -24,7 +24,26 @@ const EXIT_BAD_CONFIG: u8 = 78;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
+    // The daemon's runtime is sized by its configuration; the tools take tokio's default.
+    let (serve_config, worker_threads) = match &cli.command {
+        Command::Serve { config: path } => match Config::load(path.as_deref()) {
+            Ok(config) => {
+                let threads = config.server.worker_threads;
+                (Some(config), threads)
+            }
+            Err(errors) => {
+                eprint!("{errors}");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+        },
+        _ => (None, 0),
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
+    let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("cannot start the async runtime: {error}");
@@ -33,13 +52,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve { config: path } => {
-            let config = match Config::load(path.as_deref()) {
-                Ok(config) => config,
-                Err(errors) => {
-                    eprint!("{errors}");
-                    return ExitCode::from(EXIT_BAD_CONFIG);
-                }
-            };
+            let config = serve_config.expect("loaded above for serve");
             report(runtime.block_on(serve(config, path)))
         }
         Command::Config(ConfigCommand::Check { file }) => match Config::load(Some(&file)) {
