@@ -504,3 +504,70 @@ async fn the_queue_bound_counts_every_replicas_jobs() {
     }
     assert_eq!((accepted, refused), (4, 4), "one bound for the whole queue");
 }
+
+/// Replicas sharing a signing key sign the one chain in turn: their checkpoints link to each
+/// other's, and the whole fleet's trail verifies against the public key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_chain_their_signed_checkpoints_into_one() {
+    let _machine = crate::helpers::machine_shared().await;
+    let keys = tempfile::tempdir().expect("temp dir");
+    let key = keys.path().join("signing.key");
+    let public = keys.path().join("signing.key.pub");
+    let keygen = Command::new(env!("CARGO_BIN_EXE_token-broker"))
+        .args(["audit", "keygen", "--out"])
+        .arg(&key)
+        .output()
+        .expect("run audit keygen");
+    assert!(keygen.status.success(), "{keygen:?}");
+    let fake = start_fake_with(FakeOptions::default()).await;
+    let key_path = key.to_str().expect("utf-8 path");
+    let Some(fleet) = Fleet::start(
+        3,
+        &fake,
+        &[
+            ("TOKEN_BROKER_AUDIT__SIGNING_KEY_FILE", key_path),
+            ("TOKEN_BROKER_AUDIT__CHECKPOINT_INTERVAL_SECS", "1"),
+        ],
+    )
+    .await
+    else {
+        return;
+    };
+    let clients = fleet.clients().await;
+    // Work on every replica while each signs every second, until several checkpoints stand.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut n = 0;
+    loop {
+        let mut client = clients[n % 3].clone();
+        let job = exchange_within(&mut client, new_request(&fake, "app"), PATIENCE).await;
+        assert_eq!(job.state(), JobState::Succeeded);
+        n += 1;
+        let mut conn = fleet.connect().await;
+        let (signed,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_checkpoints")
+            .fetch_one(&mut conn)
+            .await
+            .expect("count checkpoints");
+        if signed >= 6 && n >= 30 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {signed} checkpoints signed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_token-broker"))
+        .args([
+            "audit",
+            "verify",
+            "--database-url",
+            &fleet.url,
+            "--public-key",
+        ])
+        .arg(&public)
+        .output()
+        .expect("run audit verify");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{report}{output:?}");
+    assert!(report.contains("signatures verified"), "{report}");
+}
