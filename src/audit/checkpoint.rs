@@ -56,14 +56,7 @@ impl Checkpoint {
     pub fn signed_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(256);
         out.extend_from_slice(SIGNED_TAG);
-        let mut field = |value: Option<&[u8]>| match value {
-            None => out.push(0),
-            Some(bytes) => {
-                out.push(1);
-                out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
-                out.extend_from_slice(bytes);
-            }
-        };
+        let mut field = |value: Option<&[u8]>| super::push_field(&mut out, value);
         field(Some(&self.seq.to_be_bytes()));
         field(Some(self.hash.as_bytes()));
         field(Some(&self.at.to_be_bytes()));

@@ -149,14 +149,7 @@ impl AuditRecord {
     /// Absent optional fields encode differently from empty ones.
     pub fn canonical(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(256);
-        let mut field = |value: Option<&[u8]>| match value {
-            None => out.push(0),
-            Some(bytes) => {
-                out.push(1);
-                out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
-                out.extend_from_slice(bytes);
-            }
-        };
+        let mut field = |value: Option<&[u8]>| push_field(&mut out, value);
         field(Some(&self.seq.to_be_bytes()));
         field(Some(&self.at.to_be_bytes()));
         field(Some(self.job_id.as_bytes()));
@@ -177,6 +170,19 @@ impl AuditRecord {
 
     pub fn at(&self) -> UnixMillis {
         UnixMillis(self.at)
+    }
+}
+
+/// Appends one field of a canonical encoding: `0` when absent; `1`, its length (u64, big-endian)
+/// and its bytes when present, so absent and empty differ and no field runs into the next.
+pub(crate) fn push_field(out: &mut Vec<u8>, value: Option<&[u8]>) {
+    match value {
+        None => out.push(0),
+        Some(bytes) => {
+            out.push(1);
+            out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+            out.extend_from_slice(bytes);
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sqlx::{Connection, Row, sqlite::SqliteConnectOptions};
+use sqlx::{Connection, sqlite::SqliteConnectOptions};
 use token_broker::{
     api::proto::{
         CreateCheckpointRequest, SignedCheckpoint, VerifyAuditLogRequest,
@@ -18,7 +18,7 @@ use token_broker::{
     audit::AuditRecord,
 };
 
-use crate::helpers::{Daemon, new_request, start_fake};
+use crate::helpers::{Daemon, new_request, start_fake, stored_event};
 
 const BIN: &str = env!("CARGO_BIN_EXE_token-broker");
 
@@ -84,23 +84,7 @@ async fn rewrite_with_rehash(db: &Path, seq: i64) {
         .fetch_all(&mut conn)
         .await
         .unwrap();
-    let mut records: Vec<AuditRecord> = rows
-        .iter()
-        .map(|row| AuditRecord {
-            seq: row.get("seq"),
-            at: row.get("at"),
-            job_id: row.get("job_id"),
-            tenant: row.get("tenant"),
-            client_id: row.get("client_id"),
-            kind: row.get::<String, _>("kind").into(),
-            attempt: row.get::<Option<i64>, _>("attempt").map(|a| a as u32),
-            http_status: row.get::<Option<i64>, _>("http_status").map(|s| s as u16),
-            detail: row.get("detail"),
-            code_fingerprint: row.get("code_fingerprint"),
-            prev_hash: row.get("prev_hash"),
-            hash: row.get("hash"),
-        })
-        .collect();
+    let mut records: Vec<AuditRecord> = rows.iter().map(stored_event).collect();
     let start = records.iter().position(|r| r.seq == seq).unwrap();
     records[start].detail = Some("nothing to see here".into());
     for index in start..records.len() {
@@ -646,4 +630,39 @@ async fn the_daemon_signs_on_its_interval_and_verifies_while_it_writes() {
     }
     writer.abort();
     assert!(!writer.await.unwrap_err().is_panic());
+}
+
+#[test]
+fn keys_init_makes_the_signing_key_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("signing.key");
+    let init = || {
+        Command::new(BIN)
+            .args(["keys", "init"])
+            .env("TOKEN_BROKER_STORAGE__PATH", dir.path().join("broker.db"))
+            .env("TOKEN_BROKER_AUDIT__SIGNING_KEY_FILE", &key)
+            .output()
+            .unwrap()
+    };
+    let first = init();
+    assert!(first.status.success(), "{first:?}");
+    let printed = String::from_utf8_lossy(&first.stdout).into_owned();
+    assert!(
+        printed.contains(&format!("created  {}", key.display())),
+        "{printed}"
+    );
+    let public = std::fs::read_to_string(dir.path().join("signing.key.pub")).unwrap();
+    assert!(printed.contains(public.trim()), "{printed}");
+    let made = std::fs::read(&key).unwrap();
+    let second = init();
+    assert!(second.status.success(), "{second:?}");
+    assert!(
+        String::from_utf8_lossy(&second.stdout).contains(&format!("kept     {}", key.display())),
+        "{second:?}"
+    );
+    assert_eq!(
+        std::fs::read(&key).unwrap(),
+        made,
+        "the key is never replaced"
+    );
 }

@@ -849,25 +849,11 @@ async fn open_db(db: &Path) -> sqlx::SqliteConnection {
 
 /// The last audit event, as stored.
 async fn last_event(conn: &mut sqlx::SqliteConnection) -> token_broker::audit::AuditRecord {
-    use sqlx::Row;
     let row = sqlx::query("SELECT * FROM audit_events ORDER BY seq DESC LIMIT 1")
         .fetch_one(&mut *conn)
         .await
         .unwrap();
-    token_broker::audit::AuditRecord {
-        seq: row.get("seq"),
-        at: row.get("at"),
-        job_id: row.get("job_id"),
-        tenant: row.get("tenant"),
-        client_id: row.get("client_id"),
-        kind: row.get::<String, _>("kind").into(),
-        attempt: row.get::<Option<i64>, _>("attempt").map(|a| a as u32),
-        http_status: row.get::<Option<i64>, _>("http_status").map(|s| s as u16),
-        detail: row.get("detail"),
-        code_fingerprint: row.get("code_fingerprint"),
-        prev_hash: row.get("prev_hash"),
-        hash: row.get("hash"),
-    }
+    crate::helpers::stored_event(&row)
 }
 
 #[tokio::test]

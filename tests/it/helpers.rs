@@ -572,3 +572,23 @@ pub async fn scrape_metrics(ops: SocketAddr) -> String {
         .await
         .expect("read /metrics")
 }
+
+/// An audit event row read straight from a SQLite file, as the store reads it (for tests that
+/// tamper with the trail the way someone with write access to the file would).
+pub fn stored_event(row: &sqlx::sqlite::SqliteRow) -> token_broker::audit::AuditRecord {
+    use sqlx::Row;
+    token_broker::audit::AuditRecord {
+        seq: row.get("seq"),
+        at: row.get("at"),
+        job_id: row.get("job_id"),
+        tenant: row.get("tenant"),
+        client_id: row.get("client_id"),
+        kind: row.get::<String, _>("kind").into(),
+        attempt: row.get::<Option<i64>, _>("attempt").map(|a| a as u32),
+        http_status: row.get::<Option<i64>, _>("http_status").map(|s| s as u16),
+        detail: row.get("detail"),
+        code_fingerprint: row.get("code_fingerprint"),
+        prev_hash: row.get("prev_hash"),
+        hash: row.get("hash"),
+    }
+}
