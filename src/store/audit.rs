@@ -212,6 +212,14 @@ pub(super) fn emit(record: &AuditRecord, metrics: &Metrics) {
     );
 }
 
+/// The stored event at `seq`, inside the writer's transaction.
+pub(super) async fn event_at(conn: &mut Conn, seq: i64) -> sqlx::Result<Option<AuditRecord>> {
+    Ok(on_backend!(conn, "get_event", |query, conn| {
+        let row = query.bind(seq).fetch_optional(&mut *conn).await?;
+        row.as_ref().map(record_from_row).transpose()?
+    }))
+}
+
 /// Reads a stored event row.
 pub(super) fn record_from_row(row: &impl Columns) -> sqlx::Result<AuditRecord> {
     // An attempt or status that does not fit its type is kept as absent: the chain check

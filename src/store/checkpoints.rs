@@ -121,11 +121,7 @@ async fn still_extends(
             crate::audit::checkpoint::signed_at(previous)
         ));
     }
-    let event = on_backend!(&mut *conn, "get_event", |query, conn| {
-        let row = query.bind(previous.seq).fetch_optional(&mut *conn).await?;
-        row.as_ref().map(audit::record_from_row).transpose()?
-    });
-    match event {
+    match audit::event_at(conn, previous.seq).await? {
         Some(event) if event.hash != previous.hash => refuse(format!(
             "event {} no longer carries the hash the last checkpoint signed",
             previous.seq

@@ -1439,22 +1439,16 @@ async fn prune_step(
     let (Some(last_old), Some(first)) = bounds else {
         return nothing();
     };
-    let event_at = async |conn: &mut Conn, seq: i64| -> Result<Option<AuditRecord>, StoreError> {
-        Ok(on_backend!(&mut *conn, "get_event", |query, conn| {
-            let row = query.bind(seq).fetch_optional(&mut *conn).await?;
-            row.as_ref().map(audit::record_from_row).transpose()?
-        }))
-    };
     // A checkpoint already standing at the oldest old event is nothing to prune.
     if first == last_old
-        && event_at(conn, first)
+        && audit::event_at(conn, first)
             .await?
             .is_some_and(|e| e.kind == RecordKind::Known(AuditKind::Checkpoint))
     {
         return nothing();
     }
     let upto = last_old.min(first + PRUNE_BATCH - 1);
-    let Some(last_removed) = event_at(conn, upto).await? else {
+    let Some(last_removed) = audit::event_at(conn, upto).await? else {
         return Err(StoreError::Corrupt(format!(
             "audit event {upto} is missing; run audit verify"
         )));

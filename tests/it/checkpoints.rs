@@ -123,6 +123,12 @@ fn logged_checkpoints(log: &Path, count: usize) -> Vec<serde_json::Value> {
     }
 }
 
+async fn audit_client(daemon: &Daemon) -> AuditLogClient<tonic::transport::Channel> {
+    AuditLogClient::connect(format!("http://{}", daemon.addr))
+        .await
+        .unwrap()
+}
+
 async fn create_checkpoint(
     audit: &mut AuditLogClient<tonic::transport::Channel>,
 ) -> (SignedCheckpoint, bool) {
@@ -188,9 +194,7 @@ async fn signed_database() -> Signed {
         ],
     );
     let mut client = daemon.client().await;
-    let mut audit = AuditLogClient::connect(format!("http://{}", daemon.addr))
-        .await
-        .unwrap();
+    let mut audit = audit_client(&daemon).await;
     let empty = audit
         .create_checkpoint(CreateCheckpointRequest::default())
         .await
@@ -367,9 +371,7 @@ async fn signed_checkpoints_catch_a_rewritten_chain_and_a_cut_tail() {
             ),
         ],
     );
-    let mut audit = AuditLogClient::connect(format!("http://{}", daemon.addr))
-        .await
-        .unwrap();
+    let mut audit = audit_client(&daemon).await;
     let refused = audit
         .create_checkpoint(CreateCheckpointRequest::default())
         .await
@@ -590,9 +592,7 @@ async fn the_daemon_signs_on_its_interval_and_verifies_while_it_writes() {
             ("TOKEN_BROKER_AUDIT__CHECKPOINT_INTERVAL_SECS", "1"),
         ],
     );
-    let mut audit = AuditLogClient::connect(format!("http://{}", daemon.addr))
-        .await
-        .unwrap();
+    let mut audit = audit_client(&daemon).await;
     // Exchanges go on while the checkpoints are signed every second and the trail is verified
     // against them: a checkpoint signed during a verification is never taken for a cut tail.
     let writer = {
