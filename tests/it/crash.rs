@@ -141,11 +141,12 @@ async fn sigterm_lets_running_attempts_finish_and_leaves_the_rest_queued() {
 }
 
 /// Every job in the database with its state and failure reason, read from the file.
-async fn all_jobs(db: &Path) -> Vec<(String, String, Option<String>)> {
+/// Every job: its id, state, and whether an attempt's answer was ever lost.
+async fn all_jobs(db: &Path) -> Vec<(String, String, bool)> {
     use sqlx::Connection;
     let mut conn = read_only(db).await;
-    let rows: Vec<(String, String, Option<String>)> =
-        sqlx::query_as("SELECT job_id, state, failure_reason FROM jobs")
+    let rows: Vec<(String, String, bool)> =
+        sqlx::query_as("SELECT job_id, state, outcome_unknown FROM jobs")
             .fetch_all(&mut conn)
             .await
             .unwrap();
@@ -254,9 +255,12 @@ async fn repeated_sigkills_under_load_lose_nothing_and_complete_nothing_twice() 
         .iter()
         .filter(|(_, state, _)| state == "succeeded")
         .count() as u64;
+    // Jobs that did not succeed but whose code may have been spent: an attempt's answer was
+    // lost. Their failure reason is outcome_unknown after a later 403, or retries_exhausted or
+    // expired when no attempt was left to find out; the flag is set on all of them.
     let unknown = jobs
         .iter()
-        .filter(|(_, _, reason)| reason.as_deref() == Some("outcome_unknown"))
+        .filter(|(_, state, lost)| state != "succeeded" && *lost)
         .count() as u64;
     let redeemed = fake.stats().redeemed;
     eprintln!(

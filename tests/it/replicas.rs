@@ -407,11 +407,11 @@ async fn a_replica_killed_mid_run_loses_nothing_and_redeems_nothing_twice() {
         .iter()
         .filter(|job| job.state() == JobState::Succeeded)
         .count() as u64;
+    // Not succeeded, but an attempt's answer was lost: the code may have been spent (the
+    // reason is outcome_unknown after a later 403, retries_exhausted or expired otherwise).
     let unknown = every_job
         .iter()
-        .filter(|job| {
-            job.failure_reason() == token_broker::api::proto::FailureReason::OutcomeUnknown
-        })
+        .filter(|job| job.state() != JobState::Succeeded && job.outcome_unknown)
         .count() as u64;
     for job in jobs.iter().filter(|job| job.state() == JobState::Succeeded) {
         let token = job.token.as_ref().expect("a succeeded job's token");
