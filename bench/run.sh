@@ -93,12 +93,22 @@ batches() {
         END {printf "%d %d\n", sum, count}'
 }
 read -r SUM1 COUNT1 < <(batches)
+# Jobs submitted, and those whose first attempt started in their submission's commit.
+starts() {
+    for port in "${OPS_PORTS[@]}"; do curl -s "127.0.0.1:$port/metrics"; done | awk '
+        /^token_broker_jobs_submitted_total/ {submitted+=$2}
+        /^token_broker_jobs_started_at_submission_total/ {started+=$2}
+        END {printf "%d %d\n", submitted, started}'
+}
+read -r SUBMITTED1 STARTED1 < <(starts)
 
 echo "== latency: $RATE_N exchanges at 200/s"
 bench --direct -n "$RATE_N" -c 64 --rate 200 --json "$WORK/direct-rate.json"
 read -r SUM2 COUNT2 < <(batches)
 bench -n "$RATE_N" -c 64 --rate 200 --json "$WORK/daemon-rate.json"
 read -r SUM3 COUNT3 < <(batches)
+read -r SUBMITTED3 STARTED3 < <(starts)
+echo "started at submission: $STARTED1 of $SUBMITTED1 under full load, $(( STARTED3 - STARTED1 )) of $(( SUBMITTED3 - SUBMITTED1 )) at 200/s"
 echo "changes per commit: $(( SUM1 / (COUNT1 > 0 ? COUNT1 : 1) )) under full load, $(( (SUM3 - SUM2) / ((COUNT3 - COUNT2) > 0 ? (COUNT3 - COUNT2) : 1) )) at 200/s (means)"
 
 python3 - "$WORK" "$BEFORE" "$AFTER" "$TICK" "$N" "$CTX_BEFORE" "$CTX_AFTER" <<'PY'

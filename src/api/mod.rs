@@ -19,6 +19,7 @@ use crate::{
     domain::job::{Job, JobId, UnixMillis},
     domain::request::{ExchangeRequest, RawExchange, parse_job_id},
     domain::secret::ExposeSecret,
+    exchange::worker::{StartReservation, Worker},
     security::tenants::{Caller, TenantRegistry},
     store::Deliveries,
     store::feed::{FeedEvent, JobFeed, JobSubscription},
@@ -51,6 +52,8 @@ use proto::token_broker_server::TokenBroker;
 #[derive(Debug, Clone)]
 pub struct TokenBrokerApi {
     store: Store,
+    /// Starts a submission's first attempt at once when nothing waits.
+    worker: Arc<Worker>,
     feed: Arc<JobFeed>,
     /// Cancelled at shutdown: long waits return the job as it stands.
     stop: CancellationToken,
@@ -74,6 +77,7 @@ pub struct TokenBrokerApi {
 /// What the API needs besides the store.
 #[derive(Debug, Clone)]
 pub struct ApiContext {
+    pub worker: Arc<Worker>,
     pub feed: Arc<JobFeed>,
     pub stop: CancellationToken,
     pub job_ttl: Duration,
@@ -89,6 +93,7 @@ impl TokenBrokerApi {
     pub fn new(store: Store, context: ApiContext) -> Self {
         Self {
             store,
+            worker: context.worker,
             feed: context.feed,
             stop: context.stop,
             job_ttl: context.job_ttl,
@@ -126,6 +131,7 @@ impl TokenBrokerApi {
         let code_fingerprint = self.fingerprinter.fingerprint(request.code.expose_secret());
         let job_id = JobId::new();
         let subscription = watch.then(|| self.feed.subscribe(job_id));
+        let start = self.worker.reserve_start(&request.client_id);
         let outcome = self
             .store
             .submit(
@@ -138,11 +144,20 @@ impl TokenBrokerApi {
                     max_pending: self.max_pending,
                     max_pending_tenant: caller.max_pending(),
                     max_pending_clients: self.max_pending_clients,
+                    start: start.as_ref().map(StartReservation::lease),
                 },
                 UnixMillis::now(),
             )
             .await?;
         match outcome {
+            SubmitOutcome::Started(claim) => {
+                let job = claim.job.clone();
+                tracing::info!(job_id = %job.id, client_id = %job.client_id, "job submitted and started");
+                if let Some(start) = start {
+                    self.worker.start(claim, start);
+                }
+                Ok((job, subscription))
+            }
             SubmitOutcome::Created(job) => {
                 tracing::info!(job_id = %job.id, client_id = %job.client_id, "job submitted");
                 Ok((job, subscription))

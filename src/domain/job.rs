@@ -117,6 +117,11 @@ impl JobState {
         }
     }
 
+    /// Queued, or waiting for a retry: the dispatcher's to claim.
+    pub fn is_waiting(self) -> bool {
+        matches!(self, JobState::Queued | JobState::RetryWait)
+    }
+
     pub fn is_terminal(self) -> bool {
         matches!(
             self,

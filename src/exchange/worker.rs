@@ -14,22 +14,25 @@ use std::{
 
 use backon::{ExponentialBuilder, Retryable};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::{
+    sync::CancellationToken,
+    task::{TaskTracker, task_tracker::TaskTrackerToken},
+};
 use tracing::Instrument;
 
 use crate::{
     config::Config,
     domain::budget::Throttled,
     domain::job::{JobState, UnixMillis},
-    exchange::breaker::{Admission, Breaker, BreakerConfig, Signal},
+    exchange::breaker::{Admission, Breaker, BreakerConfig, BreakerState, Signal},
     exchange::limits::{Permit, RateLimits},
     exchange::retry::{self, Decision, JobHistory, RetryPolicy},
     exchange::schedule::ClientSchedule,
     exchange::upstream::{AttemptOutcome, UpstreamClient},
     ops::metrics::Metrics,
     store::{
-        AttemptRecord, BudgetRequest, Candidate, Claim, Deliveries, Store, StoreError,
-        feed::JobFeed,
+        AttemptRecord, BudgetRequest, Candidate, Claim, Deliveries, OnCommit, StartLease, Store,
+        StoreError, feed::JobFeed,
     },
 };
 
@@ -58,6 +61,12 @@ pub struct Worker {
     lease: Duration,
     /// Attempts in flight at once.
     concurrency: usize,
+    /// One permit per attempt in flight, `concurrency` in all.
+    slots: Arc<Semaphore>,
+    /// The attempts running, which shutdown waits for.
+    attempts: TaskTracker,
+    /// Cancelled at shutdown: no attempt starts after it.
+    stop: CancellationToken,
     /// Free slots worth one claim when the worker is saturated.
     claim_batch: u32,
     /// Safety-net poll interval.
@@ -80,7 +89,28 @@ struct Pass {
     blocked_for: Option<Duration>,
 }
 
+/// What starting a job's first attempt at its submission holds: a worker slot, a place among
+/// the running attempts (so shutdown waits for it from before the commit), and the lease the
+/// job is committed with. The limiter's permit is spent; dropping an unused reservation frees
+/// the rest.
+#[derive(Debug)]
+pub struct StartReservation {
+    slot: OwnedSemaphorePermit,
+    running: TaskTrackerToken,
+    lease: StartLease,
+}
+
+impl StartReservation {
+    /// The lease the job is committed with.
+    pub fn lease(&self) -> &StartLease {
+        &self.lease
+    }
+}
+
 impl Worker {
+    /// A worker whose attempts run on `attempts`, which stops starting them when `stop` is
+    /// cancelled.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: &Config,
         store: Store,
@@ -88,6 +118,8 @@ impl Worker {
         feed: Arc<JobFeed>,
         metrics: Arc<Metrics>,
         deliveries: Arc<Deliveries>,
+        stop: CancellationToken,
+        attempts: TaskTracker,
     ) -> Self {
         Self {
             store,
@@ -101,6 +133,9 @@ impl Worker {
             owner: format!("worker-{}", uuid::Uuid::now_v7()).into(),
             lease: config.lease_duration(),
             concurrency: config.worker.concurrency as usize,
+            slots: Arc::new(Semaphore::new(config.worker.concurrency as usize)),
+            attempts,
+            stop,
             claim_batch: (config.worker.concurrency / 8).max(1),
             poll_interval: Duration::from_millis(config.worker.poll_interval_ms),
             feed,
@@ -139,10 +174,11 @@ impl Worker {
         Ok(recovered)
     }
 
-    /// Dispatches until `stop` is cancelled. Attempts run on `attempts`, which the caller
-    /// waits for during shutdown.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken, attempts: TaskTracker) {
-        let slots = Arc::new(Semaphore::new(self.concurrency));
+    /// Dispatches until the worker's stop token is cancelled. Attempts run on the worker's
+    /// task tracker, which the caller waits for during shutdown.
+    pub async fn run(self: Arc<Self>) {
+        let stop = self.stop.clone();
+        let slots = Arc::clone(&self.slots);
         // Clients with waiting work and when each is next worth a look: a pass looks at a few
         // of them (as many as there are free slots), so its cost does not grow with the number
         // of distinct client ids, and a deep backlog for one client costs nothing when claiming
@@ -151,6 +187,16 @@ impl Worker {
         let mut loaded = false;
         tracing::info!(owner = %self.owner, concurrency = self.concurrency, "worker started");
         while !stop.is_cancelled() {
+            if loaded && schedule.is_empty() && self.feed.work().is_empty() {
+                // Nothing waits: submissions start their own attempts (`reserve_start`) until
+                // one has to wait and announces its client.
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = self.feed.work().notified() => {}
+                    _ = tokio::time::sleep(self.poll_interval) => {}
+                }
+                continue;
+            }
             if slots.available_permits() == 0 {
                 tokio::select! {
                     _ = stop.cancelled() => break,
@@ -180,7 +226,7 @@ impl Worker {
                     }
                 }
             }
-            let pass = self.dispatch(&slots, &mut schedule, &attempts).await;
+            let pass = self.dispatch(&slots, &mut schedule).await;
             // Clients the pass took and did not park or forget take their turn again later,
             // whatever happened to the pass.
             schedule.settle();
@@ -209,6 +255,53 @@ impl Worker {
             }
         }
         tracing::info!("worker stopped claiming");
+    }
+
+    /// Reserves what starting a new job's first attempt at its submission takes, so that it is
+    /// committed already running, in the submission's transaction: one commit and no dispatch
+    /// pass less on its way. Only when no job waits (so it overtakes no one), the breaker is
+    /// closed, a worker slot is free and the client's and the global limiters have a permit
+    /// now; otherwise `None`, and the job queues as usual. Only on SQLite: on a database
+    /// shared with other replicas the queue and the rate budget are shared too, and only the
+    /// dispatcher draws on them.
+    pub fn reserve_start(&self, client_id: &str) -> Option<StartReservation> {
+        if !self.store.nothing_waiting()
+            || self.stop.is_cancelled()
+            || self.breaker.state() != BreakerState::Closed
+        {
+            return None;
+        }
+        let slot = Arc::clone(&self.slots).try_acquire_owned().ok()?;
+        if self.limits.try_acquire(client_id, Instant::now()) != Permit::Granted {
+            return None;
+        }
+        Some(StartReservation {
+            slot,
+            running: self.attempts.token(),
+            lease: StartLease {
+                owner: Arc::clone(&self.owner),
+                lease_until: UnixMillis::now().saturating_add(self.lease),
+            },
+        })
+    }
+
+    /// Runs the first attempt of a job that its submission committed running, on the slot
+    /// reserved for it.
+    pub fn start(self: &Arc<Self>, claim: Claim, reservation: StartReservation) {
+        self.metrics.limiter_wait.observe(0.0);
+        self.metrics.started_at_submission.inc();
+        let StartReservation { slot, running, .. } = reservation;
+        self.attempts
+            .spawn(Arc::clone(self).attempt_holding(claim, slot, running));
+    }
+
+    async fn attempt_holding(
+        self: Arc<Self>,
+        claim: Claim,
+        slot: OwnedSemaphorePermit,
+        _running: TaskTrackerToken,
+    ) {
+        self.attempt(claim, Some(slot)).await;
     }
 
     /// Sweeps every [`SWEEP_INTERVAL`] until `stop` is cancelled. A separate task from the
@@ -272,7 +365,6 @@ impl Worker {
         self: &Arc<Self>,
         slots: &Arc<Semaphore>,
         schedule: &mut ClientSchedule,
-        attempts: &TaskTracker,
     ) -> Result<Pass, StoreError> {
         let probe = match self.breaker.admit(Instant::now()) {
             Admission::Open => false,
@@ -394,7 +486,7 @@ impl Worker {
             if permit.is_none() {
                 tracing::error!(job_id = %claim.job.id, "claimed more jobs than free slots");
             }
-            attempts.spawn(Arc::clone(self).attempt(claim, permit));
+            self.attempts.spawn(Arc::clone(self).attempt(claim, permit));
         }
         // A client whose due jobs were all chosen (fewer than it could have had) has nothing
         // due left: park it until its next job, or forget it.
@@ -492,8 +584,9 @@ impl Worker {
         pause.max(Duration::from_millis(1))
     }
 
-    /// Runs one attempt: present the code, decide, record. Holds a worker slot throughout.
-    async fn attempt(self: Arc<Self>, claim: Claim, _slot: Option<OwnedSemaphorePermit>) {
+    /// Runs one attempt: present the code, decide, record. Holds a worker slot until the
+    /// outcome is recorded.
+    async fn attempt(self: Arc<Self>, claim: Claim, slot: Option<OwnedSemaphorePermit>) {
         let span = tracing::info_span!(
             "attempt",
             job_id = %claim.job.id,
@@ -528,19 +621,31 @@ impl Worker {
             };
             let decision = retry::decide(&self.policy, &history, &outcome, now, rand::random());
             let record = attempt_record(decision, &outcome, claim.job.outcome_unknown);
+            // The slot is free once the outcome commits, before its caller hears of it: a
+            // caller answered at once and submitting again finds a free slot.
+            let slot = Arc::new(parking_lot::Mutex::new(slot));
+            let free_slot: OnCommit = {
+                let slot = Arc::clone(&slot);
+                OnCommit::new(move || drop(slot.lock().take()))
+            };
             // The outcome may hold the only copy of a token: retry the write through brief
             // database trouble rather than leave the job to be rescued as "unknown".
-            let written = (|| self.store.record_attempt(&claim.lease, &record, now))
-                .retry(
-                    ExponentialBuilder::new()
-                        .with_min_delay(Duration::from_millis(50))
-                        .with_max_delay(Duration::from_secs(2))
-                        .with_max_times(6),
-                )
-                .notify(|error, delay| {
-                    tracing::warn!(%error, ?delay, "recording the attempt failed; retrying");
-                })
-                .await;
+            let written = (|| {
+                self.store
+                    .record_attempt(&claim.lease, &record, now, Some(free_slot.clone()))
+            })
+            .retry(
+                ExponentialBuilder::new()
+                    .with_min_delay(Duration::from_millis(50))
+                    .with_max_delay(Duration::from_secs(2))
+                    .with_max_times(6),
+            )
+            .notify(|error, delay| {
+                tracing::warn!(%error, ?delay, "recording the attempt failed; retrying");
+            })
+            .await;
+            // Committed, or left to the sweeps: either way the slot is free now.
+            drop(slot.lock().take());
             match written {
                 Ok(Some(job)) => match job.state {
                     JobState::Succeeded => tracing::info!("exchange succeeded"),

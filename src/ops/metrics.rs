@@ -80,6 +80,7 @@ fn commit_buckets() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     pub jobs_submitted: Counter,
+    pub started_at_submission: Counter,
     pub jobs_finished: Family<FinishedLabels, Counter>,
     pub upstream_requests: Family<UpstreamLabels, Counter>,
     pub upstream_latency: Histogram,
@@ -107,6 +108,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("token_broker");
         let metrics = Metrics {
             jobs_submitted: Counter::default(),
+            started_at_submission: Counter::default(),
             jobs_finished: Family::default(),
             upstream_requests: Family::default(),
             upstream_latency: latency_buckets(),
@@ -131,6 +133,12 @@ impl Metrics {
             "jobs_submitted",
             "Jobs accepted and committed",
             metrics.jobs_submitted.clone(),
+        );
+        registry.register(
+            "jobs_started_at_submission",
+            "Jobs whose first attempt started in their submission's commit (nothing waiting, \
+             permits free), without going through the queue",
+            metrics.started_at_submission.clone(),
         );
         registry.register(
             "jobs_finished",

@@ -202,6 +202,7 @@ impl Daemon {
         if config.tenants.is_empty() {
             tracing::warn!("no tenants configured: authentication is off (loopback only)");
         }
+        let attempts = TaskTracker::new();
         let worker = Arc::new(Worker::new(
             &config,
             store.clone(),
@@ -209,6 +210,8 @@ impl Daemon {
             Arc::clone(&feed),
             Arc::clone(&metrics),
             Arc::clone(&deliveries),
+            stop.clone(),
+            attempts.clone(),
         ));
         metrics
             .replica_info
@@ -226,15 +229,13 @@ impl Daemon {
             .await
             .context("cannot recover unfinished attempts")?;
 
-        let attempts = TaskTracker::new();
         let dispatcher_done = CancellationToken::new();
         {
             let worker = Arc::clone(&worker);
-            let (stop, attempts) = (stop.clone(), attempts.clone());
             let done = dispatcher_done.clone().drop_guard();
             supervisor.spawn("dispatcher", async move {
                 let _done = done;
-                worker.run(stop, attempts).await;
+                worker.run().await;
             });
         }
         supervisor.spawn("sweeps", Arc::clone(&worker).run_sweeps(stop.clone()));
@@ -289,6 +290,7 @@ impl Daemon {
         let api = TokenBrokerApi::new(
             store.clone(),
             ApiContext {
+                worker: Arc::clone(&worker),
                 feed,
                 stop: stop.clone(),
                 job_ttl: Duration::from_secs(config.retry.job_ttl_secs),

@@ -47,6 +47,11 @@ impl WorkSignal {
         self.notify.notify_one();
     }
 
+    /// Whether no client was announced since the last [`WorkSignal::take`].
+    pub fn is_empty(&self) -> bool {
+        self.clients.lock().is_empty()
+    }
+
     /// The clients announced since the last call.
     pub fn take(&self) -> Vec<String> {
         self.clients.lock().drain().collect()

@@ -170,8 +170,11 @@ pub struct Store {
 /// What a submission did.
 #[derive(Debug)]
 pub enum SubmitOutcome {
-    /// A new job was committed.
+    /// A new job was committed, waiting for the dispatcher.
     Created(Job),
+    /// A new job was committed already running its first attempt, under the lease the
+    /// submission brought ([`NewJob::start`]): the caller runs the attempt.
+    Started(Claim),
     /// The idempotency key was used before with the same contents: the existing job.
     Existing(Job),
     /// The idempotency key was used before with different contents.
@@ -230,6 +233,37 @@ pub struct NewJob<'a> {
     pub max_pending_tenant: Option<u64>,
     /// The bound on distinct client ids with pending jobs.
     pub max_pending_clients: u64,
+    /// Start the first attempt in the submission's transaction, under this lease (the worker
+    /// reserved a slot and a rate permit for it). Ignored when the job is not inserted.
+    pub start: Option<&'a StartLease>,
+}
+
+/// What runs in the writer right after the commit that made a change durable, before its
+/// caller hears of it or it is published: for what must be released exactly then.
+#[derive(Clone)]
+pub struct OnCommit(Arc<dyn Fn() + Send + Sync>);
+
+impl OnCommit {
+    pub fn new(run: impl Fn() + Send + Sync + 'static) -> Self {
+        Self(Arc::new(run))
+    }
+
+    fn run(&self) {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for OnCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnCommit")
+    }
+}
+
+/// The lease a job starts its first attempt under when its submission starts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartLease {
+    pub owner: Arc<str>,
+    pub lease_until: UnixMillis,
 }
 
 /// [`NewJob`], owned, as it travels to the writer.
@@ -243,6 +277,7 @@ pub(crate) struct NewJobOwned {
     max_pending: u64,
     max_pending_tenant: Option<u64>,
     max_pending_clients: u64,
+    start: Option<StartLease>,
 }
 
 /// The right to record the outcome of one attempt: only its holder's writes land.
@@ -389,6 +424,15 @@ impl Store {
     /// only rescued once it expires: its owner may be another replica, alive.
     pub fn is_exclusive(&self) -> bool {
         matches!(self.pool, Db::Sqlite(_))
+    }
+
+    /// Whether no job waits to be claimed (none queued, none waiting for a retry) as of the
+    /// last commit, so that a new submission may start at once without overtaking anyone.
+    /// Known on SQLite only, where this daemon makes every change; false on PostgreSQL.
+    pub fn nothing_waiting(&self) -> bool {
+        self.writer
+            .as_ref()
+            .is_some_and(WriterHandle::nothing_waiting)
     }
 
     /// Whether the rate budget is shared through the database (with other replicas) rather
@@ -607,9 +651,10 @@ impl Store {
             max_pending: job.max_pending,
             max_pending_tenant: job.max_pending_tenant,
             max_pending_clients: job.max_pending_clients,
+            start: job.start.cloned(),
         };
         self.write(|reply| Command::Submit {
-            job: owned,
+            job: Box::new(owned),
             now,
             reply,
         })
@@ -658,16 +703,21 @@ impl Store {
     /// Records an attempt's outcome, if `lease` still holds the job. Returns the job as
     /// committed, or `None` when the lease was lost (the job was rescued and claimed again):
     /// then nothing is written.
+    ///
+    /// `on_commit` runs in the writer right after the commit, before anyone hears of the
+    /// outcome (the worker frees the attempt's slot there).
     pub async fn record_attempt(
         &self,
         lease: &Lease,
         record: &AttemptRecord,
         now: UnixMillis,
+        on_commit: Option<OnCommit>,
     ) -> Result<Option<Job>, StoreError> {
         self.write(|reply| Command::Record {
             lease: lease.clone(),
             record: record.clone(),
             now,
+            on_commit,
             reply,
         })
         .await

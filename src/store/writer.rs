@@ -31,15 +31,15 @@ use sqlx::{ConnectOptions, Connection, postgres::PgConnectOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    AttemptRecord, CancelOutcome, Candidate, Claim, JobRow, Lease, NewJobOwned, QueueFull,
-    StoreError, SubmitOutcome,
+    AttemptRecord, CancelOutcome, Candidate, Claim, JobRow, Lease, NewJobOwned, OnCommit,
+    QueueFull, StoreError, SubmitOutcome,
     audit::{self, AuditEvent, ChainHead},
     backend::{Columns, Conn, Db, on_backend},
     checkpoints::{self, Signed},
 };
 use crate::{
     audit::{AuditKind, AuditRecord, RecordKind, checkpoint::SigningKey},
-    domain::job::{Job, JobId, UnixMillis},
+    domain::job::{Job, JobId, JobState, UnixMillis},
     domain::secret::ExposeSecret,
     ops::metrics::Metrics,
     security::crypto::KeyRing,
@@ -59,7 +59,7 @@ const PRUNE_BATCH: i64 = 10_000;
 #[derive(Debug)]
 pub(super) enum Command {
     Submit {
-        job: NewJobOwned,
+        job: Box<NewJobOwned>,
         now: UnixMillis,
         reply: Responder<SubmitOutcome>,
     },
@@ -80,6 +80,7 @@ pub(super) enum Command {
         lease: Lease,
         record: AttemptRecord,
         now: UnixMillis,
+        on_commit: Option<OnCommit>,
         /// The job after the outcome, or `None` when the lease was lost.
         reply: Responder<Option<Job>>,
     },
@@ -193,8 +194,20 @@ impl Command {
                 record,
                 now,
                 reply,
+                ..
             } => Some(((&*lease, &*record, *now), reply)),
             _ => None,
+        }
+    }
+
+    /// Right after the commit, before anyone hears of it.
+    fn committed(&self) {
+        if let Command::Record {
+            on_commit: Some(on_commit),
+            ..
+        } = self
+        {
+            on_commit.run();
         }
     }
 
@@ -257,6 +270,9 @@ struct Tracked {
     /// Client ids with pending jobs that `pending_by_client` does not hold (on PostgreSQL,
     /// which reads only the counts of the client ids a batch submits for).
     other_clients: u64,
+    /// Jobs waiting (queued, or for a retry). Kept on SQLite only, where this writer makes
+    /// every change; a submission starts at once only while it is 0.
+    waiting: i64,
     keys: Arc<KeyRing>,
 }
 
@@ -266,6 +282,7 @@ struct Tracked {
 struct Snapshot {
     head: ChainHead,
     pending: i64,
+    waiting: i64,
     pending_by_tenant: HashMap<String, i64>,
     journal_len: usize,
 }
@@ -279,10 +296,14 @@ impl Tracked {
             pending_by_client: HashMap::new(),
             client_journal: Vec::new(),
             other_clients: 0,
+            waiting: 0,
             keys,
         };
         // PostgreSQL reads the counts each batch needs, in the batch.
-        if let Db::Sqlite(_) = conn {
+        if let Db::Sqlite(sqlite) = conn {
+            tracked.waiting = sqlx::query_scalar(include_str!("sql/sqlite/count_waiting.sql"))
+                .fetch_one(&mut *sqlite)
+                .await?;
             tracked.read_counts(conn).await?;
         }
         Ok(tracked)
@@ -347,6 +368,12 @@ impl Tracked {
         Ok(())
     }
 
+    /// `job` now waits (`+1`: submitted, retry scheduled, rescued) or no longer does (`-1`:
+    /// claimed, cancelled, expired).
+    fn count_waiting(&mut self, delta: i64) {
+        self.waiting += delta;
+    }
+
     /// A job became pending (`+1`) or terminal (`-1`).
     fn count(&mut self, job: &Job, delta: i64) {
         self.pending += delta;
@@ -384,6 +411,7 @@ impl Tracked {
         Snapshot {
             head: self.head.clone(),
             pending: self.pending,
+            waiting: self.waiting,
             pending_by_tenant: self.pending_by_tenant.clone(),
             journal_len: self.client_journal.len(),
         }
@@ -393,6 +421,7 @@ impl Tracked {
     fn restore(&mut self, snapshot: Snapshot) {
         self.head = snapshot.head;
         self.pending = snapshot.pending;
+        self.waiting = snapshot.waiting;
         self.pending_by_tenant = snapshot.pending_by_tenant;
         while self.client_journal.len() > snapshot.journal_len {
             if let Some((client_id, delta)) = self.client_journal.pop() {
@@ -417,6 +446,8 @@ pub(super) struct WriterHandle {
     requests: mpsc::Sender<Command>,
     /// Whether the writer's last transaction committed (or it has not written yet).
     healthy: Arc<AtomicBool>,
+    /// Whether no job waited after the writer's last commit (SQLite only).
+    nothing_waiting: Arc<AtomicBool>,
 }
 
 impl WriterHandle {
@@ -431,6 +462,7 @@ impl WriterHandle {
         let tracked = Tracked::read(&mut conn, keys).await?;
         let (requests, receiver) = mpsc::channel(4 * MAX_BATCH);
         let healthy = Arc::new(AtomicBool::new(true));
+        let nothing_waiting = Arc::new(AtomicBool::new(shared.is_none() && tracked.waiting == 0));
         let writer = Writer {
             conn,
             broken: false,
@@ -439,9 +471,23 @@ impl WriterHandle {
             feed,
             metrics,
             healthy: Arc::clone(&healthy),
+            nothing_waiting: Arc::clone(&nothing_waiting),
         };
         let task = WriterTask(Box::pin(writer.run(receiver)));
-        Ok((WriterHandle { requests, healthy }, task))
+        Ok((
+            WriterHandle {
+                requests,
+                healthy,
+                nothing_waiting,
+            },
+            task,
+        ))
+    }
+
+    /// Whether no job waited (queued, or for a retry) after the last commit. Always false on
+    /// a database shared with other replicas, whose jobs this writer does not count.
+    pub(super) fn nothing_waiting(&self) -> bool {
+        self.nothing_waiting.load(Ordering::Acquire)
     }
 
     /// Whether the writer's last transaction committed: false while the database does not
@@ -537,6 +583,7 @@ struct Writer {
     broken: bool,
     shared: Option<Shared>,
     healthy: Arc<AtomicBool>,
+    nothing_waiting: Arc<AtomicBool>,
     tracked: Tracked,
     feed: Arc<JobFeed>,
     metrics: Arc<Metrics>,
@@ -549,9 +596,14 @@ impl Writer {
             let mut commands = std::mem::take(&mut batch);
             match self.apply_batch(&mut commands).await {
                 Ok(effects) => {
-                    for (command, effects) in commands.iter_mut().zip(effects) {
-                        publish(&effects, &self.feed, &self.metrics);
+                    for command in &mut commands {
+                        command.committed();
+                    }
+                    for command in &mut commands {
                         command.respond();
+                    }
+                    for effects in &effects {
+                        publish(effects, &self.feed, &self.metrics);
                     }
                 }
                 Err(error) if self.shared.is_some() && error.is_transient() => {
@@ -569,10 +621,11 @@ impl Writer {
                         let single = std::slice::from_mut(command);
                         match self.apply_batch(single).await {
                             Ok(effects) => {
+                                command.committed();
+                                command.respond();
                                 for effects in &effects {
                                     publish(effects, &self.feed, &self.metrics);
                                 }
-                                command.respond();
                             }
                             Err(error) => command.fail(error),
                         }
@@ -616,6 +669,10 @@ impl Writer {
         match result {
             Ok(results) => {
                 self.tracked.committed();
+                self.nothing_waiting.store(
+                    self.shared.is_none() && self.tracked.waiting == 0,
+                    Ordering::Release,
+                );
                 Ok(results)
             }
             Err(error) => {
@@ -856,6 +913,7 @@ async fn apply(
             record,
             now,
             reply,
+            ..
         } => {
             let mut outcomes = record_many(conn, tracked, &[(&*lease, &*record, *now)]).await?;
             let outcome = outcomes.pop().ok_or_else(|| {
@@ -952,8 +1010,13 @@ fn append(tracked: &mut Tracked, events: Vec<AuditEvent<'_>>) -> Vec<AuditRecord
         .collect()
 }
 
-/// Rows per multi-row job INSERT (13 parameters each).
+/// Rows per multi-row job INSERT ([`INSERT_COLUMNS`] parameters each).
 const SUBMIT_CHUNK: usize = 100;
+/// Values per inserted job (`insert_jobs_head.sql`).
+const INSERT_COLUMNS: usize = 17;
+/// The detail of the `attempt.started` event of a job its submission started.
+const STARTED_AT_SUBMISSION: &str =
+    "started at submission (nothing waiting; worker and rate-limit permits free)";
 
 /// Commits a run of submissions: the new ones with one INSERT per [`SUBMIT_CHUNK`] (a known
 /// idempotency key inserts nothing), then, only for those not inserted, a lookup that tells a
@@ -1021,8 +1084,7 @@ async fn submit_many(
             ),
         };
         let mut sql = String::from(head.trim_end());
-        // 13 values per job, the state (column 9) a constant.
-        conn.push_tuples(&mut sql, chunk.len(), 13, Some((8, "'queued'")));
+        conn.push_tuples(&mut sql, chunk.len(), INSERT_COLUMNS, None);
         sql.push(' ');
         sql.push_str(tail.trim());
         let rows = on_backend!(&mut *conn, generated sql, |query, conn| {
@@ -1030,28 +1092,33 @@ async fn submit_many(
             for (new, now) in chunk {
                 let request = &new.request;
                 let job_id = new.job_id.to_string();
+                let start = new.start.as_ref();
                 query = query
-                .bind(job_id.clone())
-                .bind(&new.tenant)
-                .bind(&request.client_id)
-                .bind(&request.idempotency_key)
-                .bind(&request.request_digest)
-                .bind(
-                    tracked
-                        .keys
-                        .seal(request.code.expose_secret(), &job_id, "code"),
-                )
-                .bind(tracked.keys.seal(
-                    request.code_verifier.expose_secret(),
-                    &job_id,
-                    "code_verifier",
-                ))
-                .bind(&request.state)
-                .bind(now.0)
-                .bind(now.0)
-                .bind(now.0)
-                .bind(now.saturating_add(new.ttl).0)
-                .bind(&new.code_fingerprint);
+                    .bind(job_id.clone())
+                    .bind(&new.tenant)
+                    .bind(&request.client_id)
+                    .bind(&request.idempotency_key)
+                    .bind(&request.request_digest)
+                    .bind(
+                        tracked
+                            .keys
+                            .seal(request.code.expose_secret(), &job_id, "code"),
+                    )
+                    .bind(tracked.keys.seal(
+                        request.code_verifier.expose_secret(),
+                        &job_id,
+                        "code_verifier",
+                    ))
+                    .bind(&request.state)
+                    .bind(if start.is_some() { "running" } else { "queued" })
+                    .bind(now.0)
+                    .bind(now.0)
+                    .bind(start.is_none().then_some(now.0))
+                    .bind(now.saturating_add(new.ttl).0)
+                    .bind(&new.code_fingerprint)
+                    .bind(i64::from(start.is_some()))
+                    .bind(start.map(|start| start.owner.as_ref()))
+                    .bind(start.map(|start| start.lease_until.0));
             }
             decode_all(&query.fetch_all(&mut *conn).await?)?
         });
@@ -1063,14 +1130,37 @@ async fn submit_many(
     for ((new, now), refusal) in submissions.iter().zip(refusals) {
         let request = &new.request;
         if let Some(row) = inserted.remove(&new.job_id.to_string()) {
+            let row_id = row.id;
             let job = row.into_job(Some(&tracked.keys))?;
-            let events = append(
-                tracked,
-                vec![AuditEvent::new(&job, AuditKind::JobSubmitted, *now)],
-            );
+            let mut events = vec![AuditEvent::new(&job, AuditKind::JobSubmitted, *now)];
+            if job.state == JobState::Running {
+                events.push(
+                    AuditEvent::new(&job, AuditKind::AttemptStarted, *now)
+                        .attempt(job.attempts)
+                        .detail(STARTED_AT_SUBMISSION.to_string()),
+                );
+            }
+            let events = append(tracked, events);
             tracked.count(&job, 1);
+            if job.state.is_waiting() {
+                tracked.count_waiting(1);
+            }
+            let outcome = match &new.start {
+                Some(start) if job.state == JobState::Running => SubmitOutcome::Started(Claim {
+                    lease: Lease {
+                        row_id,
+                        job_id: job.id,
+                        owner: Arc::clone(&start.owner),
+                        attempt: job.attempts,
+                    },
+                    job: job.clone(),
+                    code: request.code.clone(),
+                    code_verifier: request.code_verifier.clone(),
+                }),
+                _ => SubmitOutcome::Created(job.clone()),
+            };
             results.push((
-                SubmitOutcome::Created(job.clone()),
+                outcome,
                 Effects {
                     events,
                     publish: vec![job],
@@ -1144,6 +1234,7 @@ async fn cancel(
         ],
     );
     tracked.count(&job, -1);
+    tracked.count_waiting(-1);
     Ok((
         CancelOutcome::Cancelled(job.clone()),
         Effects {
@@ -1221,6 +1312,7 @@ async fn claim(
         })
         .collect();
     let events = append(tracked, events);
+    tracked.count_waiting(-(claims.len() as i64));
     let publish = claims.iter().map(|claim| claim.job.clone()).collect();
     Ok((claims, Effects { events, publish }))
 }
@@ -1321,6 +1413,9 @@ async fn record_many(
         if job.state.is_terminal() {
             tracked.count(&job, -1);
         }
+        if job.state.is_waiting() {
+            tracked.count_waiting(1);
+        }
         results.push((
             Some(job.clone()),
             Effects {
@@ -1347,8 +1442,16 @@ fn sweep(
         .flat_map(|job| audit::sweep_events(job, kind, now))
         .collect();
     let events = append(tracked, events);
-    for job in jobs.iter().filter(|job| job.state.is_terminal()) {
-        tracked.count(job, -1);
+    for job in &jobs {
+        if job.state.is_terminal() {
+            tracked.count(job, -1);
+        }
+        // Expiry ends a waiting job; a rescue makes a running one wait again, or ends it.
+        match kind {
+            AuditKind::JobExpired => tracked.count_waiting(-1),
+            _ if job.state.is_waiting() => tracked.count_waiting(1),
+            _ => {}
+        }
     }
     Ok((
         jobs.clone(),

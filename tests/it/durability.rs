@@ -114,6 +114,7 @@ fn new_job(request: &ExchangeRequest) -> NewJob<'_> {
         max_pending: 100,
         max_pending_tenant: None,
         max_pending_clients: 1_000,
+        start: None,
     }
 }
 
@@ -164,7 +165,7 @@ async fn a_stale_worker_cannot_overwrite_a_newer_outcome() {
         outcome_unknown: true,
     };
     let recorded = store
-        .record_attempt(&claim_b.lease, &failed, now)
+        .record_attempt(&claim_b.lease, &failed, now, None)
         .await
         .unwrap()
         .expect("the current lease holder's write lands");
@@ -181,7 +182,7 @@ async fn a_stale_worker_cannot_overwrite_a_newer_outcome() {
     };
     assert!(
         store
-            .record_attempt(&claim_a.lease, &late, now)
+            .record_attempt(&claim_a.lease, &late, now, None)
             .await
             .unwrap()
             .is_none()

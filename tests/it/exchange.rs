@@ -2,11 +2,148 @@
 
 use token_broker::{
     api::proto::{FailureReason, JobState},
-    tools::fake_upstream::Scripted,
+    tools::fake_upstream::{Faults, Scripted},
 };
 use tonic::Code;
 
-use crate::helpers::{TestApp, audit_kinds};
+use crate::helpers::{TestApp, audit_kinds, read_only, scrape_metrics, series};
+
+/// One job's audit events as stored: (seq, at, kind, detail).
+async fn job_events(
+    path: &std::path::Path,
+    job_id: &str,
+) -> Vec<(i64, i64, String, Option<String>)> {
+    use sqlx::Connection;
+    let mut conn = read_only(path).await;
+    let events = sqlx::query_as(
+        "SELECT seq, at, kind, detail FROM audit_events WHERE job_id = ?1 ORDER BY seq",
+    )
+    .bind(job_id)
+    .fetch_all(&mut conn)
+    .await
+    .expect("read audit events");
+    conn.close().await.ok();
+    events
+}
+
+#[tokio::test]
+async fn with_nothing_waiting_a_submission_is_committed_running_its_first_attempt() {
+    let mut app = TestApp::spawn().await;
+    // Slow answers, so the job is still running when its submitter reads it.
+    app.fake.set_faults(Faults {
+        latency_ms: 300,
+        ..Default::default()
+    });
+
+    let job = app.submit(app.new_request("client-a")).await;
+
+    assert_eq!(job.state(), JobState::Running, "the submission started it");
+    assert_eq!(job.attempts, 1);
+    let done = app.wait_terminal(&job.job_id).await;
+    assert_eq!(done.state(), JobState::Succeeded);
+    assert_eq!(done.attempts, 1);
+    assert_eq!(app.fake.stats().token_requests, 1);
+    let events = job_events(&app.db_path(), &job.job_id).await;
+    let kinds: Vec<&str> = events.iter().map(|(_, _, kind, _)| kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "job.submitted",
+            "attempt.started",
+            "attempt.finished",
+            "job.succeeded"
+        ]
+    );
+    // Submitted and started by one change: consecutive events, one time.
+    let ((submitted_seq, submitted_at, ..), (started_seq, started_at, _, detail)) =
+        (&events[0], &events[1]);
+    assert_eq!(*started_seq, submitted_seq + 1);
+    assert_eq!(started_at, submitted_at);
+    assert!(
+        detail
+            .as_deref()
+            .is_some_and(|detail| detail.starts_with("started at submission")),
+        "{detail:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_within_the_worker_concurrency_never_wait_in_the_queue() {
+    // An attempt's slot is free once its outcome commits, before its caller is answered: a
+    // caller that submits again at once always finds one.
+    let app = TestApp::spawn_with(|config| config.worker.concurrency = 2).await;
+    let mut callers = tokio::task::JoinSet::new();
+    for caller in 0..2 {
+        let mut client = app.client.clone();
+        let requests: Vec<_> = (0..25)
+            .map(|_| app.new_request(&format!("client-{caller}")))
+            .collect();
+        callers.spawn(async move {
+            for request in requests {
+                let job = client
+                    .exchange(request)
+                    .await
+                    .expect("answered")
+                    .into_inner();
+                assert_eq!(job.state(), JobState::Succeeded);
+            }
+        });
+    }
+    callers.join_all().await;
+
+    let scrape = scrape_metrics(app.ops_addr).await;
+    assert_eq!(series(&scrape, "token_broker_jobs_submitted_total"), 50.0);
+    assert_eq!(
+        series(&scrape, "token_broker_jobs_started_at_submission_total"),
+        50.0,
+        "{scrape}"
+    );
+}
+
+#[tokio::test]
+async fn while_a_job_waits_new_submissions_queue_behind_it() {
+    // One request per second per client: client-a's first job takes its only permit.
+    let mut app = TestApp::spawn_with(|config| {
+        config.limits.default_client_rps = 1;
+        config.limits.default_client_burst = 1;
+    })
+    .await;
+
+    let first = app.submit(app.new_request("client-a")).await;
+    let second = app.submit(app.new_request("client-a")).await;
+    let third = app.submit(app.new_request("client-b")).await;
+
+    assert_eq!(
+        first.state(),
+        JobState::Running,
+        "nothing waited: it started"
+    );
+    assert_eq!(second.state(), JobState::Queued, "no permit: it waits");
+    assert_eq!(
+        third.state(),
+        JobState::Queued,
+        "client-b's limiter has a permit, but a job waits: it queues, the dispatcher decides"
+    );
+    for job in [&first, &second, &third] {
+        assert_eq!(
+            app.wait_terminal(&job.job_id).await.state(),
+            JobState::Succeeded
+        );
+    }
+    for job in [&second, &third] {
+        let events = job_events(&app.db_path(), &job.job_id).await;
+        let (_, _, _, detail) = events
+            .iter()
+            .find(|(_, _, kind, _)| kind == "attempt.started")
+            .expect("an attempt started");
+        assert!(
+            detail
+                .as_deref()
+                .is_some_and(|detail| detail.starts_with("waited")),
+            "the dispatcher started it: {detail:?}"
+        );
+    }
+}
 
 #[tokio::test]
 async fn a_successful_exchange_returns_the_token() {

@@ -564,6 +564,16 @@ pub fn peak_resident_bytes(pid: u32) -> u64 {
 }
 
 /// The text of `/metrics` on an ops listener.
+/// The value of one series in a scrape, 0 when absent.
+pub fn series(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .find(|line| line.starts_with(name) && line[name.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0.0)
+}
+
 pub async fn scrape_metrics(ops: SocketAddr) -> String {
     reqwest::get(format!("http://{ops}/metrics"))
         .await

@@ -4,7 +4,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, series};
 
 #[tokio::test]
 async fn health_reports_serving_and_ops_endpoints_answer() {
@@ -91,16 +91,6 @@ async fn a_second_daemon_on_the_same_database_is_refused() {
     assert!(message.contains("another token-broker"), "{message}");
 }
 
-/// The value of one series in a scrape, 0 when absent.
-fn series(scrape: &str, name: &str) -> f64 {
-    scrape
-        .lines()
-        .find(|line| line.starts_with(name) && line[name.len()..].starts_with(' '))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn metrics_move_as_jobs_flow() {
     use token_broker::tools::fake_upstream::Scripted;
@@ -161,6 +151,8 @@ async fn metrics_move_as_jobs_flow() {
             1.0,
         ),
         ("token_broker_retries_total", 1.0),
+        // Each submitted with nothing waiting; the retry went through the queue.
+        ("token_broker_jobs_started_at_submission_total", 3.0),
         ("token_broker_upstream_latency_seconds_count", 3.0),
         ("token_broker_limiter_wait_seconds_count", 4.0),
         ("token_broker_queue_depth", 1.0),
