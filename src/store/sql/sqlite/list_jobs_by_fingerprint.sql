@@ -1,4 +1,5 @@
--- list_jobs.sql for one code, through the jobs_fingerprint index.
+-- list_jobs.sql for one code. No index on fingerprints (every submission would pay for it):
+-- this reads the jobs of the id and time range, about 0.3 s per million.
 SELECT * FROM jobs
 WHERE code_fingerprint = ?8 AND id > ?1 AND id <= ?2 AND created_at >= ?3 AND created_at < ?4
   AND (?5 IS NULL OR client_id = ?5)
