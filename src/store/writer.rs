@@ -200,6 +200,15 @@ impl Command {
         }
     }
 
+    /// Where the change goes in its batch: submissions first, then outcomes, then the rest.
+    fn run_order(&self) -> u8 {
+        match self {
+            Command::Submit { .. } => 0,
+            Command::Record { .. } => 1,
+            _ => 2,
+        }
+    }
+
     /// Right after the commit, before anyone hears of it.
     fn committed(&self) {
         if let Command::Record {
@@ -594,6 +603,11 @@ impl Writer {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
             let mut commands = std::mem::take(&mut batch);
+            // Submissions together, then outcomes: each run is one statement, so a batch costs
+            // a few statements however its changes arrived. Changes of different kinds never
+            // touch the same job in one batch (an outcome needs its job committed running
+            // first), and other changes keep their order.
+            commands.sort_by_key(Command::run_order);
             match self.apply_batch(&mut commands).await {
                 Ok(effects) => {
                     for command in &mut commands {
