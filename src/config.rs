@@ -94,8 +94,9 @@ pub struct ServerConfig {
     /// is closed.
     pub idle_timeout_secs: u64,
     /// Threads of the async runtime that serves gRPC, the worker and the store; 0 means one per
-    /// CPU the process may use. Fewer threads than cores cost less CPU per exchange (fewer
-    /// wake-ups across threads; see BENCHMARKS.md) and cap the daemon at that many cores.
+    /// CPU the process may use, less one on SQLite ([`Config::runtime_threads`]). Fewer threads
+    /// than cores cost less CPU per exchange (fewer wake-ups across threads; see
+    /// BENCHMARKS.md) and cap the daemon at that many cores.
     pub worker_threads: usize,
 }
 
@@ -941,6 +942,20 @@ impl Config {
         )
     }
 
+    /// Threads of the daemon's async runtime on a machine with `cpus` CPUs for it:
+    /// `server.worker_threads` when set; otherwise one per CPU, less one on SQLite, whose
+    /// writer runs on a thread of its own (sqlx's) that keeps about half a core busy under
+    /// load, so that the runtime does not contend with it (fewer cross-thread wake-ups: 8%
+    /// less CPU per exchange with one thread than with two on a two-core machine, see
+    /// BENCHMARKS.md). At least one.
+    pub fn runtime_threads(&self, cpus: usize) -> usize {
+        match self.server.worker_threads {
+            0 if self.storage.is_postgres() => cpus.max(1),
+            0 => cpus.saturating_sub(1).max(1),
+            threads => threads,
+        }
+    }
+
     /// How long a claimed attempt may run before another worker may presume it dead: the
     /// upstream timeout bounds an attempt, and the margin covers the database writes around it.
     pub fn lease_duration(&self) -> Duration {
@@ -1032,6 +1047,23 @@ mod tests {
             config.upstream.token_url_for_logs(),
             "http://fake-upstream:8080/v1/token"
         );
+    }
+
+    #[test]
+    fn the_runtime_leaves_sqlites_writer_a_cpu_unless_told_otherwise() {
+        let mut config = Config::default();
+        assert_eq!(config.runtime_threads(1), 1);
+        assert_eq!(config.runtime_threads(2), 1);
+        assert_eq!(config.runtime_threads(8), 7);
+        config.storage.url = Some("postgres://db/broker".into());
+        assert_eq!(
+            config.runtime_threads(2),
+            2,
+            "PostgreSQL's writer is on the runtime"
+        );
+        assert_eq!(config.runtime_threads(0), 1);
+        config.server.worker_threads = 3;
+        assert_eq!(config.runtime_threads(8), 3, "a setting is taken as it is");
     }
 
     #[test]

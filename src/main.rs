@@ -28,7 +28,8 @@ fn main() -> ExitCode {
     let (serve_config, worker_threads) = match &cli.command {
         Command::Serve { config: path } => match Config::load(path.as_deref()) {
             Ok(config) => {
-                let threads = config.server.worker_threads;
+                let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let threads = config.runtime_threads(cpus);
                 (Some(config), threads)
             }
             Err(errors) => {
