@@ -1030,7 +1030,7 @@ const SUBMIT_CHUNK: usize = 100;
 const INSERT_COLUMNS: usize = 17;
 /// The detail of the `attempt.started` event of a job its submission started.
 const STARTED_AT_SUBMISSION: &str =
-    "started at submission (nothing waiting; worker and rate-limit permits free)";
+    "started at submission (nothing waiting, a worker slot free, no rate limit)";
 
 /// Commits a run of submissions: the new ones with one INSERT per [`SUBMIT_CHUNK`] (a known
 /// idempotency key inserts nothing), then, only for those not inserted, a lookup that tells a
@@ -1080,7 +1080,8 @@ async fn submit_many(
         })
         .collect();
     let admitted: Vec<bool> = refusals.iter().map(Option::is_none).collect();
-    let mut inserted: std::collections::HashMap<String, JobRow> = std::collections::HashMap::new();
+    // The row id of each job inserted, by job id.
+    let mut inserted: HashMap<String, i64> = HashMap::new();
     let to_insert: Vec<&(&NewJobOwned, UnixMillis)> = submissions
         .iter()
         .zip(&admitted)
@@ -1134,18 +1135,18 @@ async fn submit_many(
                     .bind(start.map(|start| start.owner.as_ref()))
                     .bind(start.map(|start| start.lease_until.0));
             }
-            decode_all(&query.fetch_all(&mut *conn).await?)?
+            let rows = query.fetch_all(&mut *conn).await?;
+            rows.iter()
+                .map(|row| Ok((row.text("job_id")?, row.int("id")?)))
+                .collect::<sqlx::Result<Vec<_>>>()?
         });
-        for row in rows {
-            inserted.insert(row.job_id.clone(), row);
-        }
+        inserted.extend(rows);
     }
     let mut results = Vec::with_capacity(submissions.len());
     for ((new, now), refusal) in submissions.iter().zip(refusals) {
         let request = &new.request;
-        if let Some(row) = inserted.remove(&new.job_id.to_string()) {
-            let row_id = row.id;
-            let job = row.into_job(Some(&tracked.keys))?;
+        if let Some(row_id) = inserted.remove(&new.job_id.to_string()) {
+            let job = inserted_job(new, *now);
             let mut events = vec![AuditEvent::new(&job, AuditKind::JobSubmitted, *now)];
             if job.state == JobState::Running {
                 events.push(
@@ -1208,6 +1209,37 @@ async fn submit_many(
         results.push((outcome, Effects::default()));
     }
     Ok(results)
+}
+
+/// A job as its submission inserted it (`insert_jobs_head.sql`, with the columns' defaults),
+/// built from the values bound rather than read back: queued, or running its first attempt.
+fn inserted_job(new: &NewJobOwned, now: UnixMillis) -> Job {
+    let started = new.start.is_some();
+    let request = &new.request;
+    Job {
+        id: new.job_id,
+        tenant: new.tenant.clone(),
+        client_id: request.client_id.clone(),
+        state: if started {
+            JobState::Running
+        } else {
+            JobState::Queued
+        },
+        attempts: u32::from(started),
+        created_at: now,
+        updated_at: now,
+        next_attempt_at: (!started).then_some(now),
+        expires_at: now.saturating_add(new.ttl),
+        token: None,
+        failure_reason: None,
+        last_http_status: None,
+        failure_detail: None,
+        state_param: request.state.clone(),
+        idempotency_key: request.idempotency_key.clone(),
+        outcome_unknown: false,
+        version: 1,
+        code_fingerprint: Some(new.code_fingerprint.clone()),
+    }
 }
 
 async fn cancel(

@@ -39,6 +39,7 @@ async fn with_nothing_waiting_a_submission_is_committed_running_its_first_attemp
 
     assert_eq!(job.state(), JobState::Running, "the submission started it");
     assert_eq!(job.attempts, 1);
+    assert_eq!(app.get(&job.job_id).await, job, "answered as stored");
     let done = app.wait_terminal(&job.job_id).await;
     assert_eq!(done.state(), JobState::Succeeded);
     assert_eq!(done.attempts, 1);
@@ -102,35 +103,40 @@ async fn callers_within_the_worker_concurrency_never_wait_in_the_queue() {
 
 #[tokio::test]
 async fn while_a_job_waits_new_submissions_queue_behind_it() {
-    // One request per second per client: client-a's first job takes its only permit.
+    // slow-app may send once per second; other clients have no limit.
     let mut app = TestApp::spawn_with(|config| {
-        config.limits.default_client_rps = 1;
-        config.limits.default_client_burst = 1;
+        config.limits.client = vec![token_broker::config::ClientLimit {
+            client_id: "slow-app".into(),
+            rps: 1,
+            burst: 1,
+        }];
     })
     .await;
 
-    let first = app.submit(app.new_request("client-a")).await;
-    let second = app.submit(app.new_request("client-a")).await;
-    let third = app.submit(app.new_request("client-b")).await;
+    let first = app.submit(app.new_request("slow-app")).await;
+    let second = app.submit(app.new_request("slow-app")).await;
+    let other = app.submit(app.new_request("other-app")).await;
 
+    // A rate-limited client's jobs are paced by the dispatcher, never started at submission.
     assert_eq!(
         first.state(),
-        JobState::Running,
-        "nothing waited: it started"
-    );
-    assert_eq!(second.state(), JobState::Queued, "no permit: it waits");
-    assert_eq!(
-        third.state(),
         JobState::Queued,
-        "client-b's limiter has a permit, but a job waits: it queues, the dispatcher decides"
+        "a rate limit applies: it queues"
     );
-    for job in [&first, &second, &third] {
+    assert_eq!(second.state(), JobState::Queued);
+    assert_eq!(app.get(&second.job_id).await, second, "answered as stored");
+    assert_eq!(
+        other.state(),
+        JobState::Queued,
+        "no limit for other-app, but a job waits: it queues behind it"
+    );
+    for job in [&first, &second, &other] {
         assert_eq!(
             app.wait_terminal(&job.job_id).await.state(),
             JobState::Succeeded
         );
     }
-    for job in [&second, &third] {
+    for job in [&first, &second, &other] {
         let events = job_events(&app.db_path(), &job.job_id).await;
         let (_, _, _, detail) = events
             .iter()
@@ -143,6 +149,9 @@ async fn while_a_job_waits_new_submissions_queue_behind_it() {
             "the dispatcher started it: {detail:?}"
         );
     }
+    // Once nothing waits, an unlimited client's submission starts at once again.
+    let later = app.submit(app.new_request("other-app")).await;
+    assert_eq!(later.state(), JobState::Running, "{later:?}");
 }
 
 #[tokio::test]

@@ -1,1 +1,1 @@
-ON CONFLICT (tenant, idempotency_key) DO NOTHING RETURNING *
+ON CONFLICT (tenant, idempotency_key) DO NOTHING RETURNING id, job_id
