@@ -39,6 +39,7 @@ mod deliveries;
 pub mod feed;
 mod history;
 mod listener;
+mod wal;
 mod writer;
 
 use backend::{Columns, Db, Pool, on_backend};
@@ -334,9 +335,11 @@ impl Store {
         feed: Arc<JobFeed>,
         metrics: Arc<Metrics>,
     ) -> Result<(Store, WriterTask), StoreError> {
+        let mut wal_checkpoints = None;
         let (pool, conn, shared) = match &config.url {
             None => {
-                let (pool, conn) = open_sqlite(config).await?;
+                let (pool, conn, checkpoints) = open_sqlite(config).await?;
+                wal_checkpoints = Some(checkpoints);
                 (pool, conn, None)
             }
             Some(url) => {
@@ -373,7 +376,10 @@ impl Store {
                 store.clone(),
                 feed,
             )),
-            None => task,
+            None => match wal_checkpoints {
+                Some(conn) => task.alongside(wal::run(conn)),
+                None => task,
+            },
         };
         Ok((store, task))
     }
@@ -880,9 +886,11 @@ impl Store {
     }
 }
 
-/// Opens (creating if needed) the SQLite database and applies its migrations: the read pool
-/// and the writer's connection.
-async fn open_sqlite(config: &StorageConfig) -> Result<(Pool, backend::Conn), StoreError> {
+/// Opens (creating if needed) the SQLite database and applies its migrations: the read pool,
+/// the writer's connection and the WAL checkpoints' connection ([`wal`]).
+async fn open_sqlite(
+    config: &StorageConfig,
+) -> Result<(Pool, backend::Conn, sqlx::SqliteConnection), StoreError> {
     let path = &config.path;
     prepare_private_file(path)?;
     let synchronous = match config.synchronous {
@@ -908,20 +916,25 @@ async fn open_sqlite(config: &StorageConfig) -> Result<(Pool, backend::Conn), St
         .await?;
     migrations.close().await;
     // The writer touches every index of a deep queue: give it a page cache that holds them
-    // (32 MiB; the readers keep SQLite's default 2 MiB each).
-    let mut writer_options = base.clone().pragma("cache_size", "-32768");
+    // (32 MiB; the readers keep SQLite's default 2 MiB each). Checkpoints are another
+    // connection's ([`wal`]); the writer makes its own only if that falls behind.
+    let mut writer_options = base
+        .clone()
+        .pragma("cache_size", "-32768")
+        .pragma("wal_autocheckpoint", wal::WRITER_FALLBACK_PAGES.to_string());
     if config.max_size_mb > 0 {
         // 4 KiB pages (SQLite's default page size).
         writer_options =
             writer_options.pragma("max_page_count", (config.max_size_mb * 256).to_string());
     }
     let conn = writer_options.connect().await?;
+    let checkpoints = base.clone().connect().await?;
     let reader = SqlitePoolOptions::new()
         .max_connections(4)
         .acquire_timeout(busy_timeout + Duration::from_secs(5))
         .connect_with(base.read_only(true))
         .await?;
-    Ok((Db::Sqlite(reader), Db::Sqlite(conn)))
+    Ok((Db::Sqlite(reader), Db::Sqlite(conn), checkpoints))
 }
 
 /// Connects to PostgreSQL and applies its migrations (sqlx takes an advisory lock for them, so

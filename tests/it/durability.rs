@@ -194,3 +194,40 @@ async fn a_stale_worker_cannot_overwrite_a_newer_outcome() {
     let _ = FailureReason::Forbidden;
     store.close().await;
 }
+
+#[tokio::test]
+async fn committed_pages_reach_the_database_file_without_a_commit_paying_for_it() {
+    // The writer checkpoints by itself only past 10,000 pages of log; a few hundred exchanges
+    // write far fewer. Their pages reach the database file anyway: the WAL checkpoints run
+    // beside the writer.
+    let app = TestApp::spawn().await;
+    let file_size = || std::fs::metadata(app.db_path()).map_or(0, |m| m.len());
+    let before = file_size();
+    let mut callers = tokio::task::JoinSet::new();
+    for caller in 0..4 {
+        let mut client = app.client.clone();
+        let requests: Vec<_> = (0..50)
+            .map(|_| app.new_request(&format!("client-{caller}")))
+            .collect();
+        callers.spawn(async move {
+            for request in requests {
+                let job = client
+                    .exchange(request)
+                    .await
+                    .expect("answered")
+                    .into_inner();
+                assert_eq!(job.state(), JobState::Succeeded);
+            }
+        });
+    }
+    callers.join_all().await;
+    let deadline = std::time::Instant::now() + crate::helpers::PATIENCE;
+    while file_size() < before + 256 * 1024 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database file stayed at {} bytes (from {before})",
+            file_size()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
