@@ -203,24 +203,7 @@ async fn committed_pages_reach_the_database_file_without_a_commit_paying_for_it(
     let app = TestApp::spawn().await;
     let file_size = || std::fs::metadata(app.db_path()).map_or(0, |m| m.len());
     let before = file_size();
-    let mut callers = tokio::task::JoinSet::new();
-    for caller in 0..4 {
-        let mut client = app.client.clone();
-        let requests: Vec<_> = (0..50)
-            .map(|_| app.new_request(&format!("client-{caller}")))
-            .collect();
-        callers.spawn(async move {
-            for request in requests {
-                let job = client
-                    .exchange(request)
-                    .await
-                    .expect("answered")
-                    .into_inner();
-                assert_eq!(job.state(), JobState::Succeeded);
-            }
-        });
-    }
-    callers.join_all().await;
+    crate::helpers::exchange_in_turns(&app, 4, 50).await;
     let deadline = std::time::Instant::now() + crate::helpers::PATIENCE;
     while file_size() < before + 256 * 1024 {
         assert!(

@@ -73,24 +73,7 @@ async fn callers_within_the_worker_concurrency_never_wait_in_the_queue() {
     // An attempt's slot is free once its outcome commits, before its caller is answered: a
     // caller that submits again at once always finds one.
     let app = TestApp::spawn_with(|config| config.worker.concurrency = 2).await;
-    let mut callers = tokio::task::JoinSet::new();
-    for caller in 0..2 {
-        let mut client = app.client.clone();
-        let requests: Vec<_> = (0..25)
-            .map(|_| app.new_request(&format!("client-{caller}")))
-            .collect();
-        callers.spawn(async move {
-            for request in requests {
-                let job = client
-                    .exchange(request)
-                    .await
-                    .expect("answered")
-                    .into_inner();
-                assert_eq!(job.state(), JobState::Succeeded);
-            }
-        });
-    }
-    callers.join_all().await;
+    crate::helpers::exchange_in_turns(&app, 2, 25).await;
 
     let scrape = scrape_metrics(app.ops_addr).await;
     assert_eq!(series(&scrape, "token_broker_jobs_submitted_total"), 50.0);

@@ -564,6 +564,29 @@ pub fn peak_resident_bytes(pid: u32) -> u64 {
 }
 
 /// The text of `/metrics` on an ops listener.
+/// `callers` concurrent callers (client ids `client-0`, `client-1`, …) each make `each`
+/// exchanges one after another; every one must succeed.
+pub async fn exchange_in_turns(app: &TestApp, callers: usize, each: usize) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for caller in 0..callers {
+        let mut client = app.client.clone();
+        let requests: Vec<_> = (0..each)
+            .map(|_| app.new_request(&format!("client-{caller}")))
+            .collect();
+        tasks.spawn(async move {
+            for request in requests {
+                let job = client
+                    .exchange(request)
+                    .await
+                    .expect("answered")
+                    .into_inner();
+                assert_eq!(job.state(), token_broker::api::proto::JobState::Succeeded);
+            }
+        });
+    }
+    tasks.join_all().await;
+}
+
 /// The value of one series in a scrape, 0 when absent.
 pub fn series(scrape: &str, name: &str) -> f64 {
     scrape
