@@ -24,7 +24,9 @@ PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
 
-FAKE_PORT=$((20000 + RANDOM % 10000))
+# Ports below the kernel's ephemeral range (32768 and up by default), from which outgoing
+# connections take their local ports: one picked there may be taken by the time it is bound.
+FAKE_PORT=$((10000 + RANDOM % 6000))
 FAKE="http://127.0.0.1:$FAKE_PORT"
 "$BIN" fake-upstream --listen "127.0.0.1:$FAKE_PORT" --code-ttl-secs 3600 >"$WORK/fake.log" 2>&1 &
 PIDS+=($!)
@@ -43,8 +45,8 @@ DAEMONS=()
 OPS_PORTS=()
 TARGETS=""
 for r in $(seq "$REPLICAS"); do
-    GRPC_PORT=$((30000 + RANDOM % 10000))
-    OPS_PORT=$((40000 + RANDOM % 10000))
+    GRPC_PORT=$((16000 + RANDOM % 8000))
+    OPS_PORT=$((24000 + RANDOM % 8000))
     # shellcheck disable=SC2086 # BENCH_DAEMON_ENV is a list of words.
     env "${STORAGE[@]}" ${BENCH_DAEMON_ENV:-} \
         TOKEN_BROKER_SERVER__LISTEN="127.0.0.1:$GRPC_PORT" \

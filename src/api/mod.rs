@@ -19,11 +19,11 @@ use crate::{
     domain::job::{Job, JobId, UnixMillis},
     domain::request::{ExchangeRequest, RawExchange, parse_job_id},
     domain::secret::ExposeSecret,
-    exchange::worker::{StartReservation, Worker},
+    exchange::worker::Worker,
     security::tenants::{Caller, TenantRegistry},
     store::Deliveries,
     store::feed::{FeedEvent, JobFeed, JobSubscription},
-    store::{CancelOutcome, NewJob, Store, SubmitOutcome},
+    store::{CancelOutcome, NewJob, OnStarted, Store, SubmitOutcome},
 };
 
 mod audit_log;
@@ -132,6 +132,13 @@ impl TokenBrokerApi {
         let job_id = JobId::new();
         let subscription = watch.then(|| self.feed.subscribe(job_id));
         let start = self.worker.reserve_start(&request.client_id);
+        let lease = start.as_ref().map(|start| start.lease().clone());
+        // The writer starts the attempt right after the commit, whether or not this call is
+        // still there to hear of it.
+        let on_started = start.map(|reservation| {
+            let worker = Arc::clone(&self.worker);
+            OnStarted::new(move |claim| worker.start(claim, reservation))
+        });
         let outcome = self
             .store
             .submit(
@@ -144,18 +151,15 @@ impl TokenBrokerApi {
                     max_pending: self.max_pending,
                     max_pending_tenant: caller.max_pending(),
                     max_pending_clients: self.max_pending_clients,
-                    start: start.as_ref().map(StartReservation::lease),
+                    start: lease.as_ref(),
                 },
                 UnixMillis::now(),
+                on_started,
             )
             .await?;
         match outcome {
-            SubmitOutcome::Started(claim) => {
-                let job = claim.job.clone();
+            SubmitOutcome::Started(job) => {
                 tracing::info!(job_id = %job.id, client_id = %job.client_id, "job submitted and started");
-                if let Some(start) = start {
-                    self.worker.start(claim, start);
-                }
                 Ok((job, subscription))
             }
             SubmitOutcome::Created(job) => {

@@ -382,7 +382,18 @@ impl Worker {
                 });
             }
         };
-        let free = if probe { 1 } else { slots.available_permits() };
+        // Hold the slots this pass may fill: submissions that start at once take slots too.
+        let wanted = if probe { 1 } else { slots.available_permits() };
+        let mut held: Vec<OwnedSemaphorePermit> = (0..wanted)
+            .map_while(|_| Arc::clone(slots).try_acquire_owned().ok())
+            .collect();
+        let free = held.len();
+        if free == 0 {
+            if probe {
+                self.breaker.probe_not_sent();
+            }
+            return Ok(Pass::default());
+        }
         for client in self.feed.work().take() {
             schedule.announce(&client);
         }
@@ -485,15 +496,16 @@ impl Worker {
                 .observe(candidate.due_at.until(now).as_secs_f64());
         }
         for claim in claims {
-            // Claims never outnumber the free slots counted above, and only this loop takes
-            // slots; should that ever change, the attempt still runs (its permit is optional
-            // only in that impossible case) rather than leaving a claimed job to its lease.
-            let permit = Arc::clone(slots).try_acquire_owned().ok();
+            // Claims never outnumber the slots held above; should that ever change, the
+            // attempt still runs (its permit is optional only in that impossible case) rather
+            // than leaving a claimed job to its lease. Slots left over are released below.
+            let permit = held.pop();
             if permit.is_none() {
-                tracing::error!(job_id = %claim.job.id, "claimed more jobs than free slots");
+                tracing::error!(job_id = %claim.job.id, "claimed more jobs than slots held");
             }
             self.attempts.spawn(Arc::clone(self).attempt(claim, permit));
         }
+        drop(held);
         // A client whose due jobs were all chosen (fewer than it could have had) has nothing
         // due left: park it until its next job, or forget it.
         let mut chosen_per_client: HashMap<&str, usize> = HashMap::new();

@@ -174,8 +174,9 @@ pub enum SubmitOutcome {
     /// A new job was committed, waiting for the dispatcher.
     Created(Job),
     /// A new job was committed already running its first attempt, under the lease the
-    /// submission brought ([`NewJob::start`]): the caller runs the attempt.
-    Started(Claim),
+    /// submission brought ([`NewJob::start`]); the writer handed its claim to the
+    /// submission's [`OnStarted`] right after the commit.
+    Started(Job),
     /// The idempotency key was used before with the same contents: the existing job.
     Existing(Job),
     /// The idempotency key was used before with different contents.
@@ -257,6 +258,27 @@ impl OnCommit {
 impl std::fmt::Debug for OnCommit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("OnCommit")
+    }
+}
+
+/// What runs in the writer right after the commit of a submission that started its job (with
+/// the job's claim), before the submitter hears of it: so the attempt starts even if the
+/// submitter has gone (a cancelled call, a closed connection). Dropped unused otherwise.
+pub struct OnStarted(Box<dyn FnOnce(Claim) + Send + Sync>);
+
+impl OnStarted {
+    pub fn new(run: impl FnOnce(Claim) + Send + Sync + 'static) -> Self {
+        Self(Box::new(run))
+    }
+
+    fn run(self, claim: Claim) {
+        (self.0)(claim)
+    }
+}
+
+impl std::fmt::Debug for OnStarted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnStarted")
     }
 }
 
@@ -643,10 +665,13 @@ impl Store {
     }
 
     /// Commits a new job, unless its idempotency key is taken or the queue is full.
+    ///
+    /// With `job.start`, `on_started` receives the claim if the job is committed running.
     pub async fn submit(
         &self,
         job: &NewJob<'_>,
         now: UnixMillis,
+        on_started: Option<OnStarted>,
     ) -> Result<SubmitOutcome, StoreError> {
         let owned = NewJobOwned {
             job_id: job.job_id,
@@ -663,6 +688,8 @@ impl Store {
             job: Box::new(owned),
             now,
             reply,
+            on_started,
+            claim: None,
         })
         .await
     }

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     AttemptRecord, CancelOutcome, Candidate, Claim, JobRow, Lease, NewJobOwned, OnCommit,
-    QueueFull, StoreError, SubmitOutcome,
+    OnStarted, QueueFull, StoreError, SubmitOutcome,
     audit::{self, AuditEvent, ChainHead},
     backend::{Columns, Conn, Db, on_backend},
     checkpoints::{self, Signed},
@@ -62,6 +62,10 @@ pub(super) enum Command {
         job: Box<NewJobOwned>,
         now: UnixMillis,
         reply: Responder<SubmitOutcome>,
+        /// Receives `claim` right after the commit.
+        on_started: Option<OnStarted>,
+        /// The claim of the job, when the transaction inserted it running.
+        claim: Option<Box<Claim>>,
     },
     Cancel {
         id: JobId,
@@ -172,16 +176,24 @@ impl<T> Responder<T> {
     }
 }
 
+/// Where a submission's result goes, and its claim when it starts at once.
+type SubmissionResult<'a> = (&'a mut Responder<SubmitOutcome>, &'a mut Option<Box<Claim>>);
+
 /// An outcome to record: the lease it is guarded by, what happened, when.
 type RecordParts<'a> = (&'a Lease, &'a AttemptRecord, UnixMillis);
 
 impl Command {
-    /// A submission's parts, for the runs of submissions inserted together.
-    fn submission(
-        &mut self,
-    ) -> Option<((&NewJobOwned, UnixMillis), &mut Responder<SubmitOutcome>)> {
+    /// A submission's parts, for the runs of submissions inserted together: the job, and
+    /// where its result and its claim go.
+    fn submission(&mut self) -> Option<((&NewJobOwned, UnixMillis), SubmissionResult<'_>)> {
         match self {
-            Command::Submit { job, now, reply } => Some(((&*job, *now), reply)),
+            Command::Submit {
+                job,
+                now,
+                reply,
+                claim,
+                ..
+            } => Some(((&*job, *now), (reply, claim))),
             _ => None,
         }
     }
@@ -210,13 +222,20 @@ impl Command {
     }
 
     /// Right after the commit, before anyone hears of it.
-    fn committed(&self) {
-        if let Command::Record {
-            on_commit: Some(on_commit),
-            ..
-        } = self
-        {
-            on_commit.run();
+    fn committed(&mut self) {
+        match self {
+            Command::Record {
+                on_commit: Some(on_commit),
+                ..
+            } => on_commit.run(),
+            Command::Submit {
+                on_started, claim, ..
+            } => {
+                if let (Some(on_started), Some(claim)) = (on_started.take(), claim.take()) {
+                    on_started.run(*claim);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -725,8 +744,10 @@ impl Writer {
             if !jobs.is_empty() {
                 next += jobs.len();
                 let outcomes = submit_many(conn, tracked, &jobs).await?;
-                for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                    results.push(reply.keep(Ok(outcome))?);
+                for ((reply, slot), (outcome, claim, effects)) in replies.into_iter().zip(outcomes)
+                {
+                    *slot = claim.map(Box::new);
+                    results.push(reply.keep(Ok((outcome, effects)))?);
                 }
                 continue;
             }
@@ -902,12 +923,19 @@ async fn apply(
     command: &mut Command,
 ) -> Result<Effects, StoreError> {
     match command {
-        Command::Submit { job, now, reply } => {
+        Command::Submit {
+            job,
+            now,
+            reply,
+            claim,
+            ..
+        } => {
             let mut outcomes = submit_many(conn, tracked, &[(&*job, *now)]).await?;
-            let outcome = outcomes.pop().ok_or_else(|| {
+            let (outcome, started, effects) = outcomes.pop().ok_or_else(|| {
                 StoreError::Corrupt("a submission produced no outcome".to_string())
             })?;
-            reply.keep(Ok(outcome))
+            *claim = started.map(Box::new);
+            reply.keep(Ok((outcome, effects)))
         }
         Command::Cancel {
             id,
@@ -1039,7 +1067,7 @@ async fn submit_many(
     conn: &mut Conn,
     tracked: &mut Tracked,
     submissions: &[(&NewJobOwned, UnixMillis)],
-) -> Result<Vec<(SubmitOutcome, Effects)>, StoreError> {
+) -> Result<Vec<(SubmitOutcome, Option<Claim>, Effects)>, StoreError> {
     let mut pending = tracked.pending;
     let mut by_tenant: HashMap<&str, u64> = HashMap::new();
     // Client ids this batch adds to those with pending jobs.
@@ -1160,22 +1188,26 @@ async fn submit_many(
             if job.state.is_waiting() {
                 tracked.count_waiting(1);
             }
-            let outcome = match &new.start {
-                Some(start) if job.state == JobState::Running => SubmitOutcome::Started(Claim {
-                    lease: Lease {
-                        row_id,
-                        job_id: job.id,
-                        owner: Arc::clone(&start.owner),
-                        attempt: job.attempts,
-                    },
-                    job: job.clone(),
-                    code: request.code.clone(),
-                    code_verifier: request.code_verifier.clone(),
-                }),
-                _ => SubmitOutcome::Created(job.clone()),
+            let (outcome, claim) = match &new.start {
+                Some(start) if job.state == JobState::Running => (
+                    SubmitOutcome::Started(job.clone()),
+                    Some(Claim {
+                        lease: Lease {
+                            row_id,
+                            job_id: job.id,
+                            owner: Arc::clone(&start.owner),
+                            attempt: job.attempts,
+                        },
+                        job: job.clone(),
+                        code: request.code.clone(),
+                        code_verifier: request.code_verifier.clone(),
+                    }),
+                ),
+                _ => (SubmitOutcome::Created(job.clone()), None),
             };
             results.push((
                 outcome,
+                claim,
                 Effects {
                     events,
                     publish: vec![job],
@@ -1206,7 +1238,7 @@ async fn submit_many(
                 )));
             }
         };
-        results.push((outcome, Effects::default()));
+        results.push((outcome, None, Effects::default()));
     }
     Ok(results)
 }

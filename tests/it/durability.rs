@@ -60,7 +60,7 @@ async fn an_attempt_whose_lease_expired_is_picked_up_again() {
     let store = crate::helpers::open_store(&config).await;
     let now = UnixMillis::now();
     let submitted = store
-        .submit(&new_job(&request_for(&fake)), now)
+        .submit(&new_job(&request_for(&fake)), now, None)
         .await
         .unwrap();
     let token_broker::store::SubmitOutcome::Created(job) = submitted else {
@@ -126,7 +126,7 @@ async fn a_stale_worker_cannot_overwrite_a_newer_outcome() {
     let store = crate::helpers::open_store(&config).await;
     let now = UnixMillis::now();
     store
-        .submit(&new_job(&request_for(&fake)), now)
+        .submit(&new_job(&request_for(&fake)), now, None)
         .await
         .unwrap();
 
