@@ -243,6 +243,11 @@ impl Daemon {
             supervisor.spawn("retention", retention(store.clone(), keep, stop.clone()));
         }
         if let Some(key) = &signing_key {
+            // The head found at start is signed before anything is served (a restart after a
+            // crash covers what the last run left unsigned); then one every interval.
+            if let Err(error) = store.sign_checkpoint(key).await {
+                tracing::error!(%error, "cannot sign an audit checkpoint");
+            }
             supervisor.spawn(
                 "checkpoints",
                 sign_checkpoints(
@@ -574,15 +579,16 @@ fn load_signing_key(config: &Config) -> anyhow::Result<Option<Arc<SigningKey>>> 
     Ok(Some(Arc::new(key)))
 }
 
-/// Signs the chain head every `every` (when it moved since the last checkpoint), from the start
-/// until `stop`; the last one is signed by the drain.
+/// Signs the chain head every `every` (when it moved since the last checkpoint), from one
+/// interval after the start (the start signs once itself, before serving) until `stop`; the
+/// last one is signed by the drain.
 async fn sign_checkpoints(
     store: Store,
     key: Arc<SigningKey>,
     every: Duration,
     stop: CancellationToken,
 ) {
-    let mut ticks = tokio::time::interval(every);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
