@@ -6,25 +6,7 @@ use token_broker::{
 };
 use tonic::Code;
 
-use crate::helpers::{TestApp, audit_kinds, read_only, scrape_metrics, series};
-
-/// One job's audit events as stored: (seq, at, kind, detail).
-async fn job_events(
-    path: &std::path::Path,
-    job_id: &str,
-) -> Vec<(i64, i64, String, Option<String>)> {
-    use sqlx::Connection;
-    let mut conn = read_only(path).await;
-    let events = sqlx::query_as(
-        "SELECT seq, at, kind, detail FROM audit_events WHERE job_id = ?1 ORDER BY seq",
-    )
-    .bind(job_id)
-    .fetch_all(&mut conn)
-    .await
-    .expect("read audit events");
-    conn.close().await.ok();
-    events
-}
+use crate::helpers::{TestApp, audit_kinds, job_events, scrape_metrics, series};
 
 #[tokio::test]
 async fn with_nothing_waiting_a_submission_is_committed_running_its_first_attempt() {

@@ -393,16 +393,29 @@ pub async fn count_rows(path: &std::path::Path, table: &str) -> i64 {
 
 /// The audit event kinds of one job, in order.
 pub async fn audit_kinds(path: &std::path::Path, job_id: &str) -> Vec<String> {
+    job_events(path, job_id)
+        .await
+        .into_iter()
+        .map(|(_, _, kind, _)| kind)
+        .collect()
+}
+
+/// One job's audit events as stored, in order: (seq, at, kind, detail).
+pub async fn job_events(
+    path: &std::path::Path,
+    job_id: &str,
+) -> Vec<(i64, i64, String, Option<String>)> {
     use sqlx::Connection;
     let mut conn = read_only(path).await;
-    let kinds: Vec<String> =
-        sqlx::query_scalar("SELECT kind FROM audit_events WHERE job_id = ?1 ORDER BY seq")
-            .bind(job_id)
-            .fetch_all(&mut conn)
-            .await
-            .expect("read audit events");
+    let events = sqlx::query_as(
+        "SELECT seq, at, kind, detail FROM audit_events WHERE job_id = ?1 ORDER BY seq",
+    )
+    .bind(job_id)
+    .fetch_all(&mut conn)
+    .await
+    .expect("read audit events");
     conn.close().await.ok();
-    kinds
+    events
 }
 
 /// A daemon process and the addresses it reported.
