@@ -17,8 +17,8 @@ for suffix in ("", "-wal", "-shm"):
         os.remove(path + suffix)
 db = sqlite3.connect(path, isolation_level=None)
 db.execute("PRAGMA journal_mode=WAL")
-for name in sorted(os.listdir(os.path.join(root, "migrations"))):
-    with open(os.path.join(root, "migrations", name)) as migration:
+for name in sorted(os.listdir(os.path.join(root, "migrations", "sqlite"))):
+    with open(os.path.join(root, "migrations", "sqlite", name)) as migration:
         db.executescript(migration.read())
 started = time.time()
 base = 1_700_000_000_000

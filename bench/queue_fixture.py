@@ -44,8 +44,8 @@ db.execute(
     " installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, success BOOLEAN NOT NULL,"
     " checksum BLOB NOT NULL, execution_time BIGINT NOT NULL)"
 )
-for name in sorted(os.listdir(os.path.join(root, "migrations"))):
-    with open(os.path.join(root, "migrations", name), "rb") as migration:
+for name in sorted(os.listdir(os.path.join(root, "migrations", "sqlite"))):
+    with open(os.path.join(root, "migrations", "sqlite", name), "rb") as migration:
         sql = migration.read()
     db.executescript(sql.decode())
     # Recorded as sqlx records them, so the daemon sees the schema as migrated.
