@@ -259,15 +259,16 @@ impl Worker {
 
     /// Reserves what starting a new job's first attempt at its submission takes, so that it is
     /// committed already running, in the submission's transaction: one commit and no dispatch
-    /// pass less on its way. Only when no job waits (so it overtakes no one), the breaker is
-    /// closed, a worker slot is free, and no rate limit applies to the client (neither its
+    /// pass less on its way. Only when no job seems to wait (the writer checks again, exactly,
+    /// when it inserts the job, and queues it if one does: it overtakes no one), the breaker
+    /// is closed, a worker slot is free, and no rate limit applies to the client (neither its
     /// own nor the global one; a pause after a 429 still holds it back); otherwise `None`, and
     /// the job queues as usual. Rate-limited traffic stays with the dispatcher, which takes
     /// one pass's permits at a time: permits taken by concurrent submissions before their
     /// commits would reach upstream bunched whenever a commit is slow, and upstream would see
-    /// more than the limit in some second. Only on SQLite: on a database shared with other
-    /// replicas the queue and the rate budget are shared too, and only the dispatcher draws
-    /// on them.
+    /// more than the limit in some second. On a database shared with other replicas the same
+    /// holds: the writers take turns, and the check in the turn sees every replica's queue;
+    /// with no rate limit there is no shared budget to draw on.
     pub fn reserve_start(&self, client_id: &str) -> Option<StartReservation> {
         if !self.store.nothing_waiting()
             || self.stop.is_cancelled()

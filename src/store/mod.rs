@@ -454,9 +454,10 @@ impl Store {
         matches!(self.pool, Db::Sqlite(_))
     }
 
-    /// Whether no job waits to be claimed (none queued, none waiting for a retry) as of the
-    /// last commit, so that a new submission may start at once without overtaking anyone.
-    /// Known on SQLite only, where this daemon makes every change; false on PostgreSQL.
+    /// Whether no job seems to wait to be claimed (none queued, none waiting for a retry) as
+    /// of the last commit, so that a new submission may ask to start at once: exact on SQLite,
+    /// where this daemon makes every change; on PostgreSQL as of the last batch that
+    /// submitted. The writer checks again when it inserts the job, and queues it if one waits.
     pub fn nothing_waiting(&self) -> bool {
         self.writer
             .as_ref()

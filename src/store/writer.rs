@@ -298,9 +298,17 @@ struct Tracked {
     /// Client ids with pending jobs that `pending_by_client` does not hold (on PostgreSQL,
     /// which reads only the counts of the client ids a batch submits for).
     other_clients: u64,
-    /// Jobs waiting (queued, or for a retry). Kept on SQLite only, where this writer makes
-    /// every change; a submission starts at once only while it is 0.
+    /// Jobs waiting (queued, or for a retry); a submission starts at once only while it is
+    /// 0. Exact on SQLite, where this writer makes every change. On PostgreSQL, 1 or 0 as read
+    /// in the turn of each batch that submits (whether any replica's job waits), which is
+    /// exact for the batch's submissions.
     waiting: i64,
+    /// On PostgreSQL, `waiting` as last read in a turn (at the start of a batch that submits,
+    /// after a batch's claims): the API's hint between batches. Not moved by this writer's
+    /// own changes, which are not the fleet's (another replica may claim the jobs this one
+    /// queued); a replica whose hint went stale while another drained the queue queues one
+    /// submission more, whose batch reads the truth again.
+    waiting_in_turn: Option<i64>,
     keys: Arc<KeyRing>,
 }
 
@@ -325,6 +333,7 @@ impl Tracked {
             client_journal: Vec::new(),
             other_clients: 0,
             waiting: 0,
+            waiting_in_turn: None,
             keys,
         };
         // PostgreSQL reads the counts each batch needs, in the batch.
@@ -396,10 +405,26 @@ impl Tracked {
         Ok(())
     }
 
-    /// `job` now waits (`+1`: submitted, retry scheduled, rescued) or no longer does (`-1`:
+    /// Reads, on PostgreSQL and in the writers' turn, whether any replica's job waits.
+    async fn read_waiting(&mut self, conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
+        let any: bool = sqlx::query_scalar(include_str!("sql/postgres/any_waiting.sql"))
+            .fetch_one(&mut *conn)
+            .await?;
+        self.waiting = i64::from(any);
+        self.waiting_in_turn = Some(self.waiting);
+        Ok(())
+    }
+
+    /// Whether no job seems to wait, for the API's hint ([`WriterHandle::nothing_waiting`]).
+    fn nothing_waits(&self) -> bool {
+        self.waiting_in_turn.unwrap_or(self.waiting) == 0
+    }
+
+    /// A job now waits (`+1`: submitted, retry scheduled, rescued) or no longer does (`-1`:
     /// claimed, cancelled, expired).
     fn count_waiting(&mut self, delta: i64) {
-        self.waiting += delta;
+        // Never below 0: on PostgreSQL the count read is only whether any job waits.
+        self.waiting = (self.waiting + delta).max(0);
     }
 
     /// A job became pending (`+1`) or terminal (`-1`).
@@ -474,7 +499,7 @@ pub(super) struct WriterHandle {
     requests: mpsc::Sender<Command>,
     /// Whether the writer's last transaction committed (or it has not written yet).
     healthy: Arc<AtomicBool>,
-    /// Whether no job waited after the writer's last commit (SQLite only).
+    /// Whether no job waited after the writer's last commit, as far as it knows.
     nothing_waiting: Arc<AtomicBool>,
 }
 
@@ -490,7 +515,7 @@ impl WriterHandle {
         let tracked = Tracked::read(&mut conn, keys).await?;
         let (requests, receiver) = mpsc::channel(4 * MAX_BATCH);
         let healthy = Arc::new(AtomicBool::new(true));
-        let nothing_waiting = Arc::new(AtomicBool::new(shared.is_none() && tracked.waiting == 0));
+        let nothing_waiting = Arc::new(AtomicBool::new(tracked.nothing_waits()));
         let writer = Writer {
             conn,
             broken: false,
@@ -512,8 +537,10 @@ impl WriterHandle {
         ))
     }
 
-    /// Whether no job waited (queued, or for a retry) after the last commit. Always false on
-    /// a database shared with other replicas, whose jobs this writer does not count.
+    /// Whether no job waited (queued, or for a retry) after the last commit, as far as this
+    /// writer knows: exact on SQLite; on a database shared with other replicas, as read in the
+    /// turn of the last batch that submitted (true before the first). A hint either way: the
+    /// writer starts a job at submission only if nothing waits when it inserts it.
     pub(super) fn nothing_waiting(&self) -> bool {
         self.nothing_waiting.load(Ordering::Acquire)
     }
@@ -702,10 +729,8 @@ impl Writer {
         match result {
             Ok(results) => {
                 self.tracked.committed();
-                self.nothing_waiting.store(
-                    self.shared.is_none() && self.tracked.waiting == 0,
-                    Ordering::Release,
-                );
+                self.nothing_waiting
+                    .store(self.tracked.nothing_waits(), Ordering::Release);
                 Ok(results)
             }
             Err(error) => {
@@ -853,6 +878,7 @@ async fn take_turn(
     }
     if !tenants.is_empty() {
         tracked.read_counts_for(pg, &tenants, &clients).await?;
+        tracked.read_waiting(pg).await?;
     }
     tracked.head = ChainHead::read(conn).await?;
     Ok(())
@@ -1108,12 +1134,29 @@ async fn submit_many(
         })
         .collect();
     let admitted: Vec<bool> = refusals.iter().map(Option::is_none).collect();
-    // The row id of each job inserted, by job id.
-    let mut inserted: HashMap<String, i64> = HashMap::new();
-    let to_insert: Vec<&(&NewJobOwned, UnixMillis)> = submissions
+    // Which admitted submissions start their first attempt now: those that asked (a worker
+    // slot is reserved for them) while no job waits, counting the ones this batch queues
+    // ahead of them. The API asked on a hint; this is the exact check, so a job never
+    // overtakes a waiting one.
+    let mut waiting = tracked.waiting;
+    let starts: Vec<bool> = submissions
         .iter()
         .zip(&admitted)
-        .filter_map(|(submission, admitted)| admitted.then_some(submission))
+        .map(|((new, _), &admitted)| {
+            let start = admitted && new.start.is_some() && waiting == 0;
+            if admitted && !start {
+                waiting += 1;
+            }
+            start
+        })
+        .collect();
+    // The row id of each job inserted, by job id.
+    let mut inserted: HashMap<String, i64> = HashMap::new();
+    let to_insert: Vec<(&(&NewJobOwned, UnixMillis), bool)> = submissions
+        .iter()
+        .zip(&admitted)
+        .zip(&starts)
+        .filter_map(|((submission, admitted), &start)| admitted.then_some((submission, start)))
         .collect();
     for chunk in to_insert.chunks(SUBMIT_CHUNK) {
         let (head, tail) = match conn {
@@ -1132,10 +1175,10 @@ async fn submit_many(
         sql.push_str(tail.trim());
         let rows = on_backend!(&mut *conn, generated sql, |query, conn| {
             let mut query = query;
-            for (new, now) in chunk {
+            for ((new, now), started) in chunk {
                 let request = &new.request;
                 let job_id = new.job_id.to_string();
-                let start = new.start.as_ref();
+                let start = new.start.as_ref().filter(|_| *started);
                 query = query
                     .bind(job_id.clone())
                     .bind(&new.tenant)
@@ -1171,10 +1214,10 @@ async fn submit_many(
         inserted.extend(rows);
     }
     let mut results = Vec::with_capacity(submissions.len());
-    for ((new, now), refusal) in submissions.iter().zip(refusals) {
+    for (((new, now), refusal), started) in submissions.iter().zip(refusals).zip(starts) {
         let request = &new.request;
         if let Some(row_id) = inserted.remove(&new.job_id.to_string()) {
-            let job = inserted_job(new, *now);
+            let job = inserted_job(new, started, *now);
             let mut events = vec![AuditEvent::new(&job, AuditKind::JobSubmitted, *now)];
             if job.state == JobState::Running {
                 events.push(
@@ -1245,8 +1288,7 @@ async fn submit_many(
 
 /// A job as its submission inserted it (`insert_jobs_head.sql`, with the columns' defaults),
 /// built from the values bound rather than read back: queued, or running its first attempt.
-fn inserted_job(new: &NewJobOwned, now: UnixMillis) -> Job {
-    let started = new.start.is_some();
+fn inserted_job(new: &NewJobOwned, started: bool, now: UnixMillis) -> Job {
     let request = &new.request;
     Job {
         id: new.job_id,
@@ -1391,6 +1433,10 @@ async fn claim(
         .collect();
     let events = append(tracked, events);
     tracked.count_waiting(-(claims.len() as i64));
+    if let Db::Postgres(pg) = conn {
+        // Whether these were the last: the hint that lets submissions start again.
+        tracked.read_waiting(pg).await?;
+    }
     let publish = claims.iter().map(|claim| claim.job.clone()).collect();
     Ok((claims, Effects { events, publish }))
 }

@@ -224,6 +224,59 @@ on_both!(
     exchange_idempotency_and_the_trail
 );
 
+/// With nothing waiting, an unlimited client's submission is committed running, its first
+/// attempt started; while a rate-limited client's job waits, it queues behind it; once
+/// nothing waits, submissions start at once again.
+async fn starting_at_submission(backend: Backend) {
+    let Some(mut app) = spawn(backend, |config| {
+        config.limits.client = vec![token_broker::config::ClientLimit {
+            client_id: "slow-app".into(),
+            rps: 1,
+            burst: 1,
+        }];
+    })
+    .await
+    else {
+        return;
+    };
+    let alone = app.submit(app.new_request("other-app")).await;
+    assert_eq!(alone.state(), JobState::Running, "nothing waits: it starts");
+    assert_eq!(alone.attempts, 1);
+    // The second waits a second for slow-app's next permit.
+    let paced = [
+        app.submit(app.new_request("slow-app")).await,
+        app.submit(app.new_request("slow-app")).await,
+    ];
+    let behind = app.submit(app.new_request("other-app")).await;
+    assert_eq!(behind.state(), JobState::Queued, "a job waits: it queues");
+    for job in [&alone, &paced[0], &paced[1], &behind] {
+        assert_eq!(
+            app.wait_terminal(&job.job_id).await.state(),
+            JobState::Succeeded
+        );
+        assert_eq!(
+            audit_kinds(&app, &job.job_id).await,
+            [
+                "job.submitted",
+                "attempt.started",
+                "attempt.finished",
+                "job.succeeded"
+            ]
+        );
+    }
+    let later = app.submit(app.new_request("other-app")).await;
+    assert_eq!(later.state(), JobState::Running, "nothing waits again");
+    app.wait_terminal(&later.job_id).await;
+    let scrape = crate::helpers::scrape_metrics(app.ops_addr).await;
+    assert_eq!(
+        crate::helpers::series(&scrape, "token_broker_jobs_started_at_submission_total"),
+        2.0,
+        "{scrape}"
+    );
+    assert!(verified(&app).await);
+}
+on_both!(starting_at_submission_is_the_same, starting_at_submission);
+
 async fn retries_and_failures(backend: Backend) {
     let Some(mut app) = spawn(backend, |_| {}).await else {
         return;

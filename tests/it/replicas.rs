@@ -571,3 +571,77 @@ async fn replicas_chain_their_signed_checkpoints_into_one() {
     assert!(output.status.success(), "{report}{output:?}");
     assert!(report.contains("signatures verified"), "{report}");
 }
+
+/// A submission starts its first attempt at once only if no job of any replica waits: the
+/// writer checks in its turn, whatever its replica last saw. Replica 1 has seen nothing when
+/// replica 0 holds a waiting job, so it asks to start; the check queues the job instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waiting_on_one_replica_holds_back_starts_on_another() {
+    let _machine = crate::helpers::machine_shared().await;
+    let fake = start_fake_with(FakeOptions::default()).await;
+    // slow-app may send once per second, fleet-wide; other clients have no limit.
+    let Some(fleet) = Fleet::start(
+        2,
+        &fake,
+        &[(
+            "TOKEN_BROKER_LIMITS__CLIENT",
+            r#"[{client_id="slow-app",rps=1,burst=1}]"#,
+        )],
+    )
+    .await
+    else {
+        return;
+    };
+    let clients = fleet.clients().await;
+    let (first, mut second) = (clients[0].clone(), clients[1].clone());
+    let submit = |client: &TokenBrokerClient<Channel>, client_id: &str| {
+        let mut client = client.clone();
+        let request = new_request(&fake, client_id);
+        async move {
+            client
+                .submit_exchange(request)
+                .await
+                .expect("accepted")
+                .into_inner()
+        }
+    };
+
+    let alone = submit(&second, "other-app").await;
+    assert_eq!(alone.state(), JobState::Running, "nothing waits: it starts");
+    // The second of slow-app's jobs waits a second for its permit, on replica 0's side.
+    let paced = [
+        submit(&first, "slow-app").await,
+        submit(&first, "slow-app").await,
+    ];
+    let behind = submit(&second, "other-app").await;
+    assert_eq!(
+        behind.state(),
+        JobState::Queued,
+        "a job of replica 0 waits: replica 1's submission queues behind it"
+    );
+
+    let ids: Vec<String> = [&alone, &paced[0], &paced[1], &behind]
+        .iter()
+        .map(|job| job.job_id.clone())
+        .collect();
+    for job in wait_all_terminal(&mut second, &ids, PATIENCE).await {
+        assert_eq!(job.state(), JobState::Succeeded, "{job:?}");
+    }
+    let mut db = fleet.connect().await;
+    for (job, started_at_once) in [(&alone, true), (&behind, false)] {
+        let detail: Option<String> = sqlx::query_scalar(
+            "SELECT detail FROM audit_events WHERE job_id = $1 AND kind = 'attempt.started'",
+        )
+        .bind(&job.job_id)
+        .fetch_one(&mut db)
+        .await
+        .expect("an attempt started");
+        assert_eq!(
+            detail
+                .as_deref()
+                .is_some_and(|detail| detail.starts_with("started at submission")),
+            started_at_once,
+            "{detail:?}"
+        );
+    }
+}
