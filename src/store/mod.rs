@@ -611,7 +611,9 @@ impl Store {
             // hot path does not wait for it.
             let ids = serde_json::to_string(&job_ids)
                 .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+            // Planned at each execution (`Db::may_keep_plans`).
             let done = sqlx::query(include_str!("sql/postgres/mark_delivered.sql"))
+                .persistent(false)
                 .bind(ids)
                 .bind(now.0)
                 .execute(pool)

@@ -407,7 +407,9 @@ impl Tracked {
 
     /// Reads, on PostgreSQL and in the writers' turn, whether any replica's job waits.
     async fn read_waiting(&mut self, conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
+        // Planned at each execution (`Db::may_keep_plans`).
         let any: bool = sqlx::query_scalar(include_str!("sql/postgres/any_waiting.sql"))
+            .persistent(false)
             .fetch_one(&mut *conn)
             .await?;
         self.waiting = i64::from(any);
@@ -1374,8 +1376,10 @@ async fn claim(
 ) -> Applied<Vec<Claim>> {
     let row_ids: Vec<i64> = candidates.iter().map(|c| c.row_id).collect();
     let ids = serde_json::to_string(&row_ids).expect("integers serialize");
+    let keep_plans = conn.may_keep_plans();
     let rows = on_backend!(&mut *conn, "claim", |query, conn| {
         let rows = query
+            .persistent(keep_plans)
             .bind(ids)
             .bind(owner.as_ref())
             .bind(lease_until.0)
@@ -1508,12 +1512,14 @@ async fn record_many(
         }
     }
     let mut written: HashMap<i64, JobRow> = HashMap::with_capacity(records.len());
+    let keep_plans = conn.may_keep_plans();
     macro_rules! finish {
         ($rows:expr, $name:literal) => {
             if !$rows.is_empty() {
                 let json = serde_json::Value::Array($rows).to_string();
                 let rows = on_backend!(&mut *conn, $name, |query, conn| {
-                    decode_all(&query.bind(json).fetch_all(&mut *conn).await?)?
+                    let query = query.bind(json).persistent(keep_plans);
+                    decode_all(&query.fetch_all(&mut *conn).await?)?
                 });
                 written.extend(rows.into_iter().map(|row| (row.id, row)));
             }

@@ -1,13 +1,18 @@
 -- Erases tokens that expired ($1: now) or were delivered more than the retention ago ($2),
--- each found through its own partial index, at most $3 of each.
+-- each found through its own partial index, at most $3 of each. In the order of those
+-- indexes: without statistics (a young database) the planner would expect most held tokens
+-- to match and read the whole table for the first $3, where the index stops at the first
+-- entry past the bound.
 UPDATE jobs SET access_token = NULL, version = version + 1, updated_at = $1
 WHERE id = ANY (ARRAY(
     (SELECT id FROM jobs
      WHERE access_token IS NOT NULL AND token_expires_at <= $1
+     ORDER BY token_expires_at
      LIMIT $3)
     UNION
     (SELECT id FROM jobs
      WHERE access_token IS NOT NULL AND token_delivered_at IS NOT NULL
        AND token_delivered_at <= $2
+     ORDER BY token_delivered_at
      LIMIT $3)))
 RETURNING id

@@ -1,4 +1,5 @@
 -- Records the failures in $1 (a JSON array) in one statement, each guarded by its lease.
+-- (The lease owner, not the state: see finish_succeeded_many.sql.)
 UPDATE jobs
 SET state = 'failed', failure_reason = v.reason, last_http_status = v.http_status,
     failure_detail = v.detail, outcome_unknown = v.outcome_unknown, lease_owner = NULL,
@@ -7,6 +8,6 @@ SET state = 'failed', failure_reason = v.reason, last_http_status = v.http_statu
 FROM jsonb_to_recordset($1::jsonb) AS v(id bigint, owner text, attempt bigint, reason text,
                                         http_status bigint, detail text,
                                         outcome_unknown boolean, now bigint)
-WHERE jobs.id = v.id AND jobs.state = 'running' AND jobs.lease_owner = v.owner
+WHERE jobs.id = v.id AND jobs.lease_owner = v.owner
   AND jobs.attempts = v.attempt
 RETURNING jobs.*
