@@ -750,10 +750,11 @@ impl Writer {
         let count = commands.len();
         let conn = &mut self.conn;
         let tracked = &mut self.tracked;
-        // SQLite: take the write lock now rather than at the first write.
+        // SQLite: take the write lock now rather than at the first write. PostgreSQL: wait
+        // for this replica's turn in the same round trip (`take_turn`).
         conn.run(match conn {
             Db::Sqlite(_) => "BEGIN IMMEDIATE",
-            Db::Postgres(_) => "BEGIN",
+            Db::Postgres(_) => concat!("BEGIN;\n", include_str!("sql/postgres/lock_chain.sql")),
         })
         .await?;
         if let Db::Postgres(_) = conn {
@@ -857,9 +858,10 @@ impl Writer {
     }
 }
 
-/// On a shared database, at the start of a transaction: waits for this replica's turn (the lock
-/// on audit_chain's row, held to the commit), then reads what the other replicas left: the
-/// chain's head, and the counts the batch's submissions are admitted against.
+/// On a shared database, once the transaction has begun with this replica's turn (the lock on
+/// audit_chain's row, `lock_chain.sql`, sent with its `BEGIN`, held to the commit): reads what
+/// the other replicas left, the chain's head and the counts the batch's submissions are
+/// admitted against.
 async fn take_turn(
     conn: &mut Conn,
     tracked: &mut Tracked,
@@ -868,9 +870,6 @@ async fn take_turn(
     let Db::Postgres(pg) = conn else {
         return Ok(());
     };
-    sqlx::query(include_str!("sql/postgres/lock_chain.sql"))
-        .execute(&mut *pg)
-        .await?;
     let (mut tenants, mut clients) = (Vec::new(), Vec::new());
     for command in commands {
         if let Command::Submit { job, .. } = command {
@@ -897,23 +896,18 @@ async fn announce(
     let Db::Postgres(conn) = conn else {
         return Ok(());
     };
-    sqlx::query(include_str!("sql/postgres/advance_chain.sql"))
-        .bind(tracked.head.seq())
-        .execute(&mut *conn)
-        .await?;
     let payloads: Vec<String> = results
         .iter()
         .flat_map(|effects| &effects.publish)
         .map(|job| super::listener::payload(&shared.instance, job))
         .collect();
-    if !payloads.is_empty() {
-        let payloads =
-            serde_json::to_string(&payloads).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        sqlx::query(include_str!("sql/postgres/notify.sql"))
-            .bind(payloads)
-            .execute(&mut *conn)
-            .await?;
-    }
+    let payloads =
+        serde_json::to_string(&payloads).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    sqlx::query(include_str!("sql/postgres/announce.sql"))
+        .bind(tracked.head.seq())
+        .bind(payloads)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
