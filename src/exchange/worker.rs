@@ -287,7 +287,7 @@ impl Worker {
             running: self.attempts.token(),
             lease: StartLease {
                 owner: Arc::clone(&self.owner),
-                lease_until: UnixMillis::now().saturating_add(self.lease),
+                duration: self.lease,
             },
         })
     }

@@ -236,7 +236,8 @@ pub struct NewJob<'a> {
     /// The bound on distinct client ids with pending jobs.
     pub max_pending_clients: u64,
     /// Start the first attempt in the submission's transaction, under this lease (the worker
-    /// reserved a slot and a rate permit for it). Ignored when the job is not inserted.
+    /// reserved a slot and a rate permit for it). Ignored when the job is not inserted, or
+    /// when a job waits as it is inserted: it is queued instead.
     pub start: Option<&'a StartLease>,
 }
 
@@ -282,11 +283,14 @@ impl std::fmt::Debug for OnStarted {
     }
 }
 
-/// The lease a job starts its first attempt under when its submission starts it.
+/// The lease a job starts its first attempt under when its submission starts it: `owner`'s,
+/// for `duration` from when the writer inserts it (not from when it was asked for: a writer
+/// that stalled, or waited for its turn, would otherwise commit a lease already running out
+/// while the attempt has not begun).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StartLease {
     pub owner: Arc<str>,
-    pub lease_until: UnixMillis,
+    pub duration: Duration,
 }
 
 /// [`NewJob`], owned, as it travels to the writer.
@@ -456,8 +460,8 @@ impl Store {
 
     /// Whether no job seems to wait to be claimed (none queued, none waiting for a retry) as
     /// of the last commit, so that a new submission may ask to start at once: exact on SQLite,
-    /// where this daemon makes every change; on PostgreSQL as of the last batch that
-    /// submitted. The writer checks again when it inserts the job, and queues it if one waits.
+    /// where this daemon makes every change; on PostgreSQL as last read in the writers' turn.
+    /// The writer checks again when it inserts the job, and queues it if one waits.
     pub fn nothing_waiting(&self) -> bool {
         self.writer
             .as_ref()

@@ -11,11 +11,12 @@
 //!
 //! The writer also keeps facts that would otherwise cost a query per change: the head of the
 //! audit chain, and the number of jobs not yet terminal, overall, per tenant and per client id
-//! (for the queue bounds). On SQLite, the only writer, it reads them once at start; a
+//! (for the queue bounds), and how many jobs wait (a submission starts its first attempt at
+//! once only if none does). On SQLite, the only writer, it reads them once at start; a
 //! transaction that does not commit restores them as they were before it. On PostgreSQL the
 //! writers of several replicas take turns: each transaction first locks the chain's row
-//! (`lock_chain.sql`), then reads the chain head, and the counts when it admits submissions, as
-//! the other replicas left them. Its committed changes are also announced to the other
+//! (`lock_chain.sql`, sent with its `BEGIN`), then reads the chain head, and the counts and
+//! whether any job waits when it admits submissions, as the other replicas left them. Its committed changes are also announced to the other
 //! replicas with `NOTIFY` (delivered at commit), which [`super::listener`] hears.
 
 use std::{
@@ -299,13 +300,14 @@ struct Tracked {
     /// which reads only the counts of the client ids a batch submits for).
     other_clients: u64,
     /// Jobs waiting (queued, or for a retry); a submission starts at once only while it is
-    /// 0. Exact on SQLite, where this writer makes every change. On PostgreSQL, 1 or 0 as read
-    /// in the turn of each batch that submits (whether any replica's job waits), which is
-    /// exact for the batch's submissions.
+    /// 0. Exact on SQLite, where this writer makes every change. On PostgreSQL, read in the
+    /// turn as 1 or 0 (whether any replica's job waits) at the start of each batch that
+    /// submits and after a batch's claims, then moved by the batch's own changes (never below
+    /// 0): exact for the batch's submissions, which run first.
     waiting: i64,
-    /// On PostgreSQL, `waiting` as last read in a turn (at the start of a batch that submits,
-    /// after a batch's claims): the API's hint between batches. Not moved by this writer's
-    /// own changes, which are not the fleet's (another replica may claim the jobs this one
+    /// On PostgreSQL, whether a job waited (1 or 0) as last read in a turn, before the batch's
+    /// own submissions: the API's hint between batches. Not moved by this writer's own
+    /// changes, which are not the fleet's (another replica may claim the jobs this one
     /// queued); a replica whose hint went stale while another drained the queue queues one
     /// submission more, whose batch reads the truth again.
     waiting_in_turn: Option<i64>,
@@ -319,6 +321,7 @@ struct Snapshot {
     head: ChainHead,
     pending: i64,
     waiting: i64,
+    waiting_in_turn: Option<i64>,
     pending_by_tenant: HashMap<String, i64>,
     journal_len: usize,
 }
@@ -342,6 +345,9 @@ impl Tracked {
                 .fetch_one(&mut *sqlite)
                 .await?;
             tracked.read_counts(conn).await?;
+        } else {
+            // Until the first read in a turn, submissions may ask to start: the turn decides.
+            tracked.waiting_in_turn = Some(0);
         }
         Ok(tracked)
     }
@@ -425,7 +431,12 @@ impl Tracked {
     /// A job now waits (`+1`: submitted, retry scheduled, rescued) or no longer does (`-1`:
     /// claimed, cancelled, expired).
     fn count_waiting(&mut self, delta: i64) {
-        // Never below 0: on PostgreSQL the count read is only whether any job waits.
+        // Exact on SQLite. On PostgreSQL the count read is only whether any job waits, which
+        // the batch's claims may take below 0: 0 there means nothing seems to wait.
+        debug_assert!(
+            self.waiting_in_turn.is_some() || self.waiting + delta >= 0,
+            "SQLite's count of waiting jobs went below 0"
+        );
         self.waiting = (self.waiting + delta).max(0);
     }
 
@@ -467,6 +478,7 @@ impl Tracked {
             head: self.head.clone(),
             pending: self.pending,
             waiting: self.waiting,
+            waiting_in_turn: self.waiting_in_turn,
             pending_by_tenant: self.pending_by_tenant.clone(),
             journal_len: self.client_journal.len(),
         }
@@ -477,6 +489,7 @@ impl Tracked {
         self.head = snapshot.head;
         self.pending = snapshot.pending;
         self.waiting = snapshot.waiting;
+        self.waiting_in_turn = snapshot.waiting_in_turn;
         self.pending_by_tenant = snapshot.pending_by_tenant;
         while self.client_journal.len() > snapshot.journal_len {
             if let Some((client_id, delta)) = self.client_journal.pop() {
@@ -540,9 +553,9 @@ impl WriterHandle {
     }
 
     /// Whether no job waited (queued, or for a retry) after the last commit, as far as this
-    /// writer knows: exact on SQLite; on a database shared with other replicas, as read in the
-    /// turn of the last batch that submitted (true before the first). A hint either way: the
-    /// writer starts a job at submission only if nothing waits when it inserts it.
+    /// writer knows: exact on SQLite; on a database shared with other replicas, as last read
+    /// in a turn (true before the first). A hint either way: the writer starts a job at
+    /// submission only if nothing waits when it inserts it.
     pub(super) fn nothing_waiting(&self) -> bool {
         self.nothing_waiting.load(Ordering::Acquire)
     }
@@ -867,8 +880,8 @@ impl Writer {
 
 /// On a shared database, once the transaction has begun with this replica's turn (the lock on
 /// audit_chain's row, `lock_chain.sql`, sent with its `BEGIN`, held to the commit): reads what
-/// the other replicas left, the chain's head and the counts the batch's submissions are
-/// admitted against.
+/// the other replicas left, the chain's head and, for a batch that submits, the counts its
+/// submissions are admitted against and whether any job waits.
 async fn take_turn(
     conn: &mut Conn,
     tracked: &mut Tracked,
@@ -1211,7 +1224,7 @@ async fn submit_many(
                     .bind(&new.code_fingerprint)
                     .bind(i64::from(start.is_some()))
                     .bind(start.map(|start| start.owner.as_ref()))
-                    .bind(start.map(|start| start.lease_until.0));
+                    .bind(start.map(|start| UnixMillis::now().saturating_add(start.duration).0));
             }
             let rows = query.fetch_all(&mut *conn).await?;
             rows.iter()
@@ -1442,7 +1455,7 @@ async fn claim(
         .collect();
     let events = append(tracked, events);
     tracked.count_waiting(-(claims.len() as i64));
-    if let Db::Postgres(pg) = conn {
+    if let (Db::Postgres(pg), false) = (&mut *conn, claims.is_empty()) {
         // Whether these were the last: the hint that lets submissions start again.
         tracked.read_waiting(pg).await?;
     }

@@ -226,9 +226,11 @@ on_both!(
 
 /// With nothing waiting, an unlimited client's submission is committed running, its first
 /// attempt started; while a rate-limited client's job waits, it queues behind it; once
-/// nothing waits, submissions start at once again.
+/// nothing waits, submissions start at once again. One worker slot: a start that kept its
+/// slot would leave none for the last submission.
 async fn starting_at_submission(backend: Backend) {
     let Some(mut app) = spawn(backend, |config| {
+        config.worker.concurrency = 1;
         config.limits.client = vec![token_broker::config::ClientLimit {
             client_id: "slow-app".into(),
             rps: 1,

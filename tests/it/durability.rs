@@ -214,3 +214,87 @@ async fn committed_pages_reach_the_database_file_without_a_commit_paying_for_it(
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// The writer's check, not the API's hint: a submission that asks to start while a job waits
+/// is queued behind it, and its start is never run (the reservation it carried goes back).
+#[tokio::test]
+async fn a_start_asked_for_while_a_job_waits_queues_behind_it() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use token_broker::{
+        domain::job::JobState as StoredState,
+        store::{OnStarted, StartLease, SubmitOutcome},
+    };
+
+    let fake = start_fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = test_config(&dir, &fake);
+    let store = crate::helpers::open_store(&config).await;
+    let now = UnixMillis::now();
+    let lease = StartLease {
+        owner: "worker-a".into(),
+        duration: std::time::Duration::from_secs(20),
+    };
+    let starts = Arc::new(AtomicUsize::new(0));
+    let on_started = || {
+        let starts = Arc::clone(&starts);
+        Some(OnStarted::new(move |_| {
+            starts.fetch_add(1, Ordering::SeqCst);
+        }))
+    };
+    let state = |outcome: &SubmitOutcome| match outcome {
+        SubmitOutcome::Created(job) | SubmitOutcome::Started(job) => job.state,
+        other => panic!("not inserted: {other:?}"),
+    };
+
+    // Requests with keys of their own (`request_for` derives one key for all).
+    let keyed = |key: &str| {
+        let raw = new_request(&fake, "client-a");
+        ExchangeRequest::parse(
+            RawExchange {
+                client_id: &raw.client_id,
+                code: &raw.code,
+                code_verifier: &raw.code_verifier,
+                state: &raw.state,
+                idempotency_key: key,
+            },
+            |_, _| unreachable!("the key is given"),
+        )
+        .expect("valid request")
+    };
+
+    // No worker runs here: the first job waits.
+    let (first, second) = (keyed("first"), keyed("second"));
+    let waiting = store.submit(&new_job(&first), now, None).await.unwrap();
+    assert_eq!(state(&waiting), StoredState::Queued);
+    let asked = NewJob {
+        start: Some(&lease),
+        ..new_job(&second)
+    };
+    let behind = store.submit(&asked, now, on_started()).await.unwrap();
+    assert!(
+        matches!(behind, SubmitOutcome::Created(_)),
+        "a job waits: {behind:?}"
+    );
+    assert_eq!(state(&behind), StoredState::Queued);
+    assert_eq!(starts.load(Ordering::SeqCst), 0, "no attempt started");
+
+    // Once both are claimed, nothing waits: the same ask starts at once.
+    let owner: Arc<str> = "worker-a".into();
+    let claimed = store
+        .claim(&due(&store).await, &owner, UnixMillis(now.0 + 60_000), now)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    let third = keyed("third");
+    let asked = NewJob {
+        start: Some(&lease),
+        ..new_job(&third)
+    };
+    let started = store.submit(&asked, now, on_started()).await.unwrap();
+    assert!(
+        matches!(started, SubmitOutcome::Started(_)),
+        "nothing waits: {started:?}"
+    );
+    assert_eq!(state(&started), StoredState::Running);
+    assert_eq!(starts.load(Ordering::SeqCst), 1);
+}
