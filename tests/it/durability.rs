@@ -266,11 +266,20 @@ async fn a_start_asked_for_while_a_job_waits_queues_behind_it() {
     let (first, second) = (keyed("first"), keyed("second"));
     let waiting = store.submit(&new_job(&first), now, None).await.unwrap();
     assert_eq!(state(&waiting), StoredState::Queued);
-    let asked = NewJob {
-        start: Some(&lease),
-        ..new_job(&second)
+    // A submission that asks to start, as the API does on its hint.
+    let ask = |request| {
+        let store = &store;
+        let lease = &lease;
+        let on_started = on_started();
+        async move {
+            let asked = NewJob {
+                start: Some(lease),
+                ..new_job(request)
+            };
+            store.submit(&asked, now, on_started).await.unwrap()
+        }
     };
-    let behind = store.submit(&asked, now, on_started()).await.unwrap();
+    let behind = ask(&second).await;
     assert!(
         matches!(behind, SubmitOutcome::Created(_)),
         "a job waits: {behind:?}"
@@ -286,11 +295,7 @@ async fn a_start_asked_for_while_a_job_waits_queues_behind_it() {
         .unwrap();
     assert_eq!(claimed.len(), 2);
     let third = keyed("third");
-    let asked = NewJob {
-        start: Some(&lease),
-        ..new_job(&third)
-    };
-    let started = store.submit(&asked, now, on_started()).await.unwrap();
+    let started = ask(&third).await;
     assert!(
         matches!(started, SubmitOutcome::Started(_)),
         "nothing waits: {started:?}"
