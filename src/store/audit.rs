@@ -142,7 +142,7 @@ pub(super) async fn insert_records_then(
         }
         return Ok(());
     }
-    let chunks = records.chunks(INSERT_CHUNK).count();
+    let chunks = records.len().div_ceil(INSERT_CHUNK);
     for (n, chunk) in records.chunks(INSERT_CHUNK).enumerate() {
         let head = match conn {
             Db::Sqlite(_) => include_str!("sql/sqlite/insert_audit_rows.sql"),

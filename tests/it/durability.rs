@@ -36,6 +36,15 @@ async fn a_restart_completes_the_jobs_left_queued() {
 }
 
 fn request_for(fake: &token_broker::tools::fake_upstream::FakeUpstream) -> ExchangeRequest {
+    request_keyed(fake, "")
+}
+
+/// A request for a code `fake` issued, with idempotency key `key` (one derived from the client
+/// id and the code's length when empty, the same for every request).
+fn request_keyed(
+    fake: &token_broker::tools::fake_upstream::FakeUpstream,
+    key: &str,
+) -> ExchangeRequest {
     let raw = new_request(fake, "client-a");
     ExchangeRequest::parse(
         RawExchange {
@@ -43,7 +52,7 @@ fn request_for(fake: &token_broker::tools::fake_upstream::FakeUpstream) -> Excha
             code: &raw.code,
             code_verifier: &raw.code_verifier,
             state: &raw.state,
-            idempotency_key: &raw.idempotency_key,
+            idempotency_key: key,
         },
         |client_id, code| format!("{client_id}/{}", code.len()),
     )
@@ -246,24 +255,11 @@ async fn a_start_asked_for_while_a_job_waits_queues_behind_it() {
         other => panic!("not inserted: {other:?}"),
     };
 
-    // Requests with keys of their own (`request_for` derives one key for all).
-    let keyed = |key: &str| {
-        let raw = new_request(&fake, "client-a");
-        ExchangeRequest::parse(
-            RawExchange {
-                client_id: &raw.client_id,
-                code: &raw.code,
-                code_verifier: &raw.code_verifier,
-                state: &raw.state,
-                idempotency_key: key,
-            },
-            |_, _| unreachable!("the key is given"),
-        )
-        .expect("valid request")
-    };
-
     // No worker runs here: the first job waits.
-    let (first, second) = (keyed("first"), keyed("second"));
+    let (first, second) = (
+        request_keyed(&fake, "first"),
+        request_keyed(&fake, "second"),
+    );
     let waiting = store.submit(&new_job(&first), now, None).await.unwrap();
     assert_eq!(state(&waiting), StoredState::Queued);
     // A submission that asks to start, as the API does on its hint.
@@ -294,7 +290,7 @@ async fn a_start_asked_for_while_a_job_waits_queues_behind_it() {
         .await
         .unwrap();
     assert_eq!(claimed.len(), 2);
-    let third = keyed("third");
+    let third = request_keyed(&fake, "third");
     let started = ask(&third).await;
     assert!(
         matches!(started, SubmitOutcome::Started(_)),
