@@ -944,7 +944,7 @@ impl Config {
 
     /// Threads of the daemon's async runtime on a machine with `cpus` CPUs for it:
     /// `server.worker_threads` when set; otherwise one per CPU, less one on SQLite, whose
-    /// writer runs on a thread of its own (sqlx's) that keeps about half a core busy under
+    /// writer runs on a thread of its own that keeps about half a core busy under
     /// load, so that the runtime does not contend with it (fewer cross-thread wake-ups: 8%
     /// less CPU per exchange with one thread than with two on a two-core machine, see
     /// BENCHMARKS.md). At least one.

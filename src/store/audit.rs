@@ -125,35 +125,13 @@ const INSERT_CHUNK: usize = 200;
 /// Writes chained records, many rows per statement: with group commit, a batch's events cost a
 /// few statements instead of one each.
 pub(super) async fn insert_records(conn: &mut Conn, records: &[&AuditRecord]) -> sqlx::Result<()> {
-    insert_records_then(conn, records, None).await
-}
-
-/// As [`insert_records`], with `then` (a statement without parameters, e.g. `COMMIT`) sent in
-/// the same query as the last rows, so that it costs no hand-off of its own. Not run if the
-/// rows fail; run alone if there are none.
-pub(super) async fn insert_records_then(
-    conn: &mut Conn,
-    records: &[&AuditRecord],
-    then: Option<&'static str>,
-) -> sqlx::Result<()> {
-    if records.is_empty() {
-        if let Some(then) = then {
-            conn.run(then).await?;
-        }
-        return Ok(());
-    }
-    let chunks = records.len().div_ceil(INSERT_CHUNK);
-    for (n, chunk) in records.chunks(INSERT_CHUNK).enumerate() {
+    for chunk in records.chunks(INSERT_CHUNK) {
         let head = match conn {
             Db::Sqlite(_) => include_str!("sql/sqlite/insert_audit_rows.sql"),
             Db::Postgres(_) => include_str!("sql/postgres/insert_audit_rows.sql"),
         };
         let mut sql = String::from(head.trim_end());
         conn.push_tuples(&mut sql, chunk.len(), 12, None);
-        if let (Some(then), true) = (then, n + 1 == chunks) {
-            sql.push_str(";\n");
-            sql.push_str(then);
-        }
         on_backend!(&mut *conn, generated sql, |query, conn| {
             let mut query = query;
             for record in chunk {

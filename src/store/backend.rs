@@ -7,9 +7,9 @@
 //! of its rows through [`Columns`], which both row types implement. Nothing outside the store
 //! knows which database runs.
 
-use sqlx::{
-    PgConnection, PgPool, Row, SqliteConnection, SqlitePool, postgres::PgRow, sqlite::SqliteRow,
-};
+use sqlx::{PgConnection, PgPool, Row, SqlitePool, postgres::PgRow, sqlite::SqliteRow};
+
+use super::direct::{self, DirectConn};
 
 /// One of the two databases: a pool, a connection.
 #[derive(Debug, Clone)]
@@ -21,8 +21,37 @@ pub(super) enum Db<S, P> {
 /// Connections for reads (and, on PostgreSQL, for the rate budget).
 pub(super) type Pool = Db<SqlitePool, PgPool>;
 
-/// The writer's connection.
-pub(super) type Conn = Db<SqliteConnection, PgConnection>;
+/// The writer's connection: on SQLite, held directly on the writer's thread ([`direct`]).
+pub(super) type Conn = Db<DirectConn, PgConnection>;
+
+/// Makes a SQLite statement for the executor in hand: an sqlx query for the read pool, a
+/// [`direct::Query`] for the writer's connection. Both offer the same binding and fetching
+/// methods, so [`on_backend!`]'s bodies compile against either.
+pub(super) trait SqliteStatements {
+    type Query;
+    fn statement(&self, sql: &'static str) -> Self::Query;
+    fn generated(&self, sql: String) -> Self::Query;
+}
+
+impl SqliteStatements for SqlitePool {
+    type Query = sqlx::query::Query<'static, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
+    fn statement(&self, sql: &'static str) -> Self::Query {
+        sqlx::query(sql)
+    }
+    fn generated(&self, sql: String) -> Self::Query {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+    }
+}
+
+impl SqliteStatements for DirectConn {
+    type Query = direct::Query;
+    fn statement(&self, sql: &'static str) -> Self::Query {
+        DirectConn::statement(self, sql)
+    }
+    fn generated(&self, sql: String) -> Self::Query {
+        DirectConn::generated(self, sql)
+    }
+}
 
 /// Runs `$body` against whichever database `$target` (a `&Pool` or a `&mut Conn`) is, with
 /// `$query` the statement `sql/<dialect>/$name.sql` and `$executor` the pool or connection.
@@ -32,7 +61,7 @@ macro_rules! on_backend {
     ($target:expr, generated $sql:expr, |$query:ident, $executor:ident| $body:expr) => {
         match $target {
             $crate::store::backend::Db::Sqlite($executor) => {
-                let $query = sqlx::query(sqlx::AssertSqlSafe($sql));
+                let $query = $crate::store::backend::SqliteStatements::generated(&*$executor, $sql);
                 $body
             }
             $crate::store::backend::Db::Postgres($executor) => {
@@ -44,7 +73,10 @@ macro_rules! on_backend {
     ($target:expr, $name:literal, |$query:ident, $executor:ident| $body:expr) => {
         match $target {
             $crate::store::backend::Db::Sqlite($executor) => {
-                let $query = sqlx::query(include_str!(concat!("sql/sqlite/", $name, ".sql")));
+                let $query = $crate::store::backend::SqliteStatements::statement(
+                    &*$executor,
+                    include_str!(concat!("sql/sqlite/", $name, ".sql")),
+                );
                 $body
             }
             $crate::store::backend::Db::Postgres($executor) => {
@@ -60,7 +92,7 @@ impl Conn {
     /// Runs a statement that takes no parameters and returns nothing (`BEGIN`, `COMMIT`).
     pub(super) async fn run(&mut self, sql: &'static str) -> sqlx::Result<()> {
         match self {
-            Db::Sqlite(conn) => sqlx::raw_sql(sql).execute(&mut *conn).await.map(|_| ()),
+            Db::Sqlite(conn) => conn.run(sql),
             Db::Postgres(conn) => sqlx::raw_sql(sql).execute(&mut *conn).await.map(|_| ()),
         }
     }

@@ -36,6 +36,7 @@ mod backend;
 mod budget;
 mod checkpoints;
 mod deliveries;
+mod direct;
 pub mod feed;
 mod history;
 mod listener;
@@ -956,17 +957,25 @@ async fn open_sqlite(
     // constraint) stay in memory instead of a temporary file: a third of the bytes the writer
     // wrote per exchange. Checkpoints are another connection's ([`wal`]); the writer makes its
     // own only if that falls behind.
-    let mut writer_options = base
-        .clone()
-        .pragma("cache_size", "-8192")
-        .pragma("temp_store", "memory")
-        .pragma("wal_autocheckpoint", wal::WRITER_FALLBACK_PAGES.to_string());
+    let mut pragmas = vec![
+        ("cache_size", "-8192".to_string()),
+        ("temp_store", "memory".to_string()),
+        ("wal_autocheckpoint", wal::WRITER_FALLBACK_PAGES.to_string()),
+    ];
     if config.max_size_mb > 0 {
         // 4 KiB pages (SQLite's default page size).
-        writer_options =
-            writer_options.pragma("max_page_count", (config.max_size_mb * 256).to_string());
+        pragmas.push(("max_page_count", (config.max_size_mb * 256).to_string()));
     }
-    let conn = writer_options.connect().await?;
+    let settings = direct::Settings {
+        synchronous: match config.synchronous {
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+            Synchronous::Extra => "EXTRA",
+        },
+        busy_timeout,
+        pragmas,
+    };
+    let conn = direct::DirectConn::open(path, &settings)?;
     let checkpoints = base.clone().connect().await?;
     let reader = SqlitePoolOptions::new()
         .max_connections(4)

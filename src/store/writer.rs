@@ -341,9 +341,11 @@ impl Tracked {
         };
         // PostgreSQL reads the counts each batch needs, in the batch.
         if let Db::Sqlite(sqlite) = conn {
-            tracked.waiting = sqlx::query_scalar(include_str!("sql/sqlite/count_waiting.sql"))
-                .fetch_one(&mut *sqlite)
-                .await?;
+            tracked.waiting = sqlite
+                .statement(include_str!("sql/sqlite/count_waiting.sql"))
+                .fetch_one(sqlite)
+                .await?
+                .int("waiting")?;
             tracked.read_counts(conn).await?;
         } else {
             // Until the first read in a turn, submissions may ask to start: the turn decides.
@@ -541,7 +543,11 @@ impl WriterHandle {
             healthy: Arc::clone(&healthy),
             nothing_waiting: Arc::clone(&nothing_waiting),
         };
-        let task = WriterTask(Box::pin(writer.run(receiver)));
+        let task = if writer.shared.is_none() {
+            WriterTask(Box::pin(on_own_thread(writer.run(receiver))))
+        } else {
+            WriterTask(Box::pin(writer.run(receiver)))
+        };
         Ok((
             WriterHandle {
                 requests,
@@ -618,6 +624,29 @@ impl std::future::Future for WriterTask {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<()> {
         self.0.as_mut().poll(cx)
+    }
+}
+
+/// Runs the SQLite writer to its end on a thread of its own, and ends with it. Its statements
+/// run in place on that thread ([`super::direct`]): a commit's `fsync` blocks the writer alone,
+/// never a runtime thread. The future runs in the daemon's runtime's context, so what it starts
+/// after a commit (an attempt, [`OnStarted`]) is spawned there, and waking it costs one thread
+/// wake-up per batch.
+async fn on_own_thread(writer: impl std::future::Future<Output = ()> + Send + 'static) {
+    let runtime = tokio::runtime::Handle::current();
+    let (done, finished) = oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("sqlite-writer".to_string())
+        .spawn(move || {
+            runtime.block_on(writer);
+            let _ = done.send(());
+        });
+    match spawned {
+        // Also ends, with `done` dropped, if the writer panicked.
+        Ok(_) => {
+            let _ = finished.await;
+        }
+        Err(error) => tracing::error!(%error, "cannot start the writer's thread"),
     }
 }
 
@@ -709,7 +738,7 @@ impl Writer {
             }
         }
         let closed = match self.conn {
-            Db::Sqlite(conn) => conn.close().await,
+            Db::Sqlite(conn) => conn.close(),
             Db::Postgres(conn) => conn.close().await,
         };
         if let Err(error) = closed {
@@ -813,19 +842,12 @@ impl Writer {
             results.push(apply(conn, tracked, command).await?);
             next += 1;
         }
-        let started;
+        flush_events(conn, &results, written).await?;
         if let Some(shared) = &self.shared {
-            flush_events(conn, &results, written).await?;
             announce(conn, tracked, shared, &results).await?;
-            started = Instant::now();
-            conn.run("COMMIT").await?;
-        } else {
-            // SQLite: the last audit rows and the COMMIT in one hand-off to its thread (the
-            // time measured below is then theirs together).
-            started = Instant::now();
-            let records = pending_events(&results, written);
-            audit::insert_records_then(conn, &records, Some("COMMIT")).await?;
         }
+        let started = Instant::now();
+        conn.run("COMMIT").await?;
         self.metrics
             .sqlite_commit
             .observe(started.elapsed().as_secs_f64());

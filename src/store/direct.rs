@@ -1,0 +1,489 @@
+//! The SQLite writer's connection, driven directly on the writer's own thread.
+//!
+//! sqlx runs every SQLite statement on a worker thread of its own: each statement is a
+//! hand-off there and back, and each result row another (issue 14's profile: about a third of
+//! the daemon's CPU per exchange went to those hand-offs and the copies around them, more than
+//! SQLite's own work). The writer is one thread that only writes, so it holds its connection
+//! itself ([`rusqlite`], on the same SQLite library sqlx links) and runs its statements in
+//! place; the readers, the migrations and the WAL checkpoints stay with sqlx.
+//!
+//! [`Query`] offers the part of sqlx's query API the store's statements use (`bind`, `execute`,
+//! the `fetch_*` forms, `persistent`), so one piece of store code, written once for sqlx
+//! ([`super::backend::on_backend`]), also runs here; its futures are ready at once. Errors come
+//! back as `sqlx::Error`, SQLite's result codes kept, so that the store tells the database's
+//! condition from a bug ([`super::StoreError::is_transient`]) the same way on both paths.
+
+use std::{borrow::Cow, path::Path, sync::Arc, time::Duration};
+
+use rusqlite::{
+    OpenFlags,
+    types::{ToSql, ToSqlOutput, Value},
+};
+use sqlx::error::{DatabaseError, ErrorKind};
+
+use super::backend::Columns;
+
+/// Prepared statements kept: the store's fixed statements, and the multi-row inserts of each
+/// batch size seen (one text per row count).
+const STATEMENT_CACHE: usize = 256;
+
+/// The settings the writer's connection opens with.
+#[derive(Debug, Clone)]
+pub(super) struct Settings {
+    /// `PRAGMA synchronous`: `NORMAL`, `FULL` or `EXTRA`.
+    pub(super) synchronous: &'static str,
+    pub(super) busy_timeout: Duration,
+    /// Further pragmas, in order (name, value).
+    pub(super) pragmas: Vec<(&'static str, String)>,
+}
+
+/// The writer's SQLite connection.
+pub(super) struct DirectConn {
+    conn: rusqlite::Connection,
+}
+
+impl std::fmt::Debug for DirectConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DirectConn")
+    }
+}
+
+impl DirectConn {
+    /// Opens the database at `path` (which must exist, migrated) for writing, in WAL mode with
+    /// foreign keys enforced, as sqlx's connections to it are.
+    pub(super) fn open(path: &Path, settings: &Settings) -> sqlx::Result<DirectConn> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = rusqlite::Connection::open_with_flags(path, flags).map_err(database)?;
+        conn.busy_timeout(settings.busy_timeout).map_err(database)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+            .map_err(database)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(sqlx::Error::Configuration(
+                format!("the database would not enter WAL mode (it is in {mode} mode)").into(),
+            ));
+        }
+        let mut pragmas = vec![
+            ("foreign_keys", "ON".to_string()),
+            ("synchronous", settings.synchronous.to_string()),
+        ];
+        pragmas.extend(settings.pragmas.iter().cloned());
+        for (name, value) in pragmas {
+            // Some pragmas answer with their new value (`max_page_count`): read and drop it.
+            let mut statement = conn
+                .prepare(&format!("PRAGMA {name} = {value}"))
+                .map_err(database)?;
+            let mut rows = statement.raw_query();
+            while rows.next().map_err(database)?.is_some() {}
+        }
+        Ok(DirectConn { conn })
+    }
+
+    /// Runs statements without parameters (`BEGIN IMMEDIATE`, `COMMIT`, `ROLLBACK`).
+    pub(super) fn run(&mut self, sql: &str) -> sqlx::Result<()> {
+        self.conn.execute_batch(sql).map_err(database)
+    }
+
+    /// A statement of the store's (`sql/sqlite/…`), to bind and run on this connection.
+    pub(super) fn statement(&self, sql: &'static str) -> Query {
+        Query::new(Cow::Borrowed(sql))
+    }
+
+    /// A statement generated at run time (a multi-row insert).
+    pub(super) fn generated(&self, sql: String) -> Query {
+        Query::new(Cow::Owned(sql))
+    }
+
+    /// Closes the connection, reporting a failure to (a statement left unfinished).
+    pub(super) fn close(self) -> sqlx::Result<()> {
+        self.conn.close().map_err(|(_, error)| database(error))
+    }
+}
+
+/// A statement and its bound values, run by one of the `fetch_*` forms or `execute`.
+#[derive(Debug)]
+pub(super) struct Query {
+    sql: Cow<'static, str>,
+    values: Vec<Value>,
+    /// The first value that could not be bound, reported when the statement runs (as sqlx
+    /// does).
+    unbindable: Option<rusqlite::Error>,
+}
+
+/// What `execute` reports.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Done {
+    rows_affected: u64,
+}
+
+impl Done {
+    pub(super) fn rows_affected(&self) -> u64 {
+        self.rows_affected
+    }
+}
+
+impl Query {
+    fn new(sql: Cow<'static, str>) -> Query {
+        Query {
+            sql,
+            values: Vec::new(),
+            unbindable: None,
+        }
+    }
+
+    /// Binds the next parameter.
+    pub(super) fn bind<T: ToSql>(mut self, value: T) -> Query {
+        let owned = match value.to_sql() {
+            Ok(ToSqlOutput::Borrowed(borrowed)) => Value::try_from(borrowed)
+                .map_err(|error| rusqlite::Error::ToSqlConversionFailure(Box::new(error))),
+            Ok(ToSqlOutput::Owned(owned)) => Ok(owned),
+            Ok(_) => Err(rusqlite::Error::ToSqlConversionFailure(
+                "a value SQLite cannot take as a parameter".into(),
+            )),
+            Err(error) => Err(error),
+        };
+        match owned {
+            Ok(value) => self.values.push(value),
+            Err(error) => {
+                self.values.push(Value::Null);
+                self.unbindable.get_or_insert(error);
+            }
+        }
+        self
+    }
+
+    /// Accepted for sqlx's sake: SQLite's plans do not depend on the data, so every statement
+    /// keeps its plan ([`super::backend::Db::may_keep_plans`]).
+    pub(super) fn persistent(self, _keep: bool) -> Query {
+        self
+    }
+
+    /// Runs the statement to its end; answers how many rows it changed.
+    pub(super) fn execute(self, conn: &mut DirectConn) -> std::future::Ready<sqlx::Result<Done>> {
+        std::future::ready(self.run(conn, |_| Ok(())).map(|_| Done {
+            rows_affected: conn.conn.changes(),
+        }))
+    }
+
+    /// Every row the statement returns.
+    pub(super) fn fetch_all(
+        self,
+        conn: &mut DirectConn,
+    ) -> std::future::Ready<sqlx::Result<Vec<Row>>> {
+        let mut rows = Vec::new();
+        let ran = self.run(conn, |row| {
+            rows.push(row);
+            Ok(())
+        });
+        std::future::ready(ran.map(|()| rows))
+    }
+
+    /// The first row the statement returns, if any (it runs to its end either way).
+    pub(super) fn fetch_optional(
+        self,
+        conn: &mut DirectConn,
+    ) -> std::future::Ready<sqlx::Result<Option<Row>>> {
+        let mut first = None;
+        let ran = self.run(conn, |row| {
+            first.get_or_insert(row);
+            Ok(())
+        });
+        std::future::ready(ran.map(|()| first))
+    }
+
+    /// The first row the statement returns; `RowNotFound` when it returns none.
+    pub(super) fn fetch_one(self, conn: &mut DirectConn) -> std::future::Ready<sqlx::Result<Row>> {
+        let mut first = None;
+        let ran = self.run(conn, |row| {
+            first.get_or_insert(row);
+            Ok(())
+        });
+        std::future::ready(ran.and_then(|()| first.ok_or(sqlx::Error::RowNotFound)))
+    }
+
+    /// Prepares (or takes from the cache), binds and steps the statement to its end, handing
+    /// each row to `each`.
+    fn run(
+        self,
+        conn: &mut DirectConn,
+        mut each: impl FnMut(Row) -> sqlx::Result<()>,
+    ) -> sqlx::Result<()> {
+        if let Some(error) = self.unbindable {
+            return Err(sqlx::Error::Encode(Box::new(error)));
+        }
+        let mut statement = conn.conn.prepare_cached(&self.sql).map_err(database)?;
+        let expected = statement.parameter_count();
+        if expected != self.values.len() {
+            return Err(sqlx::Error::InvalidArgument(format!(
+                "the statement takes {expected} parameters, {} were bound",
+                self.values.len()
+            )));
+        }
+        for (index, value) in self.values.iter().enumerate() {
+            statement
+                .raw_bind_parameter(index + 1, value)
+                .map_err(database)?;
+        }
+        let names: Arc<[Box<str>]> = statement
+            .column_names()
+            .into_iter()
+            .map(Box::from)
+            .collect();
+        let mut rows = statement.raw_query();
+        while let Some(row) = rows.next().map_err(database)? {
+            let values = (0..names.len())
+                .map(|index| {
+                    let value = row.get_ref(index).map_err(database)?;
+                    Value::try_from(value).map_err(|error| sqlx::Error::ColumnDecode {
+                        index: names[index].to_string(),
+                        source: Box::new(error),
+                    })
+                })
+                .collect::<sqlx::Result<Vec<_>>>()?;
+            each(Row {
+                names: Arc::clone(&names),
+                values,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// A row a statement returned, its values copied out of SQLite.
+#[derive(Debug)]
+pub(super) struct Row {
+    names: Arc<[Box<str>]>,
+    values: Vec<Value>,
+}
+
+impl Row {
+    fn value(&self, column: &str) -> sqlx::Result<&Value> {
+        self.names
+            .iter()
+            .position(|name| &**name == column)
+            .map(|index| &self.values[index])
+            .ok_or_else(|| sqlx::Error::ColumnNotFound(column.to_string()))
+    }
+
+    fn mismatched(column: &str, expected: &str, found: &Value) -> sqlx::Error {
+        sqlx::Error::ColumnDecode {
+            index: column.to_string(),
+            source: format!("expected {expected}, found {:?}", found.data_type()).into(),
+        }
+    }
+}
+
+impl Columns for Row {
+    fn int(&self, column: &str) -> sqlx::Result<i64> {
+        self.opt_int(column)?
+            .ok_or_else(|| Row::mismatched(column, "an integer", &Value::Null))
+    }
+
+    fn opt_int(&self, column: &str) -> sqlx::Result<Option<i64>> {
+        match self.value(column)? {
+            Value::Integer(value) => Ok(Some(*value)),
+            Value::Null => Ok(None),
+            other => Err(Row::mismatched(column, "an integer", other)),
+        }
+    }
+
+    fn text(&self, column: &str) -> sqlx::Result<String> {
+        self.opt_text(column)?
+            .ok_or_else(|| Row::mismatched(column, "text", &Value::Null))
+    }
+
+    fn opt_text(&self, column: &str) -> sqlx::Result<Option<String>> {
+        match self.value(column)? {
+            Value::Text(value) => Ok(Some(value.clone())),
+            Value::Null => Ok(None),
+            other => Err(Row::mismatched(column, "text", other)),
+        }
+    }
+
+    fn flag(&self, column: &str) -> sqlx::Result<bool> {
+        Ok(self.int(column)? != 0)
+    }
+}
+
+/// An error SQLite returned, with its extended result code (as sqlx reports SQLite's).
+#[derive(Debug)]
+struct SqliteFailure {
+    code: i32,
+    message: String,
+}
+
+impl std::fmt::Display for SqliteFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "(code: {}) {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for SqliteFailure {}
+
+impl DatabaseError for SqliteFailure {
+    fn message(&self) -> &str {
+        &self.message
+    }
+
+    fn code(&self) -> Option<Cow<'_, str>> {
+        Some(Cow::Owned(self.code.to_string()))
+    }
+
+    fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+
+    fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+        self
+    }
+
+    fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+        self
+    }
+
+    fn kind(&self) -> ErrorKind {
+        use rusqlite::ffi;
+        match self.code {
+            ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY => {
+                ErrorKind::UniqueViolation
+            }
+            ffi::SQLITE_CONSTRAINT_FOREIGNKEY => ErrorKind::ForeignKeyViolation,
+            ffi::SQLITE_CONSTRAINT_NOTNULL => ErrorKind::NotNullViolation,
+            ffi::SQLITE_CONSTRAINT_CHECK => ErrorKind::CheckViolation,
+            _ => ErrorKind::Other,
+        }
+    }
+}
+
+/// A rusqlite error as sqlx reports it: SQLite's own as a database error with its code; any
+/// other (a value of the wrong type, a misuse) as the bug it is.
+fn database(error: rusqlite::Error) -> sqlx::Error {
+    match error {
+        rusqlite::Error::SqliteFailure(failure, message) => {
+            sqlx::Error::Database(Box::new(SqliteFailure {
+                code: failure.extended_code,
+                message: message.unwrap_or_else(|| failure.to_string()),
+            }))
+        }
+        other => sqlx::Error::Protocol(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open() -> (tempfile::TempDir, DirectConn) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("direct.db");
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, note TEXT);",
+            )
+            .unwrap();
+        let settings = Settings {
+            synchronous: "FULL",
+            busy_timeout: Duration::from_secs(1),
+            pragmas: vec![("cache_size", "-2048".to_string())],
+        };
+        let conn = DirectConn::open(&path, &settings).unwrap();
+        (dir, conn)
+    }
+
+    #[tokio::test]
+    async fn binds_runs_and_reads_rows_by_column_name() {
+        let (_dir, mut conn) = open();
+        let done = conn
+            .generated("INSERT INTO t (name, note) VALUES (?, ?), (?, ?)".to_string())
+            .bind("a")
+            .bind(None::<String>)
+            .bind(String::from("b"))
+            .bind(Some("second"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(done.rows_affected(), 2);
+        let rows = conn
+            .statement("SELECT id, name, note FROM t ORDER BY id")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].text("name").unwrap(), "a");
+        assert_eq!(rows[0].opt_text("note").unwrap(), None);
+        assert_eq!(rows[1].opt_text("note").unwrap().as_deref(), Some("second"));
+        assert!(rows[1].int("id").unwrap() > rows[0].int("id").unwrap());
+        assert!(matches!(
+            rows[0].int("name"),
+            Err(sqlx::Error::ColumnDecode { .. })
+        ));
+        assert!(matches!(
+            rows[0].int("absent"),
+            Err(sqlx::Error::ColumnNotFound(_))
+        ));
+        let none = conn
+            .statement("SELECT id FROM t WHERE name = ?")
+            .bind("zzz")
+            .fetch_optional(&mut conn)
+            .await
+            .unwrap();
+        assert!(none.is_none());
+        assert!(matches!(
+            conn.statement("SELECT id FROM t WHERE name = ?")
+                .bind("zzz")
+                .fetch_one(&mut conn)
+                .await,
+            Err(sqlx::Error::RowNotFound)
+        ));
+    }
+
+    #[tokio::test]
+    async fn sqlite_errors_keep_their_codes_and_a_wrong_bind_count_is_refused() {
+        let (_dir, mut conn) = open();
+        let insert = |conn: &DirectConn| conn.statement("INSERT INTO t (name) VALUES (?)");
+        insert(&conn).bind("x").execute(&mut conn).await.unwrap();
+        let Err(sqlx::Error::Database(error)) = insert(&conn).bind("x").execute(&mut conn).await
+        else {
+            panic!("a duplicate name must fail as a database error");
+        };
+        assert!(error.is_unique_violation());
+        assert_eq!(error.code().as_deref(), Some("2067"));
+        assert!(matches!(
+            insert(&conn).execute(&mut conn).await,
+            Err(sqlx::Error::InvalidArgument(_))
+        ));
+        // A failed statement leaves the connection usable, its cache included.
+        insert(&conn).bind("y").execute(&mut conn).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn transactions_commit_and_roll_back() {
+        let (_dir, mut conn) = open();
+        conn.run("BEGIN IMMEDIATE").unwrap();
+        conn.statement("INSERT INTO t (name) VALUES (?)")
+            .bind("gone")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn.run("ROLLBACK").unwrap();
+        conn.run("BEGIN IMMEDIATE").unwrap();
+        conn.statement("INSERT INTO t (name) VALUES (?)")
+            .bind("kept")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn.run("COMMIT").unwrap();
+        let names: Vec<String> = conn
+            .statement("SELECT name FROM t")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.text("name").unwrap())
+            .collect();
+        assert_eq!(names, ["kept"]);
+        conn.close().unwrap();
+    }
+}
