@@ -23,9 +23,10 @@ use sqlx::error::{DatabaseError, ErrorKind};
 
 use super::backend::Columns;
 
-/// Prepared statements kept: the store's fixed statements, and the multi-row inserts of each
-/// batch size seen (one text per row count).
-const STATEMENT_CACHE: usize = 256;
+/// Prepared statements kept, the least recently used dropped first, as sqlx kept them: the
+/// store's fixed statements and the multi-row inserts of the batch sizes seen lately (one text
+/// per row count; a 200-row insert holds about 200 KB prepared).
+const STATEMENT_CACHE: usize = 100;
 
 /// The settings the writer's connection opens with.
 #[derive(Debug, Clone)]
@@ -52,7 +53,10 @@ impl DirectConn {
     /// Opens the database at `path` (which must exist, migrated) for writing, in WAL mode with
     /// foreign keys enforced, as sqlx's connections to it are.
     pub(super) fn open(path: &Path, settings: &Settings) -> sqlx::Result<DirectConn> {
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        // `URI` as sqlx opens its connections, so that a `file:` path names the same file.
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI;
         let conn = rusqlite::Connection::open_with_flags(path, flags).map_err(database)?;
         conn.busy_timeout(settings.busy_timeout).map_err(database)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
@@ -102,13 +106,22 @@ impl DirectConn {
 }
 
 /// A statement and its bound values, run by one of the `fetch_*` forms or `execute`.
-#[derive(Debug)]
 pub(super) struct Query {
     sql: Cow<'static, str>,
     values: Vec<Value>,
     /// The first value that could not be bound, reported when the statement runs (as sqlx
     /// does).
     unbindable: Option<rusqlite::Error>,
+}
+
+impl std::fmt::Debug for Query {
+    // The values include sealed secrets and callers' keys: their count only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Query")
+            .field("sql", &self.sql)
+            .field("values", &self.values.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What `execute` reports.
@@ -251,10 +264,18 @@ impl Query {
 }
 
 /// A row a statement returned, its values copied out of SQLite.
-#[derive(Debug)]
 pub(super) struct Row {
     names: Arc<[Box<str>]>,
     values: Vec<Value>,
+}
+
+impl std::fmt::Debug for Row {
+    // The values include sealed secrets: the column names only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Row")
+            .field("columns", &self.names)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Row {
@@ -456,6 +477,47 @@ mod tests {
         ));
         // A failed statement leaves the connection usable, its cache included.
         insert(&conn).bind("y").execute(&mut conn).await.unwrap();
+    }
+
+    #[test]
+    fn opens_with_the_settings_asked_for() {
+        let (_dir, conn) = open();
+        let pragma = |name: &str| -> String {
+            conn.conn
+                .query_row(&format!("PRAGMA {name}"), [], |row| {
+                    row.get::<_, rusqlite::types::Value>(0)
+                })
+                .map(|value| match value {
+                    Value::Integer(n) => n.to_string(),
+                    Value::Text(text) => text,
+                    other => format!("{other:?}"),
+                })
+                .unwrap()
+        };
+        assert_eq!(pragma("journal_mode"), "wal");
+        assert_eq!(pragma("synchronous"), "2", "FULL");
+        assert_eq!(pragma("foreign_keys"), "1");
+        assert_eq!(pragma("cache_size"), "-2048");
+        assert_eq!(pragma("busy_timeout"), "1000");
+    }
+
+    #[tokio::test]
+    async fn a_busy_database_is_transient_and_a_broken_constraint_is_not() {
+        let (dir, mut conn) = open();
+        let other = rusqlite::Connection::open(dir.path().join("direct.db")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        conn.conn.busy_timeout(Duration::from_millis(1)).unwrap();
+        let busy = super::super::StoreError::from(conn.run("BEGIN IMMEDIATE").unwrap_err());
+        assert!(busy.is_transient(), "{busy}");
+        other.execute_batch("ROLLBACK").unwrap();
+        let insert = |conn: &DirectConn| conn.statement("INSERT INTO t (name) VALUES (?)");
+        insert(&conn).bind("x").execute(&mut conn).await.unwrap();
+        let duplicate = insert(&conn)
+            .bind("x")
+            .execute(&mut conn)
+            .await
+            .unwrap_err();
+        assert!(!super::super::StoreError::from(duplicate).is_transient());
     }
 
     #[tokio::test]

@@ -975,7 +975,12 @@ async fn open_sqlite(
         busy_timeout,
         pragmas,
     };
-    let conn = direct::DirectConn::open(path, &settings)?;
+    // Opening may wait up to the busy timeout for a lock: off the runtime's threads.
+    let writer_path = path.clone();
+    let conn =
+        tokio::task::spawn_blocking(move || direct::DirectConn::open(&writer_path, &settings))
+            .await
+            .map_err(|error| StoreError::Unavailable(format!("opening the writer: {error}")))??;
     let checkpoints = base.clone().connect().await?;
     let reader = SqlitePoolOptions::new()
         .max_connections(4)

@@ -631,22 +631,35 @@ impl std::future::Future for WriterTask {
 /// run in place on that thread ([`super::direct`]): a commit's `fsync` blocks the writer alone,
 /// never a runtime thread. The future runs in the daemon's runtime's context, so what it starts
 /// after a commit (an attempt, [`OnStarted`]) is spawned there, and waking it costs one thread
-/// wake-up per batch.
+/// wake-up per batch; it cannot wait on tokio's timers or sockets (a current-thread runtime
+/// drives those only in its own `block_on`), which the SQLite writer never does.
+///
+/// As a task would: a panic of the writer is resumed here, and dropping this future stops the
+/// writer at its next wait for changes (its connection, closed, rolls back anything open).
 async fn on_own_thread(writer: impl std::future::Future<Output = ()> + Send + 'static) {
     let runtime = tokio::runtime::Handle::current();
-    let (done, finished) = oneshot::channel::<()>();
+    let (done, finished) = oneshot::channel();
+    // Dropped with this future: the writer stops.
+    let (_stop, stopped) = oneshot::channel::<()>();
     let spawned = std::thread::Builder::new()
         .name("sqlite-writer".to_string())
         .spawn(move || {
-            runtime.block_on(writer);
-            let _ = done.send(());
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                runtime.block_on(async move {
+                    tokio::select! {
+                        () = writer => {}
+                        _ = stopped => {}
+                    }
+                });
+            }));
+            let _ = done.send(ran);
         });
-    match spawned {
-        // Also ends, with `done` dropped, if the writer panicked.
-        Ok(_) => {
-            let _ = finished.await;
-        }
-        Err(error) => tracing::error!(%error, "cannot start the writer's thread"),
+    if let Err(error) = spawned {
+        tracing::error!(%error, "cannot start the writer's thread");
+        return;
+    }
+    if let Ok(Err(panic)) = finished.await {
+        std::panic::resume_unwind(panic);
     }
 }
 
@@ -1763,4 +1776,46 @@ async fn prune_step(
     // The checkpoint is written above, not with the batch's events; it is only logged.
     audit::emit_checkpoint(&checkpoint);
     Ok((Some((deleted, upto)), Effects::default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_on_the_writers_thread_reaches_whoever_runs_the_task() {
+        let task = tokio::spawn(on_own_thread(async { panic!("the writer broke") }));
+        let error = task
+            .await
+            .expect_err("the panic must not pass for a clean end");
+        assert!(error.is_panic());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_task_stops_the_writer_on_its_thread() {
+        /// Tells, when dropped, on which thread.
+        struct Connection(Option<oneshot::Sender<String>>);
+        impl Drop for Connection {
+            fn drop(&mut self) {
+                let thread = std::thread::current().name().unwrap_or("").to_string();
+                let _ = self.0.take().map(|closed| closed.send(thread));
+            }
+        }
+        let (started, running) = oneshot::channel();
+        let (closed, dropped) = oneshot::channel();
+        let task = tokio::spawn(on_own_thread(async move {
+            let _connection = Connection(Some(closed));
+            let _ = started.send(());
+            std::future::pending::<()>().await;
+        }));
+        running.await.expect("the writer starts");
+        task.abort();
+        assert!(task.await.expect_err("aborted").is_cancelled());
+        // Bounded only so that a regression fails instead of hanging the suite.
+        let dropped = tokio::time::timeout(std::time::Duration::from_secs(60), dropped).await;
+        assert_eq!(
+            dropped.expect("the writer's state is dropped").unwrap(),
+            "sqlite-writer"
+        );
+    }
 }
