@@ -1509,6 +1509,7 @@ async fn record_many(
     let mut succeeded = Vec::new();
     let mut retries = Vec::new();
     let mut failed = Vec::new();
+    let mut written: HashMap<i64, JobRow> = HashMap::with_capacity(records.len());
     for (lease, record, now) in records {
         let guard = (lease.row_id, lease.owner.as_ref(), i64::from(lease.attempt));
         match record {
@@ -1519,13 +1520,38 @@ async fn record_many(
             } => {
                 let lifetime =
                     std::time::Duration::from_secs(u64::try_from(grant.expires_in).unwrap_or(0));
+                let access_token = tracked.keys.seal(
+                    grant.access_token.expose_secret(),
+                    &lease.job_id.to_string(),
+                    "access_token",
+                );
+                if let Db::Sqlite(direct) = conn {
+                    // On SQLite, where a statement costs no round trip, one per success:
+                    // 3% fewer instructions per exchange than the batch as a JSON array
+                    // (BENCHMARKS.md).
+                    let row = direct
+                        .statement(include_str!("sql/sqlite/finish_succeeded.sql"))
+                        .bind(guard.0)
+                        .bind(guard.1)
+                        .bind(guard.2)
+                        .bind(access_token)
+                        .bind(&grant.token_type)
+                        .bind(grant.expires_in)
+                        .bind(now.saturating_add(lifetime).0)
+                        .bind(i64::from(*http_status))
+                        .bind(i64::from(*outcome_unknown))
+                        .bind(now.0)
+                        .fetch_optional(direct)
+                        .await?;
+                    if let Some(row) = row {
+                        let row = JobRow::decode(&row)?;
+                        written.insert(row.id, row);
+                    }
+                    continue;
+                }
                 succeeded.push(serde_json::json!({
                     "id": guard.0, "owner": guard.1, "attempt": guard.2,
-                    "access_token": tracked.keys.seal(
-                        grant.access_token.expose_secret(),
-                        &lease.job_id.to_string(),
-                        "access_token",
-                    ),
+                    "access_token": access_token,
                     "token_type": grant.token_type,
                     "expires_in": grant.expires_in,
                     "expires_at": now.saturating_add(lifetime).0,
@@ -1564,7 +1590,6 @@ async fn record_many(
             })),
         }
     }
-    let mut written: HashMap<i64, JobRow> = HashMap::with_capacity(records.len());
     let keep_plans = conn.may_keep_plans();
     macro_rules! finish {
         ($rows:expr, $name:literal) => {
@@ -1578,7 +1603,16 @@ async fn record_many(
             }
         };
     }
-    finish!(succeeded, "finish_succeeded_many");
+    if let (false, Db::Postgres(pg)) = (succeeded.is_empty(), &mut *conn) {
+        // Only PostgreSQL gathers successes (SQLite recorded each above).
+        let json = serde_json::Value::Array(succeeded).to_string();
+        let rows = sqlx::query(include_str!("sql/postgres/finish_succeeded_many.sql"))
+            .bind(json)
+            .persistent(keep_plans)
+            .fetch_all(&mut *pg)
+            .await?;
+        written.extend(decode_all(&rows)?.into_iter().map(|row| (row.id, row)));
+    }
     finish!(retries, "finish_retry_many");
     finish!(failed, "finish_failed_many");
     let mut results = Vec::with_capacity(records.len());
