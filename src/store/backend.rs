@@ -9,7 +9,7 @@
 
 use sqlx::{PgConnection, PgPool, Row, SqlitePool, postgres::PgRow, sqlite::SqliteRow};
 
-use super::direct::{self, DirectConn};
+use super::direct::DirectConn;
 
 /// One of the two databases: a pool, a connection.
 #[derive(Debug, Clone)]
@@ -21,11 +21,12 @@ pub(super) enum Db<S, P> {
 /// Connections for reads (and, on PostgreSQL, for the rate budget).
 pub(super) type Pool = Db<SqlitePool, PgPool>;
 
-/// The writer's connection: on SQLite, held directly on the writer's thread ([`direct`]).
+/// The writer's connection: on SQLite, held directly on the writer's thread
+/// ([`super::direct`]).
 pub(super) type Conn = Db<DirectConn, PgConnection>;
 
 /// Makes a SQLite statement for the executor in hand: an sqlx query for the read pool, a
-/// [`direct::Query`] for the writer's connection. Both offer the same binding and fetching
+/// [`super::direct::Query`] for the writer's connection. Both offer the same binding and fetching
 /// methods, so [`on_backend!`]'s bodies compile against either.
 pub(super) trait SqliteStatements {
     type Query;
@@ -40,16 +41,6 @@ impl SqliteStatements for SqlitePool {
     }
     fn generated(&self, sql: String) -> Self::Query {
         sqlx::query(sqlx::AssertSqlSafe(sql))
-    }
-}
-
-impl SqliteStatements for DirectConn {
-    type Query = direct::Query;
-    fn statement(&self, sql: &'static str) -> Self::Query {
-        DirectConn::statement(self, sql)
-    }
-    fn generated(&self, sql: String) -> Self::Query {
-        DirectConn::generated(self, sql)
     }
 }
 

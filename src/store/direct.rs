@@ -21,7 +21,7 @@ use rusqlite::{
 };
 use sqlx::error::{DatabaseError, ErrorKind};
 
-use super::backend::Columns;
+use super::backend::{Columns, SqliteStatements};
 
 /// Prepared statements kept, the least recently used dropped first, as sqlx kept them: the
 /// store's fixed statements and the multi-row inserts of the batch sizes seen lately (one text
@@ -89,19 +89,21 @@ impl DirectConn {
         self.conn.execute_batch(sql).map_err(database)
     }
 
-    /// A statement of the store's (`sql/sqlite/…`), to bind and run on this connection.
-    pub(super) fn statement(&self, sql: &'static str) -> Query {
-        Query::new(Cow::Borrowed(sql))
-    }
-
-    /// A statement generated at run time (a multi-row insert).
-    pub(super) fn generated(&self, sql: String) -> Query {
-        Query::new(Cow::Owned(sql))
-    }
-
     /// Closes the connection, reporting a failure to (a statement left unfinished).
     pub(super) fn close(self) -> sqlx::Result<()> {
         self.conn.close().map_err(|(_, error)| database(error))
+    }
+}
+
+impl SqliteStatements for DirectConn {
+    type Query = Query;
+
+    fn statement(&self, sql: &'static str) -> Query {
+        Query::new(Cow::Borrowed(sql))
+    }
+
+    fn generated(&self, sql: String) -> Query {
+        Query::new(Cow::Owned(sql))
     }
 }
 
@@ -174,7 +176,7 @@ impl Query {
 
     /// Runs the statement to its end; answers how many rows it changed.
     pub(super) fn execute(self, conn: &mut DirectConn) -> std::future::Ready<sqlx::Result<Done>> {
-        std::future::ready(self.run(conn, |_| Ok(())).map(|_| Done {
+        std::future::ready(self.run(conn, drop).map(|()| Done {
             rows_affected: conn.conn.changes(),
         }))
     }
@@ -185,10 +187,7 @@ impl Query {
         conn: &mut DirectConn,
     ) -> std::future::Ready<sqlx::Result<Vec<Row>>> {
         let mut rows = Vec::new();
-        let ran = self.run(conn, |row| {
-            rows.push(row);
-            Ok(())
-        });
+        let ran = self.run(conn, |row| rows.push(row));
         std::future::ready(ran.map(|()| rows))
     }
 
@@ -197,31 +196,28 @@ impl Query {
         self,
         conn: &mut DirectConn,
     ) -> std::future::Ready<sqlx::Result<Option<Row>>> {
-        let mut first = None;
-        let ran = self.run(conn, |row| {
-            first.get_or_insert(row);
-            Ok(())
-        });
-        std::future::ready(ran.map(|()| first))
+        std::future::ready(self.first(conn))
     }
 
     /// The first row the statement returns; `RowNotFound` when it returns none.
     pub(super) fn fetch_one(self, conn: &mut DirectConn) -> std::future::Ready<sqlx::Result<Row>> {
+        std::future::ready(
+            self.first(conn)
+                .and_then(|first| first.ok_or(sqlx::Error::RowNotFound)),
+        )
+    }
+
+    fn first(self, conn: &mut DirectConn) -> sqlx::Result<Option<Row>> {
         let mut first = None;
-        let ran = self.run(conn, |row| {
+        self.run(conn, |row| {
             first.get_or_insert(row);
-            Ok(())
-        });
-        std::future::ready(ran.and_then(|()| first.ok_or(sqlx::Error::RowNotFound)))
+        })?;
+        Ok(first)
     }
 
     /// Prepares (or takes from the cache), binds and steps the statement to its end, handing
     /// each row to `each`.
-    fn run(
-        self,
-        conn: &mut DirectConn,
-        mut each: impl FnMut(Row) -> sqlx::Result<()>,
-    ) -> sqlx::Result<()> {
+    fn run(self, conn: &mut DirectConn, mut each: impl FnMut(Row)) -> sqlx::Result<()> {
         if let Some(error) = self.unbindable {
             return Err(sqlx::Error::Encode(Box::new(error)));
         }
@@ -257,7 +253,7 @@ impl Query {
             each(Row {
                 names: Arc::clone(&names),
                 values,
-            })?;
+            });
         }
         Ok(())
     }
@@ -413,6 +409,13 @@ mod tests {
         (dir, conn)
     }
 
+    async fn insert(conn: &mut DirectConn, name: &str) -> sqlx::Result<Done> {
+        conn.statement("INSERT INTO t (name) VALUES (?)")
+            .bind(name)
+            .execute(conn)
+            .await
+    }
+
     #[tokio::test]
     async fn binds_runs_and_reads_rows_by_column_name() {
         let (_dir, mut conn) = open();
@@ -463,20 +466,20 @@ mod tests {
     #[tokio::test]
     async fn sqlite_errors_keep_their_codes_and_a_wrong_bind_count_is_refused() {
         let (_dir, mut conn) = open();
-        let insert = |conn: &DirectConn| conn.statement("INSERT INTO t (name) VALUES (?)");
-        insert(&conn).bind("x").execute(&mut conn).await.unwrap();
-        let Err(sqlx::Error::Database(error)) = insert(&conn).bind("x").execute(&mut conn).await
-        else {
+        insert(&mut conn, "x").await.unwrap();
+        let Err(sqlx::Error::Database(error)) = insert(&mut conn, "x").await else {
             panic!("a duplicate name must fail as a database error");
         };
         assert!(error.is_unique_violation());
         assert_eq!(error.code().as_deref(), Some("2067"));
         assert!(matches!(
-            insert(&conn).execute(&mut conn).await,
+            conn.statement("INSERT INTO t (name) VALUES (?)")
+                .execute(&mut conn)
+                .await,
             Err(sqlx::Error::InvalidArgument(_))
         ));
         // A failed statement leaves the connection usable, its cache included.
-        insert(&conn).bind("y").execute(&mut conn).await.unwrap();
+        insert(&mut conn, "y").await.unwrap();
     }
 
     #[test]
@@ -510,13 +513,8 @@ mod tests {
         let busy = super::super::StoreError::from(conn.run("BEGIN IMMEDIATE").unwrap_err());
         assert!(busy.is_transient(), "{busy}");
         other.execute_batch("ROLLBACK").unwrap();
-        let insert = |conn: &DirectConn| conn.statement("INSERT INTO t (name) VALUES (?)");
-        insert(&conn).bind("x").execute(&mut conn).await.unwrap();
-        let duplicate = insert(&conn)
-            .bind("x")
-            .execute(&mut conn)
-            .await
-            .unwrap_err();
+        insert(&mut conn, "x").await.unwrap();
+        let duplicate = insert(&mut conn, "x").await.unwrap_err();
         assert!(!super::super::StoreError::from(duplicate).is_transient());
     }
 
@@ -524,18 +522,10 @@ mod tests {
     async fn transactions_commit_and_roll_back() {
         let (_dir, mut conn) = open();
         conn.run("BEGIN IMMEDIATE").unwrap();
-        conn.statement("INSERT INTO t (name) VALUES (?)")
-            .bind("gone")
-            .execute(&mut conn)
-            .await
-            .unwrap();
+        insert(&mut conn, "gone").await.unwrap();
         conn.run("ROLLBACK").unwrap();
         conn.run("BEGIN IMMEDIATE").unwrap();
-        conn.statement("INSERT INTO t (name) VALUES (?)")
-            .bind("kept")
-            .execute(&mut conn)
-            .await
-            .unwrap();
+        insert(&mut conn, "kept").await.unwrap();
         conn.run("COMMIT").unwrap();
         let names: Vec<String> = conn
             .statement("SELECT name FROM t")

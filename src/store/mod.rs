@@ -928,10 +928,11 @@ async fn open_sqlite(
 ) -> Result<(Pool, backend::Conn, sqlx::SqliteConnection), StoreError> {
     let path = &config.path;
     prepare_private_file(path)?;
-    let synchronous = match config.synchronous {
-        Synchronous::Normal => SqliteSynchronous::Normal,
-        Synchronous::Full => SqliteSynchronous::Full,
-        Synchronous::Extra => SqliteSynchronous::Extra,
+    // The setting as sqlx's connections take it, and as the writer's pragma.
+    let (synchronous, synchronous_pragma) = match config.synchronous {
+        Synchronous::Normal => (SqliteSynchronous::Normal, "NORMAL"),
+        Synchronous::Full => (SqliteSynchronous::Full, "FULL"),
+        Synchronous::Extra => (SqliteSynchronous::Extra, "EXTRA"),
     };
     let busy_timeout = Duration::from_millis(config.busy_timeout_ms);
     let base = SqliteConnectOptions::new()
@@ -967,11 +968,7 @@ async fn open_sqlite(
         pragmas.push(("max_page_count", (config.max_size_mb * 256).to_string()));
     }
     let settings = direct::Settings {
-        synchronous: match config.synchronous {
-            Synchronous::Normal => "NORMAL",
-            Synchronous::Full => "FULL",
-            Synchronous::Extra => "EXTRA",
-        },
+        synchronous: synchronous_pragma,
         busy_timeout,
         pragmas,
     };

@@ -16,8 +16,9 @@
 //! transaction that does not commit restores them as they were before it. On PostgreSQL the
 //! writers of several replicas take turns: each transaction first locks the chain's row
 //! (`lock_chain.sql`, sent with its `BEGIN`), then reads the chain head, and the counts and
-//! whether any job waits when it admits submissions, as the other replicas left them. Its committed changes are also announced to the other
-//! replicas with `NOTIFY` (delivered at commit), which [`super::listener`] hears.
+//! whether any job waits when it admits submissions, as the other replicas left them. Its
+//! committed changes are also announced to the other replicas with `NOTIFY` (delivered at
+//! commit), which [`super::listener`] hears.
 
 use std::{
     collections::HashMap,
@@ -35,7 +36,7 @@ use super::{
     AttemptRecord, CancelOutcome, Candidate, Claim, JobRow, Lease, NewJobOwned, OnCommit,
     OnStarted, QueueFull, StoreError, SubmitOutcome,
     audit::{self, AuditEvent, ChainHead},
-    backend::{Columns, Conn, Db, on_backend},
+    backend::{Columns, Conn, Db, SqliteStatements, on_backend},
     checkpoints::{self, Signed},
 };
 use crate::{
@@ -985,16 +986,12 @@ async fn flush_events(
     results: &[Effects],
     from: usize,
 ) -> Result<usize, StoreError> {
-    audit::insert_records(conn, &pending_events(results, from)).await?;
-    Ok(results.len())
-}
-
-/// The audit events of `results[from..]`, not yet written.
-fn pending_events(results: &[Effects], from: usize) -> Vec<&AuditRecord> {
-    results[from..]
+    let records: Vec<&AuditRecord> = results[from..]
         .iter()
         .flat_map(|effects| effects.events.iter())
-        .collect()
+        .collect();
+    audit::insert_records(conn, &records).await?;
+    Ok(results.len())
 }
 
 /// Applies one change inside the open transaction.
