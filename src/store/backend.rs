@@ -117,28 +117,20 @@ impl<S, P> Db<S, P> {
     }
 
     /// Appends `rows` tuples of `columns` placeholders each to `sql` (`(?, ?), (?, ?)`, or
-    /// `($1, $2), ($3, $4)`),
-    /// with `literal` (a constant column value, such as the initial state) spliced in at
-    /// `literal_at` when given. Only placeholders and constants are generated; every value is
-    /// bound.
+    /// `($1, $2), ($3, $4)`), numbered after the `bound_before` parameters the statement binds
+    /// ahead of them. Only placeholders are generated; every value is bound.
     pub(super) fn push_tuples(
         &self,
         sql: &mut String,
+        bound_before: usize,
         rows: usize,
         columns: usize,
-        literal: Option<(usize, &str)>,
     ) {
-        let mut n = 0;
+        let mut n = bound_before;
         for row in 0..rows {
             sql.push_str(if row == 0 { " (" } else { ", (" });
             for column in 0..columns {
                 if column > 0 {
-                    sql.push_str(", ");
-                }
-                if let Some((at, value)) = literal
-                    && at == column
-                {
-                    sql.push_str(value);
                     sql.push_str(", ");
                 }
                 n += 1;
@@ -191,11 +183,14 @@ mod tests {
     fn tuples_number_their_placeholders_in_each_dialect() {
         let sqlite: Db<(), ()> = Db::Sqlite(());
         let mut sql = String::from("VALUES");
-        sqlite.push_tuples(&mut sql, 2, 2, None);
+        sqlite.push_tuples(&mut sql, 1, 2, 2);
         assert_eq!(sql, "VALUES (?, ?), (?, ?)");
         let postgres: Db<(), ()> = Db::Postgres(());
         let mut sql = String::from("VALUES");
-        postgres.push_tuples(&mut sql, 2, 3, Some((1, "'queued'")));
-        assert_eq!(sql, "VALUES ($1, 'queued', $2, $3), ($4, 'queued', $5, $6)");
+        postgres.push_tuples(&mut sql, 0, 2, 3);
+        assert_eq!(sql, "VALUES ($1, $2, $3), ($4, $5, $6)");
+        let mut sql = String::from("VALUES");
+        postgres.push_tuples(&mut sql, 2, 2, 1);
+        assert_eq!(sql, "VALUES ($3), ($4)");
     }
 }

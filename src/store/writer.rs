@@ -374,9 +374,11 @@ impl Tracked {
         Ok(())
     }
 
-    /// Reads, on PostgreSQL, the counts that admitting submissions for `tenants` and `clients`
-    /// needs, as the counting trigger keeps them: a few rows, however long the queue.
-    async fn read_counts_for(
+    /// Reads, on PostgreSQL and at the start of a batch that submits, in one round trip: the
+    /// counts that admitting submissions for `tenants` and `clients` needs, as the counting
+    /// trigger keeps them (a few rows, however long the queue); whether any replica's job
+    /// waits; and the chain's head.
+    async fn read_turn_for_submissions(
         &mut self,
         conn: &mut sqlx::PgConnection,
         tenants: &[&str],
@@ -385,7 +387,10 @@ impl Tracked {
         let json = |keys: &[&str]| {
             serde_json::to_string(keys).map_err(|e| StoreError::Corrupt(e.to_string()))
         };
-        let rows = sqlx::query(include_str!("sql/postgres/queue_counts.sql"))
+        // Planned at each execution (`Db::may_keep_plans`): the waiting check's plan depends
+        // on the table's size.
+        let rows = sqlx::query(include_str!("sql/postgres/turn_for_submissions.sql"))
+            .persistent(false)
             .bind(json(tenants)?)
             .bind(json(clients)?)
             .fetch_all(&mut *conn)
@@ -394,27 +399,34 @@ impl Tracked {
         self.pending_by_tenant.clear();
         self.pending_by_client.clear();
         self.client_journal.clear();
+        self.waiting = 0;
+        let mut head = None;
         let mut clients_with_pending = 0;
         for row in &rows {
-            let (scope, key, pending) = (row.text("scope")?, row.text("key")?, row.int("pending")?);
+            let (scope, pending) = (row.text("scope")?, row.int("pending")?);
             match scope.as_str() {
                 "total" => self.pending = pending,
                 "clients" => clients_with_pending = u64::try_from(pending).unwrap_or(0),
+                "waiting" => self.waiting = 1,
+                "head" => head = Some((pending, row.int("at")?, row.opt_text("key")?)),
                 "tenant" => {
-                    self.pending_by_tenant.insert(key, pending);
+                    self.pending_by_tenant.insert(row.text("key")?, pending);
                 }
                 _ if pending > 0 => {
-                    self.pending_by_client.insert(key, pending);
+                    self.pending_by_client.insert(row.text("key")?, pending);
                 }
                 _ => {}
             }
         }
         self.other_clients =
             clients_with_pending.saturating_sub(self.pending_by_client.len() as u64);
+        self.waiting_in_turn = Some(self.waiting);
+        self.head = ChainHead::from_last(head);
         Ok(())
     }
 
-    /// Reads, on PostgreSQL and in the writers' turn, whether any replica's job waits.
+    /// Reads, on PostgreSQL and in the writers' turn, whether any replica's job waits (after a
+    /// batch's claims; a batch that submits reads it with its counts).
     async fn read_waiting(&mut self, conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
         // Planned at each execution (`Db::may_keep_plans`).
         let any: bool = sqlx::query_scalar(include_str!("sql/postgres/any_waiting.sql"))
@@ -856,9 +868,13 @@ impl Writer {
             results.push(apply(conn, tracked, command).await?);
             next += 1;
         }
-        flush_events(conn, &results, written).await?;
-        if let Some(shared) = &self.shared {
-            announce(conn, tracked, shared, &results).await?;
+        match &self.shared {
+            Some(shared) => {
+                flush_events_announcing(conn, tracked, shared, &results, written).await?;
+            }
+            None => {
+                flush_events(conn, &results, written).await?;
+            }
         }
         let started = Instant::now();
         conn.run("COMMIT").await?;
@@ -933,37 +949,41 @@ async fn take_turn(
             clients.push(job.request.client_id.as_str());
         }
     }
-    if !tenants.is_empty() {
-        tracked.read_counts_for(pg, &tenants, &clients).await?;
-        tracked.read_waiting(pg).await?;
+    if tenants.is_empty() {
+        tracked.head = ChainHead::read(conn).await?;
+    } else {
+        tracked
+            .read_turn_for_submissions(pg, &tenants, &clients)
+            .await?;
     }
-    tracked.head = ChainHead::read(conn).await?;
     Ok(())
 }
 
-/// Before a shared database's commit: the chain's high-water mark (so a cut tail shows), and a
-/// `NOTIFY` per changed job for the other replicas, delivered at commit.
-async fn announce(
+/// Before a shared database's commit: the audit events of `results[from..]`, and in the same
+/// statement the chain's high-water mark (so a cut tail shows) and a `NOTIFY` per changed job
+/// for the other replicas, delivered at commit.
+async fn flush_events_announcing(
     conn: &mut Conn,
     tracked: &Tracked,
     shared: &Shared,
     results: &[Effects],
+    from: usize,
 ) -> Result<(), StoreError> {
-    let Db::Postgres(conn) = conn else {
-        return Ok(());
-    };
+    let records: Vec<&AuditRecord> = results[from..]
+        .iter()
+        .flat_map(|effects| effects.events.iter())
+        .collect();
     let payloads: Vec<String> = results
         .iter()
         .flat_map(|effects| &effects.publish)
         .map(|job| super::listener::payload(&shared.instance, job))
         .collect();
-    let payloads =
-        serde_json::to_string(&payloads).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    sqlx::query(include_str!("sql/postgres/announce.sql"))
-        .bind(tracked.head.seq())
-        .bind(payloads)
-        .execute(&mut *conn)
-        .await?;
+    let announcement = audit::Announcement {
+        last_seq: tracked.head.seq(),
+        payloads: serde_json::to_string(&payloads)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+    };
+    audit::insert_records_announcing(conn, &records, &announcement).await?;
     Ok(())
 }
 
@@ -1222,7 +1242,7 @@ async fn submit_many(
             ),
         };
         let mut sql = String::from(head.trim_end());
-        conn.push_tuples(&mut sql, chunk.len(), INSERT_COLUMNS, None);
+        conn.push_tuples(&mut sql, 0, chunk.len(), INSERT_COLUMNS);
         sql.push(' ');
         sql.push_str(tail.trim());
         let rows = on_backend!(&mut *conn, generated sql, |query, conn| {
