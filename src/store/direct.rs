@@ -13,7 +13,12 @@
 //! back as `sqlx::Error`, SQLite's result codes kept, so that the store tells the database's
 //! condition from a bug ([`super::StoreError::is_transient`]) the same way on both paths.
 
-use std::{borrow::Cow, path::Path, sync::Arc, time::Duration};
+use std::{
+    borrow::Cow,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use rusqlite::{
     OpenFlags,
@@ -38,9 +43,11 @@ pub(super) struct Settings {
     pub(super) pragmas: Vec<(&'static str, String)>,
 }
 
-/// The writer's SQLite connection.
+/// The writer's SQLite connection, and what it was opened with (to open it again).
 pub(super) struct DirectConn {
     conn: rusqlite::Connection,
+    path: PathBuf,
+    settings: Settings,
 }
 
 impl std::fmt::Debug for DirectConn {
@@ -53,6 +60,14 @@ impl DirectConn {
     /// Opens the database at `path` (which must exist, migrated) for writing, in WAL mode with
     /// foreign keys enforced, as sqlx's connections to it are.
     pub(super) fn open(path: &Path, settings: &Settings) -> sqlx::Result<DirectConn> {
+        Ok(DirectConn {
+            conn: Self::connect(path, settings)?,
+            path: path.to_path_buf(),
+            settings: settings.clone(),
+        })
+    }
+
+    fn connect(path: &Path, settings: &Settings) -> sqlx::Result<rusqlite::Connection> {
         // `URI` as sqlx opens its connections, so that a `file:` path names the same file.
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
@@ -81,12 +96,33 @@ impl DirectConn {
             let mut rows = statement.raw_query();
             while rows.next().map_err(database)?.is_some() {}
         }
-        Ok(DirectConn { conn })
+        Ok(conn)
     }
 
     /// Runs statements without parameters (`BEGIN IMMEDIATE`, `COMMIT`, `ROLLBACK`).
     pub(super) fn run(&mut self, sql: &str) -> sqlx::Result<()> {
         self.conn.execute_batch(sql).map_err(database)
+    }
+
+    /// Ends a failed transaction. SQLite may already have rolled it back on its own (a full
+    /// disk), and then `ROLLBACK` fails with nothing to undo. A connection still inside a
+    /// transaction after it (a `ROLLBACK` that failed, an I/O error) would make every later
+    /// `BEGIN` fail: it is replaced by a fresh one, and closing it drops what the transaction
+    /// wrote (a WAL holds only committed frames for other connections to read).
+    pub(super) fn roll_back(&mut self) -> sqlx::Result<()> {
+        let _ = self.run("ROLLBACK");
+        if self.conn.is_autocommit() {
+            return Ok(());
+        }
+        tracing::warn!("the writing connection could not roll back; opening it again");
+        self.reopen()
+    }
+
+    /// Replaces the connection with a fresh one, opened as this one was.
+    fn reopen(&mut self) -> sqlx::Result<()> {
+        let fresh = Self::connect(&self.path, &self.settings)?;
+        drop(std::mem::replace(&mut self.conn, fresh));
+        Ok(())
     }
 
     /// Closes the connection, reporting a failure to (a statement left unfinished).
@@ -537,5 +573,52 @@ mod tests {
             .collect();
         assert_eq!(names, ["kept"]);
         conn.close().unwrap();
+    }
+
+    async fn names(conn: &mut DirectConn) -> Vec<String> {
+        conn.statement("SELECT name FROM t ORDER BY id")
+            .fetch_all(conn)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.text("name").unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_failed_transaction_ends_whether_or_not_sqlite_ended_it_already() {
+        let (_dir, mut conn) = open();
+        conn.run("BEGIN IMMEDIATE").unwrap();
+        insert(&mut conn, "gone").await.unwrap();
+        conn.roll_back().unwrap();
+        assert!(conn.conn.is_autocommit());
+        // Nothing open (as after SQLite rolled back by itself): nothing to undo.
+        conn.roll_back().unwrap();
+        conn.run("BEGIN IMMEDIATE").unwrap();
+        insert(&mut conn, "kept").await.unwrap();
+        conn.run("COMMIT").unwrap();
+        assert_eq!(names(&mut conn).await, ["kept"]);
+    }
+
+    #[tokio::test]
+    async fn a_connection_opened_again_drops_the_open_transaction_and_keeps_its_settings() {
+        let (_dir, mut conn) = open();
+        insert(&mut conn, "committed").await.unwrap();
+        conn.run("BEGIN IMMEDIATE").unwrap();
+        insert(&mut conn, "uncommitted").await.unwrap();
+        // What `roll_back` does when `ROLLBACK` leaves the transaction open.
+        conn.reopen().unwrap();
+        assert!(conn.conn.is_autocommit());
+        assert_eq!(names(&mut conn).await, ["committed"]);
+        let cache: i64 = conn
+            .conn
+            .query_row("PRAGMA cache_size", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(cache, -2048);
+        // The write lock went with the old connection: writing works at once.
+        conn.run("BEGIN IMMEDIATE").unwrap();
+        insert(&mut conn, "after").await.unwrap();
+        conn.run("COMMIT").unwrap();
+        assert_eq!(names(&mut conn).await, ["committed", "after"]);
     }
 }

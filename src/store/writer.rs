@@ -885,14 +885,18 @@ impl Writer {
         Ok(results)
     }
 
-    /// Ends a failed transaction. On PostgreSQL a connection that cannot even roll back is
-    /// replaced (the server restarted or failed over); if that fails too, the next batch fails
-    /// the same way and tries again.
+    /// Ends a failed transaction. A connection that cannot even roll back is replaced: on
+    /// SQLite one still inside its transaction ([`super::direct::DirectConn::roll_back`]), on
+    /// PostgreSQL one whose server restarted or failed over. If that fails too, the next batch
+    /// fails the same way and tries again.
     async fn rollback(&mut self) {
         let Some(shared) = &self.shared else {
-            // SQLite may already have rolled back on its own (a full disk): then this fails,
-            // and there is nothing to undo.
-            let _ = self.conn.run("ROLLBACK").await;
+            if let Db::Sqlite(conn) = &mut self.conn
+                && let Err(error) = conn.roll_back()
+            {
+                // The next batch fails the same way and tries again.
+                tracing::error!(%error, "cannot open the writing connection again");
+            }
             return;
         };
         // A connection that cannot roll back, or one to a server that turned read-only (a
