@@ -89,8 +89,9 @@ impl<T> Page<T> {
 }
 
 impl Store {
-    /// The key range (row ids of `jobs`, else event seqs) of a time range, through a time
-    /// index; every key when the range is unbounded, `None` when nothing falls in it.
+    /// The key range (row ids of `jobs`, through their creation-time index; else event seqs,
+    /// by bisecting the chain, whose times never decrease) of a time range; every key when the
+    /// range is unbounded, `None` when nothing falls in it.
     async fn key_bounds(
         &self,
         jobs: bool,

@@ -398,6 +398,108 @@ async fn console_queries(backend: Backend) {
 }
 on_both!(console_queries_are_the_same, console_queries);
 
+/// A time range lists exactly the events at or after its start and before its end, whatever
+/// the ends (the store bisects the chain on seq: event times never decrease along it), for
+/// the whole trail, a client's and a job's.
+async fn event_time_ranges(backend: Backend) {
+    use token_broker::{
+        domain::job::UnixMillis,
+        store::{EventQuery, Store},
+    };
+    let Some(mut app) = spawn(backend, |_| {}).await else {
+        return;
+    };
+    let mut jobs = Vec::new();
+    for client in ["app", "other", "app", "app", "other", "app"] {
+        jobs.push(app.exchange(app.new_request(client)).await.job_id);
+        // Some events a millisecond or more apart, so that ranges split the trail.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let store = match &app.config.storage.url {
+        Some(url) => Store::open_read_only_url(url).await,
+        None => Store::open_read_only(&app.db_path()).await,
+    }
+    .expect("read-only store");
+    let list = |query: EventQuery| {
+        let store = store.clone();
+        async move {
+            let page = store.list_events(&query).await.expect("list events");
+            assert!(page.next.is_none(), "one page holds them all");
+            page.items
+                .into_iter()
+                .map(|event| event.seq)
+                .collect::<Vec<_>>()
+        }
+    };
+    let all = store
+        .list_events(&EventQuery {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("every event")
+        .items;
+    assert_eq!(all.len(), 6 * 4, "four events per exchange");
+    let mut times: Vec<i64> = all.iter().map(|event| event.at).collect();
+    times.dedup();
+    assert!(times.len() >= 6, "events at several times: {times:?}");
+    // Every distinct time, one before the first and one after the last, as either end.
+    let mut ends = vec![times[0] - 1];
+    ends.extend(&times);
+    ends.push(times[times.len() - 1] + 1);
+    let (client, job) = ("other".to_string(), jobs[2].clone());
+    for &from in &ends {
+        for &to in &ends {
+            for (client_id, job_id) in [(None, None), (Some(&client), None), (None, Some(&job))] {
+                let expected: Vec<i64> = all
+                    .iter()
+                    .filter(|event| event.at >= from && event.at < to)
+                    .filter(|event| client_id.is_none_or(|id| &event.client_id == id))
+                    .filter(|event| job_id.is_none_or(|id| &event.job_id == id))
+                    .map(|event| event.seq)
+                    .collect();
+                let listed = list(EventQuery {
+                    after: Some(UnixMillis(from)),
+                    before: Some(UnixMillis(to)),
+                    client_id: client_id.cloned(),
+                    job_id: job_id.cloned(),
+                    limit: 1000,
+                    ..Default::default()
+                })
+                .await;
+                assert_eq!(listed, expected, "[{from}, {to}) {client_id:?} {job_id:?}");
+            }
+        }
+    }
+    // One end only.
+    let middle = times[times.len() / 2];
+    let later: Vec<i64> = all
+        .iter()
+        .filter(|e| e.at >= middle)
+        .map(|e| e.seq)
+        .collect();
+    let earlier: Vec<i64> = all
+        .iter()
+        .filter(|e| e.at < middle)
+        .map(|e| e.seq)
+        .collect();
+    let after = |at| EventQuery {
+        after: Some(UnixMillis(at)),
+        limit: 1000,
+        ..Default::default()
+    };
+    assert_eq!(list(after(middle)).await, later);
+    let before = EventQuery {
+        before: Some(UnixMillis(middle)),
+        limit: 1000,
+        ..Default::default()
+    };
+    assert_eq!(list(before).await, earlier);
+    store.close().await;
+}
+
+on_both!(event_time_ranges_are_exact, event_time_ranges);
+
 async fn cancellation_and_bounds(backend: Backend) {
     // One request a second: submissions stay queued.
     let Some(mut app) = spawn(backend, |config| {

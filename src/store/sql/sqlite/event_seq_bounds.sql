@@ -1,4 +1,39 @@
--- Turns a time range into a seq range through the audit_events_at index. Event times never
--- decrease along the chain (the writer makes them monotonic), so the range is exact.
-SELECT (SELECT seq FROM audit_events WHERE at >= ?1 ORDER BY at, seq LIMIT 1) AS lo,
-       (SELECT seq FROM audit_events WHERE at < ?2 ORDER BY at DESC, seq DESC LIMIT 1) AS hi
+-- Turns a time range [?1, ?2) into a seq range by bisecting the chain on seq, without an
+-- index on the events' time (which every event would pay for when written): event times never
+-- decrease along the chain (the writer makes them monotonic), so whether the first event at or
+-- after seq s is at or after a time t turns true once as s grows, and stays true. Each bisection
+-- runs a few dozen primary-key lookups; `lower`'s ends at the first seq where it is true for
+-- ?1, `upper`'s for ?2. The range is exact: its first event is the first at or after ?1, its
+-- last the last before ?2.
+WITH RECURSIVE
+    -- Two subqueries: each reads one end of the primary key (one MIN and one MAX in a single
+    -- SELECT would read every row).
+    span(first, past) AS (
+        SELECT (SELECT MIN(seq) FROM audit_events), (SELECT MAX(seq) FROM audit_events) + 1
+    ),
+    lower(lo, hi) AS (
+        SELECT first, past FROM span WHERE first IS NOT NULL
+        UNION ALL
+        SELECT CASE WHEN (SELECT at FROM audit_events WHERE seq >= (lo + hi) / 2
+                          ORDER BY seq LIMIT 1) >= ?1
+                    THEN lo ELSE (lo + hi) / 2 + 1 END,
+               CASE WHEN (SELECT at FROM audit_events WHERE seq >= (lo + hi) / 2
+                          ORDER BY seq LIMIT 1) >= ?1
+                    THEN (lo + hi) / 2 ELSE hi END
+        FROM lower WHERE lo < hi
+    ),
+    upper(lo, hi) AS (
+        SELECT first, past FROM span WHERE first IS NOT NULL
+        UNION ALL
+        SELECT CASE WHEN (SELECT at FROM audit_events WHERE seq >= (lo + hi) / 2
+                          ORDER BY seq LIMIT 1) >= ?2
+                    THEN lo ELSE (lo + hi) / 2 + 1 END,
+               CASE WHEN (SELECT at FROM audit_events WHERE seq >= (lo + hi) / 2
+                          ORDER BY seq LIMIT 1) >= ?2
+                    THEN (lo + hi) / 2 ELSE hi END
+        FROM upper WHERE lo < hi
+    )
+SELECT (SELECT seq FROM audit_events WHERE seq >= (SELECT lo FROM lower WHERE lo >= hi)
+        ORDER BY seq LIMIT 1) AS lo,
+       (SELECT seq FROM audit_events WHERE seq < (SELECT lo FROM upper WHERE lo >= hi)
+        ORDER BY seq DESC LIMIT 1) AS hi
