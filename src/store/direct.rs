@@ -121,7 +121,9 @@ impl DirectConn {
     /// Replaces the connection with a fresh one, opened as this one was.
     fn reopen(&mut self) -> sqlx::Result<()> {
         let fresh = Self::connect(&self.path, &self.settings)?;
-        drop(std::mem::replace(&mut self.conn, fresh));
+        if let Err((_, error)) = std::mem::replace(&mut self.conn, fresh).close() {
+            tracing::warn!(error = %database(error), "closing the connection that could not roll back failed");
+        }
         Ok(())
     }
 

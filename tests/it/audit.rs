@@ -579,6 +579,31 @@ async fn retention_leaves_a_checkpoint_and_the_chain_still_verifies() {
     let report = store.verify_audit_log().await.unwrap();
     assert!(report.ok, "{report:?}");
     assert!(report.detail.contains("from checkpoint"), "{report:?}");
+    // The checkpoint carries the time retention ran, later than the events kept after it: a
+    // time range holding that time lists it, wherever the range starts among those events.
+    let checkpoint_at = remaining[0].at;
+    for event in &remaining[1..] {
+        let from = event.at;
+        let listed: Vec<i64> = store
+            .list_events(&token_broker::store::EventQuery {
+                after: Some(UnixMillis(from)),
+                before: Some(UnixMillis(checkpoint_at + 1)),
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .map(|event| event.seq)
+            .collect();
+        let expected: Vec<i64> = remaining
+            .iter()
+            .filter(|event| event.at >= from && event.at <= checkpoint_at)
+            .map(|event| event.seq)
+            .collect();
+        assert_eq!(listed, expected, "from {from}");
+    }
     // Nothing more to prune with the same cutoff.
     assert!(
         store
