@@ -1773,9 +1773,14 @@ async fn prune_step(
     now: UnixMillis,
 ) -> Applied<Option<(u64, i64)>> {
     let nothing = || Ok((None, Effects::default()));
-    let bounds = on_backend!(&mut *conn, "prune_bound", |query, conn| {
-        let row = query.bind(cutoff.0).fetch_one(&mut *conn).await?;
-        (row.opt_int("last_old")?, row.opt_int("first")?)
+    // The events older than the cutoff: from the first event of the table to the last one.
+    let bounds = on_backend!(&mut *conn, "event_seq_bounds", |query, conn| {
+        let row = query
+            .bind(i64::MIN)
+            .bind(cutoff.0)
+            .fetch_one(&mut *conn)
+            .await?;
+        (row.opt_int("hi")?, row.opt_int("lo")?)
     });
     let (Some(last_old), Some(first)) = bounds else {
         return nothing();
