@@ -185,8 +185,7 @@ pub(super) async fn insert_records_announcing(
     records: &[&AuditRecord],
     announcement: &Announcement,
 ) -> sqlx::Result<()> {
-    let last_chunk = records.len().saturating_sub(1) / INSERT_CHUNK * INSERT_CHUNK;
-    let (earlier, last) = records.split_at(last_chunk);
+    let (earlier, last) = records.split_at(last_chunk_start(records.len()));
     insert_records(conn, earlier).await?;
     let Db::Postgres(conn) = conn else {
         return Err(sqlx::Error::Protocol(
@@ -208,6 +207,12 @@ pub(super) async fn insert_records_announcing(
         .bind(&announcement.payloads);
     bind_records!(query, last).execute(&mut *conn).await?;
     Ok(())
+}
+
+/// Where the last of [`insert_records`]' chunks of `len` rows starts: every chunk before it is
+/// full, and it holds the rest (none when `len` is 0).
+fn last_chunk_start(len: usize) -> usize {
+    len.saturating_sub(1) / INSERT_CHUNK * INSERT_CHUNK
 }
 
 /// Logs a retention checkpoint (written by the pruning step itself).
@@ -386,5 +391,30 @@ pub(super) fn sweep_events(job: &Job, kind: AuditKind, at: UnixMillis) -> Vec<Au
             events
         }
         other => vec![AuditEvent::new(job, other, at).detail("the job outlived its time to live")],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_announcing_statement_takes_the_last_chunk_whole() {
+        for (len, start) in [
+            (0, 0),
+            (1, 0),
+            (INSERT_CHUNK - 1, 0),
+            (INSERT_CHUNK, 0),
+            (INSERT_CHUNK + 1, INSERT_CHUNK),
+            (2 * INSERT_CHUNK, INSERT_CHUNK),
+            (2 * INSERT_CHUNK + 1, 2 * INSERT_CHUNK),
+        ] {
+            assert_eq!(last_chunk_start(len), start, "{len} rows");
+            // The rows before it are whole chunks, as `insert_records` writes them, and the
+            // last holds at most a chunk and at least one row whenever there are rows.
+            assert_eq!(start % INSERT_CHUNK, 0);
+            assert!(len - start <= INSERT_CHUNK);
+            assert!(len == 0 || len > start, "{len} rows");
+        }
     }
 }
