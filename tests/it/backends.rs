@@ -83,6 +83,16 @@ macro_rules! on_both {
     };
 }
 
+/// The store of `app`'s database, opened read-only as the auditors' tools open it.
+async fn read_only_store(app: &TestApp) -> token_broker::store::Store {
+    use token_broker::store::Store;
+    match &app.config.storage.url {
+        Some(url) => Store::open_read_only_url(url).await,
+        None => Store::open_read_only(&app.db_path()).await,
+    }
+    .expect("read-only store")
+}
+
 /// Upstream answers after ten seconds: a job that started stays pending (running).
 fn answer_slowly(app: &TestApp) {
     app.fake.set_faults(Faults {
@@ -297,7 +307,7 @@ async fn console_queries(backend: Backend) {
     use token_broker::{
         audit::ChainVerifier,
         domain::job::{FailureReason, JobState},
-        store::{JobQuery, Store},
+        store::JobQuery,
     };
     let Some(mut app) = spawn(backend, |_| {}).await else {
         return;
@@ -309,11 +319,7 @@ async fn console_queries(backend: Backend) {
     let mut refused = app.new_request("app");
     refused.code_verifier = token_broker::tools::fake_upstream::new_verifier();
     let failed = app.exchange(refused).await.job_id;
-    let store = match &app.config.storage.url {
-        Some(url) => Store::open_read_only_url(url).await,
-        None => Store::open_read_only(&app.db_path()).await,
-    }
-    .expect("read-only store");
+    let store = read_only_store(&app).await;
     let page = |query: JobQuery| {
         let store = store.clone();
         async move {
@@ -402,10 +408,7 @@ on_both!(console_queries_are_the_same, console_queries);
 /// the ends (the store bisects the chain on seq: event times never decrease along it), for
 /// the whole trail, a client's and a job's.
 async fn event_time_ranges(backend: Backend) {
-    use token_broker::{
-        domain::job::UnixMillis,
-        store::{EventQuery, Store},
-    };
+    use token_broker::{domain::job::UnixMillis, store::EventQuery};
     let Some(mut app) = spawn(backend, |_| {}).await else {
         return;
     };
@@ -415,11 +418,7 @@ async fn event_time_ranges(backend: Backend) {
         // Some events a millisecond or more apart, so that ranges split the trail.
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let store = match &app.config.storage.url {
-        Some(url) => Store::open_read_only_url(url).await,
-        None => Store::open_read_only(&app.db_path()).await,
-    }
-    .expect("read-only store");
+    let store = read_only_store(&app).await;
     let list = |query: EventQuery| {
         let store = store.clone();
         async move {
