@@ -376,7 +376,7 @@ impl Tracked {
 
     /// Reads, on PostgreSQL and at the start of a batch that submits, in one round trip: the
     /// counts that admitting submissions for `tenants` and `clients` needs, as the counting
-    /// trigger keeps them (a few rows, however long the queue); whether any replica's job
+    /// triggers keep them (a few rows, however long the queue); whether any replica's job
     /// waits; and the chain's head.
     async fn read_turn_for_submissions(
         &mut self,

@@ -826,6 +826,29 @@ async fn a_replica_with_other_keys_refuses_to_start_even_on_an_empty_queue() {
     );
 }
 
+/// The queue counts the triggers keep agree with a count of the jobs themselves.
+async fn counts_agree(db: &mut sqlx::PgConnection) {
+    let kept: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT scope, key, pending FROM queue_counts WHERE pending <> 0 ORDER BY scope, key",
+    )
+    .fetch_all(&mut *db)
+    .await
+    .expect("read the counts");
+    let counted: Vec<(String, String, i64)> = sqlx::query_as(
+        "WITH p AS (SELECT * FROM jobs WHERE state IN ('queued', 'retry_wait', 'running'))
+         SELECT * FROM (
+             SELECT 'client' AS scope, client_id AS key, COUNT(*) AS pending FROM p GROUP BY client_id
+             UNION ALL SELECT 'clients', '', COUNT(DISTINCT client_id) FROM p
+             UNION ALL SELECT 'tenant', tenant, COUNT(*) FROM p GROUP BY tenant
+             UNION ALL SELECT 'total', '', COUNT(*) FROM p
+         ) AS c WHERE pending <> 0 ORDER BY scope, key",
+    )
+    .fetch_all(&mut *db)
+    .await
+    .expect("count the jobs");
+    assert_eq!(kept, counted);
+}
+
 #[tokio::test]
 async fn the_queue_counts_follow_edits_and_deletions_by_hand() {
     use sqlx::Connection;
@@ -837,28 +860,6 @@ async fn the_queue_counts_follow_edits_and_deletions_by_hand() {
     let second = app.submit(app.new_request("a")).await.job_id;
     let url = app.config.storage.url.clone().expect("a PostgreSQL test");
     let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
-    // What the trigger keeps, against a count of the jobs themselves.
-    async fn counts_agree(db: &mut sqlx::PgConnection) {
-        let kept: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT scope, key, pending FROM queue_counts WHERE pending <> 0 ORDER BY scope, key",
-        )
-        .fetch_all(&mut *db)
-        .await
-        .expect("read the counts");
-        let counted: Vec<(String, String, i64)> = sqlx::query_as(
-            "WITH p AS (SELECT * FROM jobs WHERE state IN ('queued', 'retry_wait', 'running'))
-             SELECT * FROM (
-                 SELECT 'client' AS scope, client_id AS key, COUNT(*) AS pending FROM p GROUP BY client_id
-                 UNION ALL SELECT 'clients', '', COUNT(DISTINCT client_id) FROM p
-                 UNION ALL SELECT 'tenant', tenant, COUNT(*) FROM p GROUP BY tenant
-                 UNION ALL SELECT 'total', '', COUNT(*) FROM p
-             ) AS c WHERE pending <> 0 ORDER BY scope, key",
-        )
-        .fetch_all(&mut *db)
-        .await
-        .expect("count the jobs");
-        assert_eq!(kept, counted);
-    }
     counts_agree(&mut db).await;
     sqlx::query("UPDATE jobs SET client_id = 'b' WHERE job_id = $1")
         .bind(&first)
@@ -872,4 +873,100 @@ async fn the_queue_counts_follow_edits_and_deletions_by_hand() {
         .await
         .expect("delete a job");
     counts_agree(&mut db).await;
+    // Statements that change several jobs at once: each count changes once per statement.
+    let third = app.submit(app.new_request("a")).await.job_id;
+    let fourth = app.submit(app.new_request("a")).await.job_id;
+    counts_agree(&mut db).await;
+    sqlx::query("UPDATE jobs SET client_id = 'c' WHERE job_id IN ($1, $2)")
+        .bind(&first)
+        .bind(&third)
+        .execute(&mut db)
+        .await
+        .expect("move two jobs to a third client id");
+    counts_agree(&mut db).await;
+    sqlx::query("UPDATE jobs SET tenant = 't2', state = 'cancelled' WHERE job_id IN ($1, $2)")
+        .bind(&third)
+        .bind(&fourth)
+        .execute(&mut db)
+        .await
+        .expect("end two jobs");
+    counts_agree(&mut db).await;
+    sqlx::query("DELETE FROM jobs WHERE job_id IN ($1, $2)")
+        .bind(&first)
+        .bind(&fourth)
+        .execute(&mut db)
+        .await
+        .expect("delete two jobs");
+    counts_agree(&mut db).await;
+    let left: Vec<(String, i64)> =
+        sqlx::query_as("SELECT key, pending FROM queue_counts WHERE scope = 'client'")
+            .fetch_all(&mut db)
+            .await
+            .expect("read the client rows");
+    assert_eq!(left, [], "a client id with no pending job keeps no row");
+}
+
+/// A PostgreSQL database whose queue counts the previous release's row trigger kept (schema up
+/// to migration 8) goes on with the same counts under the statement triggers of migration 9.
+#[tokio::test]
+async fn queue_counts_kept_before_migration_9_carry_over() {
+    use sqlx::Connection;
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::migrate!("./migrations/postgres")
+        .run_to(20261128000008, &mut db)
+        .await
+        .expect("the previous release's schema");
+    // Jobs the previous release left: two waiting for a retry a day from now, one finished.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let later = now + 86_400_000;
+    sqlx::query(
+        "INSERT INTO jobs (job_id, tenant, client_id, idempotency_key, request_digest,
+                           state_param, state, created_at, updated_at, next_attempt_at, expires_at)
+         VALUES ('old-1', 'legacy', 'a', 'k1', 'd', 's', 'retry_wait', $1, $1, $2, $2),
+                ('old-2', 'legacy', 'b', 'k2', 'd', 's', 'retry_wait', $1, $1, $2, $2),
+                ('old-3', 'legacy', 'a', 'k3', 'd', 's', 'succeeded', $1, $1, NULL, $2)",
+    )
+    .bind(now)
+    .bind(later)
+    .execute(&mut db)
+    .await
+    .expect("the previous release's jobs");
+    counts_agree(&mut db).await;
+
+    let mut app = TestApp::spawn_with(|config| use_postgres(config, url.clone())).await;
+    let version: i64 = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+        .fetch_one(&mut db)
+        .await
+        .expect("the applied migrations");
+    assert!(version >= 20261128000009, "the daemon applied migration 9");
+    counts_agree(&mut db).await;
+    answer_slowly(&app);
+    app.submit(app.new_request("a")).await;
+    counts_agree(&mut db).await;
+    sqlx::query("UPDATE jobs SET state = 'cancelled' WHERE job_id IN ('old-1', 'old-2')")
+        .execute(&mut db)
+        .await
+        .expect("end the old jobs");
+    counts_agree(&mut db).await;
+    let pending: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT scope, key, pending FROM queue_counts WHERE scope <> 'tenant' ORDER BY scope, key",
+    )
+    .fetch_all(&mut db)
+    .await
+    .expect("read the counts");
+    let pending: Vec<(&str, &str, i64)> = pending
+        .iter()
+        .map(|(scope, key, n)| (scope.as_str(), key.as_str(), *n))
+        .collect();
+    assert_eq!(
+        pending,
+        [("client", "a", 1), ("clients", "", 1), ("total", "", 1)],
+        "only the new job is pending"
+    );
 }
