@@ -643,12 +643,19 @@ impl Store {
         let delivered_before = now.saturating_sub(retention);
         if let (Db::Postgres(pool), Some(_)) = (&self.pool, &self.writer) {
             // As mark_delivered: terminal jobs only, no audit event, outside the writers' turns.
+            let mut tx = pool.begin().await?;
             let erased = sqlx::query(include_str!("sql/postgres/erase_tokens.sql"))
                 .bind(now.0)
                 .bind(delivered_before.0)
                 .bind(writer::SWEEP_BATCH)
-                .fetch_all(pool)
+                .fetch_all(&mut *tx)
                 .await?;
+            sqlx::query(include_str!("sql/postgres/forget_deliveries.sql"))
+                .bind(delivered_before.0)
+                .bind(writer::SWEEP_BATCH)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
             return Ok(erased.len() as u64);
         }
         self.write(|reply| Command::EraseTokens {

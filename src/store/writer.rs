@@ -1135,6 +1135,14 @@ async fn apply(
                     .await?
                     .len()
             });
+            on_backend!(&mut *conn, "forget_deliveries", |query, conn| {
+                query
+                    .bind(delivered_before.0)
+                    .bind(SWEEP_BATCH)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected()
+            });
             reply.keep(Ok((rows as u64, Effects::default())))
         }
     }

@@ -141,6 +141,88 @@ async fn verified(app: &TestApp) -> bool {
     report.ok
 }
 
+/// What the database holds of `job_id`'s token: the job's state, whether its token is held,
+/// and how many deliveries are noted (of any job), read with SQL as an operator would.
+async fn token_rows(app: &TestApp, job_id: &str) -> (String, bool, i64) {
+    use sqlx::Connection;
+    const JOB_PG: &str = "SELECT state, access_token IS NOT NULL FROM jobs WHERE job_id = $1";
+    const JOB_SQLITE: &str = "SELECT state, access_token IS NOT NULL FROM jobs WHERE job_id = ?1";
+    const DELIVERIES: &str = "SELECT COUNT(*) FROM token_deliveries";
+    match &app.config.storage.url {
+        Some(url) => {
+            let mut db = sqlx::PgConnection::connect(url).await.expect("connect");
+            let (state, held): (String, bool) = sqlx::query_as(JOB_PG)
+                .bind(job_id)
+                .fetch_one(&mut db)
+                .await
+                .expect("the job");
+            let noted = sqlx::query_scalar(DELIVERIES)
+                .fetch_one(&mut db)
+                .await
+                .expect("the deliveries");
+            (state, held, noted)
+        }
+        None => {
+            let mut db = crate::helpers::read_only(&app.db_path()).await;
+            let (state, held): (String, bool) = sqlx::query_as(JOB_SQLITE)
+                .bind(job_id)
+                .fetch_one(&mut db)
+                .await
+                .expect("the job");
+            let noted = sqlx::query_scalar(DELIVERIES)
+                .fetch_one(&mut db)
+                .await
+                .expect("the deliveries");
+            (state, held, noted)
+        }
+    }
+}
+
+/// Polls the database until `done` holds for `job_id`'s rows; returns them.
+async fn wait_token_rows(
+    app: &TestApp,
+    job_id: &str,
+    done: impl Fn(&(String, bool, i64)) -> bool,
+) -> (String, bool, i64) {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let rows = token_rows(app, job_id).await;
+            if done(&rows) {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the rows reach the expected state")
+}
+
+/// With no retention, a delivered token is erased by the next sweep and its delivery
+/// forgotten; a token never delivered stays (until it expires).
+async fn token_retention(backend: Backend) {
+    let Some(mut app) = spawn(backend, |config| config.security.token_retention_secs = 0).await
+    else {
+        return;
+    };
+    let kept = app.submit(app.new_request("app")).await.job_id;
+    // Its outcome, read without delivering its token (GetJob would deliver it).
+    wait_token_rows(&app, &kept, |(state, _, _)| state == "succeeded").await;
+    let delivered = app.exchange(app.new_request("app")).await;
+    assert!(delivered.token.is_some(), "delivered once");
+    let (state, held, noted) = wait_token_rows(&app, &delivered.job_id, |(_, held, _)| !held).await;
+    assert_eq!(state, "succeeded", "the outcome stays");
+    assert!(!held);
+    // The sweep that erased it (after the first job's success) forgot the delivery with it.
+    assert_eq!(noted, 0, "the erased token's delivery is forgotten");
+    let (_, held, _) = token_rows(&app, &kept).await;
+    assert!(held, "a token never delivered is kept");
+    // Delivered now: erased in turn.
+    assert!(app.get(&kept).await.token.is_some());
+    wait_token_rows(&app, &kept, |(_, held, noted)| !held && *noted == 0).await;
+}
+
+on_both!(token_retention_is_the_same, token_retention);
+
 /// Checkpoints signed on request chain to each other and verify against the public key, on
 /// either database (on PostgreSQL inside the writer's turn on the chain).
 async fn signed_checkpoints(backend: Backend) {

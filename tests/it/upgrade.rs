@@ -102,6 +102,38 @@ async fn a_database_made_by_the_previous_release_opens_with_everything_intact() 
     assert!(output.status.success(), "{report}");
     assert_eq!(report["events_checked"], 132, "{report}");
 
+    // The deliveries it had noted on the job rows move to their own table (migration 10),
+    // checked on a copy that only the migrations touch (no sweep erases anything).
+    let moved = Arc::new(tempfile::tempdir().unwrap());
+    let moved_db = copy_fixture(moved.path());
+    let held_delivered = {
+        let mut conn = crate::helpers::read_only(&moved_db).await;
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT id, token_delivered_at FROM jobs
+             WHERE access_token IS NOT NULL AND token_delivered_at IS NOT NULL ORDER BY id",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+    };
+    assert_eq!(held_delivered.len(), 20, "the fixture's delivered tokens");
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", moved_db.display()))
+            .await
+            .unwrap();
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&mut conn)
+            .await
+            .unwrap();
+        let noted: Vec<(i64, i64)> =
+            sqlx::query_as("SELECT id, delivered_at FROM token_deliveries ORDER BY id")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        assert_eq!(noted, held_delivered);
+    }
+
     // The fixture holds sealed secrets that only its key opens: another key is refused.
     let other = Arc::new(tempfile::tempdir().unwrap());
     let other_db = copy_fixture(other.path());

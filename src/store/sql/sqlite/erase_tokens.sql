@@ -1,11 +1,13 @@
 -- Erases tokens that expired (?1: now) or were delivered more than the retention ago (?2),
--- each found through its own partial index.
+-- each found through its own index, at most ?3 of each (the oldest deliveries first;
+-- forget_deliveries.sql then forgets those whose tokens are gone).
 UPDATE jobs SET access_token = NULL, version = version + 1, updated_at = ?1
-WHERE id IN (SELECT id FROM jobs
-             WHERE access_token IS NOT NULL AND token_expires_at <= ?1
-             LIMIT ?3)
-   OR id IN (SELECT id FROM jobs
-             WHERE access_token IS NOT NULL AND token_delivered_at IS NOT NULL
-               AND token_delivered_at <= ?2
-             LIMIT ?3)
+WHERE access_token IS NOT NULL
+  AND (id IN (SELECT id FROM jobs
+              WHERE access_token IS NOT NULL AND token_expires_at <= ?1
+              LIMIT ?3)
+       OR id IN (SELECT id FROM token_deliveries
+                 WHERE delivered_at <= ?2
+                 ORDER BY delivered_at, id
+                 LIMIT ?3))
 RETURNING id
