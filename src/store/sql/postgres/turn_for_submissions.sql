@@ -1,6 +1,6 @@
 -- What a batch that submits reads at the start of its turn, in one round trip (each statement
--- is one): the counts its submissions are admitted against (kept by the jobs_count_pending
--- trigger: the total, the client ids with pending jobs, and those of the tenants in $1 and the
+-- is one): the counts its submissions are admitted against (kept by the counting triggers on
+-- jobs: the total, the client ids with pending jobs, and those of the tenants in $1 and the
 -- client ids in $2, JSON arrays); a 'waiting' row if any job of any replica waits (queued, or
 -- for a retry: a submission starts its first attempt at once only if none does; read from the
 -- partial index of waiting jobs); and the audit chain's head ('head': key the hash, pending the
