@@ -128,12 +128,13 @@ pub(super) enum Command {
         now: UnixMillis,
         reply: Responder<u64>,
     },
-    /// Erases tokens that expired, or were delivered before `delivered_before`; answers the
-    /// rows changed.
+    /// Erases tokens that expired, or were delivered before `delivered_before` (a batch of
+    /// each), and forgets the deliveries erased; answers how many tokens were erased and how
+    /// many deliveries forgotten.
     EraseTokens {
         now: UnixMillis,
         delivered_before: UnixMillis,
-        reply: Responder<u64>,
+        reply: Responder<(u64, u64)>,
     },
 }
 
@@ -252,9 +253,8 @@ impl Command {
             Command::PruneStep { reply, .. } => reply.send(),
             Command::Reencrypt { reply, .. } => reply.send(),
             Command::Sign { reply, .. } => reply.send(),
-            Command::MarkDelivered { reply, .. } | Command::EraseTokens { reply, .. } => {
-                reply.send()
-            }
+            Command::MarkDelivered { reply, .. } => reply.send(),
+            Command::EraseTokens { reply, .. } => reply.send(),
         }
     }
 
@@ -269,9 +269,8 @@ impl Command {
             Command::PruneStep { reply, .. } => reply.fail(error),
             Command::Reencrypt { reply, .. } => reply.fail(error),
             Command::Sign { reply, .. } => reply.fail(error),
-            Command::MarkDelivered { reply, .. } | Command::EraseTokens { reply, .. } => {
-                reply.fail(error)
-            }
+            Command::MarkDelivered { reply, .. } => reply.fail(error),
+            Command::EraseTokens { reply, .. } => reply.fail(error),
         }
     }
 }
@@ -1135,7 +1134,7 @@ async fn apply(
                     .await?
                     .len()
             });
-            on_backend!(&mut *conn, "forget_deliveries", |query, conn| {
+            let forgotten = on_backend!(&mut *conn, "forget_deliveries", |query, conn| {
                 query
                     .bind(delivered_before.0)
                     .bind(SWEEP_BATCH)
@@ -1143,7 +1142,7 @@ async fn apply(
                     .await?
                     .rows_affected()
             });
-            reply.keep(Ok((rows as u64, Effects::default())))
+            reply.keep(Ok(((rows as u64, forgotten), Effects::default())))
         }
     }
 }

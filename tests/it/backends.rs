@@ -141,41 +141,49 @@ async fn verified(app: &TestApp) -> bool {
     report.ok
 }
 
+/// A count read with SQL from the daemon's database (`sql` takes no parameter, so the same
+/// text serves both), as an operator would.
+async fn count_in_db(config: &Config, sql: &'static str) -> i64 {
+    use sqlx::Connection;
+    match &config.storage.url {
+        Some(url) => {
+            let mut db = sqlx::PgConnection::connect(url).await.expect("connect");
+            sqlx::query_scalar(sql).fetch_one(&mut db).await.expect(sql)
+        }
+        None => {
+            let mut db = crate::helpers::read_only(&config.storage.path).await;
+            sqlx::query_scalar(sql).fetch_one(&mut db).await.expect(sql)
+        }
+    }
+}
+
+const DELIVERIES: &str = "SELECT COUNT(*) FROM token_deliveries";
+
 /// What the database holds of `job_id`'s token: the job's state, whether its token is held,
 /// and how many deliveries are noted (of any job), read with SQL as an operator would.
 async fn token_rows(app: &TestApp, job_id: &str) -> (String, bool, i64) {
     use sqlx::Connection;
     const JOB_PG: &str = "SELECT state, access_token IS NOT NULL FROM jobs WHERE job_id = $1";
     const JOB_SQLITE: &str = "SELECT state, access_token IS NOT NULL FROM jobs WHERE job_id = ?1";
-    const DELIVERIES: &str = "SELECT COUNT(*) FROM token_deliveries";
-    match &app.config.storage.url {
+    let (state, held): (String, bool) = match &app.config.storage.url {
         Some(url) => {
             let mut db = sqlx::PgConnection::connect(url).await.expect("connect");
-            let (state, held): (String, bool) = sqlx::query_as(JOB_PG)
+            sqlx::query_as(JOB_PG)
                 .bind(job_id)
                 .fetch_one(&mut db)
                 .await
-                .expect("the job");
-            let noted = sqlx::query_scalar(DELIVERIES)
-                .fetch_one(&mut db)
-                .await
-                .expect("the deliveries");
-            (state, held, noted)
+                .expect("the job")
         }
         None => {
             let mut db = crate::helpers::read_only(&app.db_path()).await;
-            let (state, held): (String, bool) = sqlx::query_as(JOB_SQLITE)
+            sqlx::query_as(JOB_SQLITE)
                 .bind(job_id)
                 .fetch_one(&mut db)
                 .await
-                .expect("the job");
-            let noted = sqlx::query_scalar(DELIVERIES)
-                .fetch_one(&mut db)
-                .await
-                .expect("the deliveries");
-            (state, held, noted)
+                .expect("the job")
         }
-    }
+    };
+    (state, held, count_in_db(&app.config, DELIVERIES).await)
 }
 
 /// Polls the database until `done` holds for `job_id`'s rows; returns them.
@@ -222,6 +230,101 @@ async fn token_retention(backend: Backend) {
 }
 
 on_both!(token_retention_is_the_same, token_retention);
+
+/// A job deleted by hand takes its noted delivery with it: on SQLite the next job may take its
+/// id (the newest job's id is free again once it is deleted), and must not be taken for
+/// delivered.
+async fn deleted_jobs_deliveries(backend: Backend) {
+    use sqlx::Connection;
+    // A retention the daemon's own sweeps do not reach while the test runs.
+    let Some(mut app) = spawn(backend, |config| {
+        config.security.token_retention_secs = 30 * 86_400
+    })
+    .await
+    else {
+        return;
+    };
+    let deleted = app.exchange(app.new_request("app")).await;
+    assert!(deleted.token.is_some(), "delivered");
+    wait_token_rows(&app, &deleted.job_id, |(_, _, noted)| *noted == 1).await;
+    match &app.config.storage.url {
+        Some(url) => {
+            let mut db = sqlx::PgConnection::connect(url).await.expect("connect");
+            sqlx::query("DELETE FROM jobs WHERE job_id = $1")
+                .bind(&deleted.job_id)
+                .execute(&mut db)
+                .await
+                .expect("delete the job");
+        }
+        None => {
+            let url = format!("sqlite://{}", app.db_path().display());
+            let mut db = sqlx::SqliteConnection::connect(&url)
+                .await
+                .expect("connect");
+            sqlx::query("DELETE FROM jobs WHERE job_id = ?1")
+                .bind(&deleted.job_id)
+                .execute(&mut db)
+                .await
+                .expect("delete the job");
+        }
+    }
+    // A job whose token is never delivered, in the deleted one's place.
+    let kept = app.submit(app.new_request("app")).await.job_id;
+    wait_token_rows(&app, &kept, |(state, _, _)| state == "succeeded").await;
+    let (config, _fake, _dir) = app.stop().await;
+    let store = crate::helpers::open_store(&config).await;
+    let erased = store
+        .erase_tokens(token_broker::domain::job::UnixMillis::now(), Duration::ZERO)
+        .await
+        .expect("erase");
+    assert_eq!(erased, 0, "no delivered token is held");
+    const HELD: &str = "SELECT COUNT(*) FROM jobs WHERE access_token IS NOT NULL";
+    assert_eq!(
+        count_in_db(&config, HELD).await,
+        1,
+        "the undelivered token stays"
+    );
+    assert_eq!(count_in_db(&config, DELIVERIES).await, 0);
+}
+
+on_both!(
+    a_deleted_jobs_delivery_goes_with_it,
+    deleted_jobs_deliveries
+);
+
+/// One sweep erases a backlog of delivered tokens larger than a batch, however many batches it
+/// takes (up to its bound), and forgets their deliveries.
+async fn erasure_keeps_up(backend: Backend) {
+    // A retention the daemon's own sweeps do not reach while the test runs.
+    let Some(app) = spawn(backend, |config| {
+        config.security.token_retention_secs = 30 * 86_400
+    })
+    .await
+    else {
+        return;
+    };
+    crate::helpers::exchange_in_turns(&app, 12, 100).await;
+    tokio::time::timeout(PATIENCE, async {
+        while count_in_db(&app.config, DELIVERIES).await < 1_200 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the 1,200 deliveries are noted");
+    let (config, _fake, _dir) = app.stop().await;
+    const HELD: &str = "SELECT COUNT(*) FROM jobs WHERE access_token IS NOT NULL";
+    assert_eq!(count_in_db(&config, HELD).await, 1_200);
+    let store = crate::helpers::open_store(&config).await;
+    let erased = store
+        .erase_tokens(token_broker::domain::job::UnixMillis::now(), Duration::ZERO)
+        .await
+        .expect("erase");
+    assert_eq!(erased, 1_200, "more than two batches of 500, in one sweep");
+    assert_eq!(count_in_db(&config, HELD).await, 0);
+    assert_eq!(count_in_db(&config, DELIVERIES).await, 0, "all forgotten");
+}
+
+on_both!(one_sweep_erases_more_than_a_batch, erasure_keeps_up);
 
 /// Checkpoints signed on request chain to each other and verify against the public key, on
 /// either database (on PostgreSQL inside the writer's turn on the chain).

@@ -1,6 +1,6 @@
--- Forgets the deliveries erase_tokens.sql looked at (the oldest $2 before $1) whose tokens are
--- gone: erased, or their job deleted. One whose token is still held (noted since) stays for
--- the next sweep.
+-- Forgets the oldest $2 deliveries noted before $1 (those erase_tokens.sql has just erased, in
+-- the same transaction) whose tokens are gone: erased, or their job deleted. One whose token is
+-- still held (noted since, or not yet reached by the erasure) stays for the next batch.
 DELETE FROM token_deliveries
 WHERE id = ANY (ARRAY(SELECT id FROM token_deliveries
                       WHERE delivered_at <= $1
