@@ -1092,9 +1092,10 @@ async fn the_queue_counts_follow_edits_and_deletions_by_hand() {
 }
 
 /// A PostgreSQL database whose queue counts the previous release's row trigger kept (schema up
-/// to migration 8) goes on with the same counts under the statement triggers of migration 9.
+/// to migration 8) goes on with the same counts under the statement triggers of migration 9,
+/// and its noted deliveries move to their own table (migration 10).
 #[tokio::test]
-async fn queue_counts_kept_before_migration_9_carry_over() {
+async fn a_database_from_before_migration_9_carries_its_counts_and_deliveries_over() {
     use sqlx::Connection;
     let Some(url) = fresh_database().await else {
         return;
@@ -1123,13 +1124,48 @@ async fn queue_counts_kept_before_migration_9_carry_over() {
     .await
     .expect("the previous release's jobs");
     counts_agree(&mut db).await;
+    // And one whose token was delivered and is still held, its delivery noted on its row.
+    sqlx::query(
+        "INSERT INTO jobs (job_id, tenant, client_id, idempotency_key, request_digest,
+                           state_param, state, created_at, updated_at, expires_at,
+                           access_token, token_expires_at, token_delivered_at)
+         VALUES ('old-4', 'legacy', 'a', 'k4', 'd', 's', 'succeeded', $1, $1, $2,
+                 'sealed', $2, $1)",
+    )
+    .bind(now)
+    .bind(later)
+    .execute(&mut db)
+    .await
+    .expect("a delivered token");
+    // Migration 10 moves the noted delivery to its own table.
+    sqlx::migrate!("./migrations/postgres")
+        .run_to(20261128000010, &mut db)
+        .await
+        .expect("migrations 9 and 10");
+    let moved: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT jobs.job_id, delivered_at FROM token_deliveries JOIN jobs USING (id)",
+    )
+    .fetch_all(&mut db)
+    .await
+    .expect("the deliveries");
+    assert_eq!(moved, [("old-4".to_string(), now)]);
+    // Its stand-in token is not sealed with the daemon's key, which the daemon checks at
+    // start: erased, as retention would.
+    sqlx::query("UPDATE jobs SET access_token = NULL WHERE job_id = 'old-4'")
+        .execute(&mut db)
+        .await
+        .expect("erase the stand-in token");
+    counts_agree(&mut db).await;
 
     let mut app = TestApp::spawn_with(|config| use_postgres(config, url.clone())).await;
     let version: i64 = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
         .fetch_one(&mut db)
         .await
         .expect("the applied migrations");
-    assert!(version >= 20261128000009, "the daemon applied migration 9");
+    assert!(
+        version >= 20261128000011,
+        "the daemon applied the later migrations"
+    );
     counts_agree(&mut db).await;
     answer_slowly(&app);
     app.submit(app.new_request("a")).await;
