@@ -1034,6 +1034,17 @@ async fn counts_agree(db: &mut sqlx::PgConnection) {
     assert_eq!(kept, counted);
 }
 
+/// Runs `sql` by hand with `job_ids` bound in order (what `what` says it does), then checks
+/// that the counts still agree with the jobs.
+async fn edit(db: &mut sqlx::PgConnection, sql: &'static str, job_ids: &[&str], what: &str) {
+    let mut query = sqlx::query(sql);
+    for job_id in job_ids {
+        query = query.bind(job_id.to_string());
+    }
+    query.execute(&mut *db).await.expect(what);
+    counts_agree(db).await;
+}
+
 #[tokio::test]
 async fn the_queue_counts_follow_edits_and_deletions_by_hand() {
     use sqlx::Connection;
@@ -1046,43 +1057,45 @@ async fn the_queue_counts_follow_edits_and_deletions_by_hand() {
     let url = app.config.storage.url.clone().expect("a PostgreSQL test");
     let mut db = sqlx::PgConnection::connect(&url).await.expect("connect");
     counts_agree(&mut db).await;
-    sqlx::query("UPDATE jobs SET client_id = 'b' WHERE job_id = $1")
-        .bind(&first)
-        .execute(&mut db)
-        .await
-        .expect("move a job to another client id");
-    counts_agree(&mut db).await;
-    sqlx::query("DELETE FROM jobs WHERE job_id = $1")
-        .bind(&second)
-        .execute(&mut db)
-        .await
-        .expect("delete a job");
-    counts_agree(&mut db).await;
+    edit(
+        &mut db,
+        "UPDATE jobs SET client_id = 'b' WHERE job_id = $1",
+        &[&first],
+        "move a job to another client id",
+    )
+    .await;
+    edit(
+        &mut db,
+        "DELETE FROM jobs WHERE job_id = $1",
+        &[&second],
+        "delete a job",
+    )
+    .await;
     // Statements that change several jobs at once: each count changes once per statement.
     let third = app.submit(app.new_request("a")).await.job_id;
     let fourth = app.submit(app.new_request("a")).await.job_id;
     counts_agree(&mut db).await;
-    sqlx::query("UPDATE jobs SET client_id = 'c' WHERE job_id IN ($1, $2)")
-        .bind(&first)
-        .bind(&third)
-        .execute(&mut db)
-        .await
-        .expect("move two jobs to a third client id");
-    counts_agree(&mut db).await;
-    sqlx::query("UPDATE jobs SET tenant = 't2', state = 'cancelled' WHERE job_id IN ($1, $2)")
-        .bind(&third)
-        .bind(&fourth)
-        .execute(&mut db)
-        .await
-        .expect("end two jobs");
-    counts_agree(&mut db).await;
-    sqlx::query("DELETE FROM jobs WHERE job_id IN ($1, $2)")
-        .bind(&first)
-        .bind(&fourth)
-        .execute(&mut db)
-        .await
-        .expect("delete two jobs");
-    counts_agree(&mut db).await;
+    edit(
+        &mut db,
+        "UPDATE jobs SET client_id = 'c' WHERE job_id IN ($1, $2)",
+        &[&first, &third],
+        "move two jobs to a third client id",
+    )
+    .await;
+    edit(
+        &mut db,
+        "UPDATE jobs SET tenant = 't2', state = 'cancelled' WHERE job_id IN ($1, $2)",
+        &[&third, &fourth],
+        "end two jobs",
+    )
+    .await;
+    edit(
+        &mut db,
+        "DELETE FROM jobs WHERE job_id IN ($1, $2)",
+        &[&first, &fourth],
+        "delete two jobs",
+    )
+    .await;
     let left: Vec<(String, i64)> =
         sqlx::query_as("SELECT key, pending FROM queue_counts WHERE scope = 'client'")
             .fetch_all(&mut db)
