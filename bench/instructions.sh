@@ -5,10 +5,11 @@
 # full), and the difference of the two totals over N2 - N1 leaves start-up and shutdown out.
 # Kernel time (syscalls, context switches) is not counted. Usage:
 #   bench/instructions.sh [BINARY] [N1] [N2]     (defaults: target/release/token-broker 1000 3000)
-# Repeated runs of one binary agree within about 1%. Under valgrind the CPU offers no SHA
-# extensions, so SHA-256 runs in software: about a fifth of the instructions counted (the audit
-# chain's hashes, the fingerprints' HMACs, the request digests), against under 1% of `perf`'s
-# samples on the CPU itself. Steps that change hashing are judged by `perf`, not by this count.
+# Repeated runs of one binary agree within about 1%. The count compares two builds; it is not a
+# profile: valgrind's CPU has no SHA extensions, so SHA-256 runs in software (about a fifth of
+# the count, under 1% of `perf`'s samples on the real CPU), and `rep movsb`/`rep stosb` count an
+# instruction per byte (BENCHMARKS.md, "Instruction counts and what they overstate"). Judge a
+# step that changes hashing or copying with `perf`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/token-broker}
